@@ -1,0 +1,93 @@
+"""FLOPs from torch's own counter, with the CPU attention kernel registered.
+
+``torch.utils.flop_counter`` knows the CUDA fused-attention kernels but not
+the one SDPA picks on CPU (``_scaled_dot_product_flash_attention_for_cpu``),
+so without help every CPU attention would count as zero FLOPs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+aten = torch.ops.aten
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    # query [B, H, N, d], key [B, H, S, d], value [B, H, S, dv]: QK^T then PV.
+    b, h, n, d = query_shape
+    s, dv = key_shape[2], value_shape[3]
+    return 2 * b * h * n * s * d + 2 * b * h * n * s * dv
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, out_shape=None,
+                             **kwargs: Any) -> int:
+    # Backward recomputes the scores and takes four more products of the same size.
+    return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
+
+
+def _custom_mapping() -> dict:
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
+    return mapping
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    # The counter's module tracker trips over parameters that require grad
+    # inside no_grad; freezing them for the count sidesteps it.
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def count_flops(fn: Callable[[], Any], model: nn.Module | None = None) -> int:
+    """Total FLOPs (multiply and add counted separately) of calling ``fn()``.
+
+    Pass ``model`` to count an inference call: its parameters are frozen for
+    the duration so no autograd graph is recorded.
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    if model is None:
+        with counter:
+            fn()
+    else:
+        with _frozen(model), counter:
+            fn()
+    return counter.get_total_flops()
+
+
+def model_flops_per_pair(model: nn.Module, frames: int, text_len: int, batch: int = 1) -> float:
+    """Counted inference FLOPs to score one (video, text) pair of ``frames``
+    frames and ``text_len`` text tokens (averaged over a batch of ``batch``)."""
+    video, ids, mask = dummy_inputs(model, frames, text_len, batch)
+    was_training = model.training
+    model.eval()
+    try:
+        total = count_flops(lambda: model(video, ids, mask), model)
+    finally:
+        model.train(was_training)
+    return total / batch
+
+
+def dummy_inputs(model: nn.Module, frames: int, text_len: int, batch: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    """Random inputs of the right shapes for ``model`` (for counting and timing)."""
+    c = model.config
+    device = device or next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    video = torch.randn(batch, frames, 3, c.image_size, c.image_size, generator=g).to(device, dtype)
+    ids = torch.randint(0, c.vocab_size, (batch, text_len), generator=g).to(device)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    return video, ids, mask

@@ -1,0 +1,137 @@
+"""Latency, memory and achieved throughput, always next to a same-run baseline.
+
+These machines are shared and noisy: an absolute time means little alone, so
+every report pairs a model's figures with a plain matmul of the same dtype
+measured in the same process (how close the model runs to the hardware) and
+with the other models of the run (ratios).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .flops import dummy_inputs, model_flops_per_pair
+
+
+def median_seconds(fn: Callable[[], Any], min_run_time: float = 1.0) -> float:
+    """Median wall time of ``fn()`` by ``torch.utils.benchmark`` (blocked autorange)."""
+    fn()  # warm-up: first calls allocate and pick kernels
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def matmul_gflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
+                  min_run_time: float = 1.0) -> float:
+    """Achieved GFLOP/s of an ``n x n`` matmul: this machine's practical ceiling."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def run():
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / median_seconds(run, min_run_time) / 1e9
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of tensors created inside the mode that are still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensors allocated while ``fn()`` runs (weights excluded).
+
+    On CUDA this is the allocator's own peak; on CPU, a dispatch-level count
+    of the tensors the call creates that are alive at the same time.
+    """
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    mode = _LiveTensorBytes()
+    with mode:
+        fn()
+    return mode.peak
+
+
+def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, min_run_time: float = 1.0,
+                  matmul_ref: float | None = None) -> dict[str, float]:
+    """Cost of scoring (video, text) pairs with ``model``.
+
+    Returns GFLOPs per pair (torch's counter and the analytic formula),
+    latency at batch 1 and per pair at a throughput batch of ``batch``,
+    peak activation memory, achieved GFLOP/s and its fraction of a same-dtype
+    matmul (``matmul_ref`` GFLOP/s; measured here when not given).
+    """
+    model = model.to(device).eval()
+    flops = model_flops_per_pair(model, frames, text_len)
+    analytic = model.analytic_flops(frames, text_len)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else None
+
+    def runner(b: int):
+        v, ids, mask = dummy_inputs(model, frames, text_len, b, device)
+
+        @torch.inference_mode()
+        def run():
+            if autocast is not None:
+                with torch.autocast(torch.device(device).type, dtype=dtype):
+                    model(v, ids, mask)
+            else:
+                model(v, ids, mask)
+            sync()
+
+        return run
+
+    t1 = median_seconds(runner(1), min_run_time)
+    tb = median_seconds(runner(batch), min_run_time)
+    peak = peak_memory_bytes(runner(batch), device)
+    ref = matmul_ref if matmul_ref is not None else matmul_gflops(device, dtype, min_run_time=min_run_time)
+    achieved = flops * batch / tb / 1e9
+    del autocast
+    return {
+        "gflops_per_pair": flops / 1e9,
+        "gflops_per_pair_analytic": analytic / 1e9,
+        "latency_ms_batch1": t1 * 1e3,
+        "latency_ms_per_pair": tb / batch * 1e3,
+        "throughput_pairs_per_s": batch / tb,
+        "peak_activation_mb": peak / 2**20,
+        "achieved_gflops_per_s": achieved,
+        "matmul_gflops_per_s": ref,
+        "fraction_of_matmul": achieved / ref,
+        "batch": batch,
+        "params": sum(p.numel() for p in model.parameters()),
+    }

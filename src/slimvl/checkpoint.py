@@ -1,0 +1,179 @@
+"""Checkpoints as safetensors + JSON, written atomically, never unpickled.
+
+A checkpoint is a folder::
+
+    step_0000200/
+      model.safetensors      weights
+      optimizer.safetensors  optimiser tensors (flattened state) + RNG state
+      meta.json              format tag, model config, train config, step,
+                             optimiser hyper-parameters, file sizes
+
+The folder is written under a temporary name and renamed into place, so a
+run killed mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "slimvl-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is not ours, is damaged, or does not fit the model."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (indent 2)."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, st in state["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"state.{idx}.{key}"] = val.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, val in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = val
+    for name, val in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict | None = None) -> Path:
+    """Save ``model`` (and optionally the optimiser and RNG state) to ``folder`` atomically.
+
+    ``extra`` is JSON data stored in meta.json (step, configs, ...).
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
+                            **(extra or {})}
+    if optimizer is not None:
+        tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        meta["optimizer"] = opt_meta
+    meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    atomic_write_json(tmp / "meta.json", meta)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def read_meta(folder: Path) -> dict:
+    """Read and check a checkpoint's meta.json; raise ``CheckpointError`` if it is not ours."""
+    folder = Path(folder)
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a slimvl checkpoint (no meta.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a slimvl checkpoint (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not supported (expected {VERSION})")
+    for name, size in meta.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != size:
+            raise CheckpointError(f"{f}: missing or truncated (expected {size} bytes)")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def load_weights(folder: Path, model: nn.Module) -> dict:
+    """Load a checkpoint's weights into ``model``; refuse one from another config.
+
+    Returns the checkpoint's meta data.
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta["config"] != model.config.to_dict():
+        diff = sorted(k for k in set(meta["config"]) | set(model.config.to_dict())
+                      if meta["config"].get(k) != model.config.to_dict().get(k))
+        raise CheckpointError(f"{folder}: checkpoint was saved from another config (differs in {diff})")
+    weights = _load_tensors(folder / "model.safetensors")
+    own = model.state_dict()
+    bad = sorted(k for k in set(own) | set(weights)
+                 if k not in own or k not in weights or own[k].shape != weights[k].shape)
+    if bad:
+        raise CheckpointError(f"{folder}: weights do not fit the model; offending keys: {bad[:20]}")
+    model.load_state_dict(weights)
+    return meta
+
+
+def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights, optimiser state and torch's RNG from ``folder``; returns meta."""
+    meta = load_weights(folder, model)
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{folder}: has no optimiser state, cannot resume from it")
+    tensors = _load_tensors(Path(folder) / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    return meta
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model a checkpoint describes and load its weights."""
+    from .models import build_model
+
+    meta = read_meta(folder)
+    try:
+        model = build_model(meta["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{folder}: invalid model config ({e})") from None
+    load_weights(folder, model)
+    return model.to(device)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder under ``run_dir/checkpoints``, or None."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    return done[-1] if done else None

@@ -1,0 +1,195 @@
+"""The ``slimvl`` command: ``data make``, ``train``, ``eval``, ``bench``, ``demo``.
+
+Run ``slimvl COMMAND --help`` for each command's options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("slimvl")
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["dim=128", "layers=cssss"]`` -> ``{"dim": 128, "layers": "cssss"}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_data_make(a: argparse.Namespace) -> None:
+    from .data import make_dataset
+
+    root = make_dataset(a.out, kind=a.kind, seed=a.seed, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
+                        group_size=a.group_size, frames=a.frames, size=a.size,
+                        captions_per_item=a.captions_per_item, progress=not a.quiet)
+    print(f"dataset ready at {root}")
+
+
+def _train_config(a: argparse.Namespace):
+    from .train import TrainConfig
+
+    cfg: dict[str, Any] = {}
+    if a.config:
+        spec = yaml.safe_load(Path(a.config).read_text()) or {}
+        cfg.update(spec.get("train", {}))
+    cfg.update(parse_overrides(a.train_set))
+    for f in fields(TrainConfig):
+        v = getattr(a, f.name, None)
+        if v is not None:
+            cfg[f.name] = v
+    unknown = sorted(set(cfg) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise SystemExit(f"unknown train options {unknown}; known: {[f.name for f in fields(TrainConfig)]}")
+    return TrainConfig(**cfg)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .models import create_model
+    from .pipeline import load_split, load_tokenizer
+    from .train import train
+
+    spec = yaml.safe_load(Path(a.config).read_text()) if a.config else {}
+    model_name = a.model or spec.get("model", "perceiver_vl_tiny")
+    overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
+    tok = load_tokenizer(a.data, a.vocab)
+    overrides.setdefault("vocab_size", tok.vocab_size)
+    model = create_model(model_name, **overrides)
+    c = model.config
+    data = load_split(a.data, "train", tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
+                      progress=not a.quiet)
+    cfg = _train_config(a)
+    result = train(model, data, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet)
+    print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
+                      "final_loss": result.history[-1]["loss"] if result.history else None,
+                      "checkpoint": result.checkpoint}))
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from .checkpoint import latest_checkpoint, load_model
+    from .evaluate import evaluate
+    from .pipeline import load_split, load_tokenizer
+
+    ckpt = Path(a.checkpoint)
+    if not (ckpt / "meta.json").exists() and (found := latest_checkpoint(ckpt)) is not None:
+        ckpt = found
+    model = load_model(ckpt)
+    c = model.config
+    tok = load_tokenizer(a.data, a.vocab)
+    data = load_split(a.data, a.split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
+                      progress=not a.quiet)
+    metrics = evaluate(model, data, batch_size=a.batch_size, progress=not a.quiet)
+    print(json.dumps({"checkpoint": str(ckpt), **metrics}, indent=2))
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import profile_model
+    from .models import create_model
+
+    rows = []
+    for name in a.model:
+        model = create_model(name, **parse_overrides(a.set))
+        rows.append({"model": name, **profile_model(model, a.frames, a.text_len, batch=a.batch,
+                                                    min_run_time=a.min_run_time)})
+    base = rows[0]
+    for r in rows:
+        r["gflops_ratio"] = r["gflops_per_pair"] / base["gflops_per_pair"]
+        r["latency_ratio"] = r["latency_ms_per_pair"] / base["latency_ms_per_pair"]
+    print(json.dumps(rows, indent=2))
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(a.out, steps=a.steps, progress=not a.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``slimvl`` command."""
+    p = argparse.ArgumentParser(prog="slimvl", description="Efficient multimodal transformers.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    mk = data.add_parser("make", help="write the synthetic shapes world to disk in a standard layout")
+    mk.add_argument("--kind", choices=["video-text", "image-text"], default="video-text")
+    mk.add_argument("--out", required=True, help="dataset folder (reused when present and valid)")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--n-train", type=int, default=4000)
+    mk.add_argument("--n-val", type=int, default=200)
+    mk.add_argument("--n-test", type=int, default=100)
+    mk.add_argument("--group-size", type=int, default=4, help="near-duplicate variants per group")
+    mk.add_argument("--frames", type=int, default=8, help="frames per video on disk")
+    mk.add_argument("--size", type=int, default=64, help="canvas side in pixels")
+    mk.add_argument("--captions-per-item", type=int, default=2)
+    mk.set_defaults(func=cmd_data_make)
+
+    def data_args(sp, with_out: bool = True):
+        sp.add_argument("--data", required=True, help="dataset folder (MSR-VTT or Karpathy layout)")
+        sp.add_argument("--vocab", help="tokenizer.json or BERT vocab.txt (default: DATA/tokenizer.json)")
+        sp.add_argument("--frames", type=int, default=4, help="frames sampled uniformly per video")
+        sp.add_argument("--skip-bad", action="store_true", help="skip unreadable media (counted in the log)")
+
+    tr = sub.add_parser("train", help="train a model")
+    data_args(tr)
+    tr.add_argument("--model", help="preset name (see slimvl.list_models())")
+    tr.add_argument("--config", help="YAML with model, model_overrides and train sections")
+    tr.add_argument("--set", action="append", help="model config override key=value (repeatable)")
+    tr.add_argument("--train-set", action="append", help="train config override key=value (repeatable)")
+    tr.add_argument("--out", required=True, help="run folder (checkpoints, train_log.json)")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="retrieval Recall@K of a checkpoint")
+    data_args(ev)
+    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (newest is used)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair")
+    be.add_argument("--model", nargs="+", default=["single_stream_tiny", "perceiver_vl_tiny"],
+                    help="presets; the first is the baseline of the ratios")
+    be.add_argument("--set", action="append", help="config override for all models key=value")
+    be.add_argument("--frames", type=int, default=4)
+    be.add_argument("--text-len", type=int, default=36)
+    be.add_argument("--batch", type=int, default=64)
+    be.add_argument("--min-run-time", type=float, default=1.0)
+    be.set_defaults(func=cmd_bench)
+
+    de = sub.add_parser("demo", help="Perceiver-VL vs single-stream on synthetic video-text retrieval")
+    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--steps", type=int, help="training steps per model (default: the demo's)")
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``slimvl`` command."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input is reported as one line naming what is wrong, not a traceback.
+        print(f"slimvl: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A small BERT-style WordPiece tokenizer built on Hugging Face ``tokenizers``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _bert_pipeline(tok: HFTokenizer) -> HFTokenizer:
+    # Lower-casing and accent stripping make our captions and real BERT vocabs agree.
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+class Tokenizer:
+    """Turns captions into fixed-length id / mask tensors: ``[CLS] tokens [SEP] [PAD]...``."""
+
+    def __init__(self, hf: HFTokenizer):
+        """Wrap a ``tokenizers.Tokenizer`` that has the five BERT special tokens."""
+        self.hf = hf
+        ids = {t: hf.token_to_id(t) for t in SPECIALS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        self.pad_id, self.unk_id = ids["[PAD]"], ids["[UNK]"]
+        self.cls_id, self.sep_id, self.mask_id = ids["[CLS]"], ids["[SEP]"], ids["[MASK]"]
+
+    @classmethod
+    def train(cls, captions: Iterable[str], vocab_size: int = 1000) -> "Tokenizer":
+        """Train a WordPiece vocabulary (specials first, so ``[PAD]`` is 0)."""
+        hf = _bert_pipeline(HFTokenizer(models.WordPiece(unk_token="[UNK]")))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                            show_progress=False)
+        hf.train_from_iterator(list(captions), trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a ``tokenizer.json`` saved by :meth:`save`, or a BERT ``vocab.txt``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        if path.suffix == ".json":
+            return cls(HFTokenizer.from_file(str(path)))
+        model = models.WordPiece.from_file(str(path), unk_token="[UNK]")
+        return cls(_bert_pipeline(HFTokenizer(model)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as ``tokenizer.json``; written to a temp file then renamed, so never half-written."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.hf.save(str(tmp))
+        os.replace(tmp, path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, specials included."""
+        return self.hf.get_vocab_size()
+
+    def tokens(self, text: str) -> list[str]:
+        """Word pieces of one text (no specials), handy for Karpathy ``tokens`` fields."""
+        return self.hf.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids) -> str:
+        """Ids back to text, skipping special tokens."""
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def encode(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids ``LongTensor [B, max_len]`` and mask ``BoolTensor [B, max_len]`` (True = real token).
+
+        Overlong texts are cut so that ``[SEP]`` is still the last real token.
+        """
+        if max_len < 2:
+            raise ValueError("max_len must leave room for [CLS] and [SEP]")
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), max_len), dtype=torch.bool)
+        encs = self.hf.encode_batch([t or "" for t in texts], add_special_tokens=False)
+        for b, enc in enumerate(encs):
+            seq = [self.cls_id, *enc.ids[: max_len - 2], self.sep_id]
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = True
+        return ids, mask

@@ -1,0 +1,143 @@
+"""What all video-language models share: input embedding, boundary checks,
+typed outputs, FLOP formulas."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
+from .config import VLConfig
+
+
+@dataclass
+class VLOutput:
+    """A model's answer for a batch of (video, text) pairs.
+
+    Attributes:
+        logits: ``[B]`` vision-text matching logits (higher = better match).
+        pooled: ``[B, embed_dim]`` projected pooled representation, or None.
+    """
+
+    logits: Tensor
+    pooled: Tensor | None = None
+
+
+def linear_flops(n: int, d_in: int, d_out: int) -> int:
+    """FLOPs of ``n`` rows through a ``d_in -> d_out`` matmul (2 per MAC)."""
+    return 2 * n * d_in * d_out
+
+
+def attention_core_flops(n_q: int, n_k: int, dim: int) -> int:
+    """FLOPs of ``softmax(QK^T)V`` over all heads: two ``n_q x n_k x dim`` products."""
+    return 4 * n_q * n_k * dim
+
+
+def block_flops(n_q: int, n_k: int, dim: int, mlp_ratio: float, cross: bool) -> int:
+    """FLOPs of one pre-norm (self or cross) attention + MLP layer, as torch's
+    FLOP counter sees them (matmuls and attention only)."""
+    hidden = int(dim * mlp_ratio)
+    f = linear_flops(n_q, dim, dim)  # queries
+    f += linear_flops(n_k if cross else n_q, dim, 2 * dim)  # keys, values
+    f += attention_core_flops(n_q, n_k, dim)
+    f += linear_flops(n_q, dim, dim)  # output projection
+    f += linear_flops(n_q, dim, hidden) + linear_flops(n_q, hidden, dim)
+    return f
+
+
+class VLModel(nn.Module):
+    """Base class: embeds video and text into one input array.
+
+    Subclasses implement ``forward(video, text_ids, text_mask) -> VLOutput``
+    and ``analytic_flops(frames, text_len)``.
+    """
+
+    config: VLConfig
+
+    def __init__(self, config: VLConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.tubelet, c.max_frames, c.dim)
+        self.text_embed = TextEmbed(c.vocab_size, c.max_text_len, c.dim)
+        self.modality = ModalityEmbed(2, c.dim)
+        # Temperature of contrastive scores between pooled embeddings (CLIP's
+        # learnable logit scale, starting at 1/0.07).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # -- boundary -------------------------------------------------------
+    def check_inputs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> None:
+        """Raise ``ValueError`` naming the expected shape/dtype of a bad input."""
+        c = self.config
+        exp = f"[B, T<={c.max_frames}, 3, {c.image_size}, {c.image_size}] floating point"
+        if video.dim() != 5 or video.shape[2] != 3 or video.shape[3:] != (c.image_size, c.image_size) \
+                or not 1 <= video.shape[1] <= c.max_frames:
+            raise ValueError(f"video: expected shape {exp}, got {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise ValueError(f"video: expected {exp} (normalise uint8 frames first), got dtype {video.dtype}")
+        b = video.shape[0]
+        if text_ids.dim() != 2 or text_ids.shape[0] != b or text_ids.shape[1] > c.max_text_len:
+            raise ValueError(f"text_ids: expected shape [B={b}, L<={c.max_text_len}], got {tuple(text_ids.shape)}")
+        if text_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"text_ids: expected an integer tensor, got dtype {text_ids.dtype}")
+        if text_mask.shape != text_ids.shape or text_mask.dtype != torch.bool:
+            raise ValueError(f"text_mask: expected bool of shape {tuple(text_ids.shape)}, "
+                             f"got {text_mask.dtype} {tuple(text_mask.shape)}")
+        if video.device != text_ids.device or text_ids.device != text_mask.device:
+            raise ValueError(f"inputs on different devices: video {video.device}, text_ids {text_ids.device}, "
+                             f"text_mask {text_mask.device}")
+
+    def embed_inputs(self, video: Tensor | None, text_ids: Tensor | None = None,
+                     text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The input array ``[B, M, D]`` (video tokens, then text tokens; either
+        part may be None for a unimodal encoding) and its key-padding mask
+        ``[B, M]`` (True = real token)."""
+        parts, masks = [], []
+        if video is not None:
+            v = self.modality(self.patch_embed(video), VIDEO)
+            parts.append(v)
+            masks.append(torch.ones(v.shape[:2], dtype=torch.bool, device=v.device))
+        if text_ids is not None:
+            parts.append(self.modality(self.text_embed(text_ids), TEXT))
+            masks.append(text_mask)
+        return torch.cat(parts, 1), torch.cat(masks, 1)
+
+    def check_video(self, video: Tensor) -> None:
+        """Check a video batch alone (unimodal encoding)."""
+        b = video.shape[0] if video.dim() else 1
+        ids = torch.zeros(b, 1, dtype=torch.long, device=video.device)
+        self.check_inputs(video, ids, ids.bool())
+
+    def embed_video(self, video: Tensor) -> Tensor:
+        """Pooled, projected embedding ``[B, embed_dim]`` of videos alone."""
+        self.check_video(video)
+        return self.pool_unimodal(*self.embed_inputs(video))
+
+    def embed_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """Pooled, projected embedding ``[B, embed_dim]`` of texts alone."""
+        c = self.config
+        if text_ids.dim() != 2 or text_ids.shape[1] > c.max_text_len or text_mask.shape != text_ids.shape \
+                or text_mask.dtype != torch.bool:
+            raise ValueError(f"text_ids/text_mask: expected [B, L<={c.max_text_len}] ids and a bool mask of the "
+                             f"same shape, got {tuple(text_ids.shape)} and {text_mask.dtype} {tuple(text_mask.shape)}")
+        return self.pool_unimodal(*self.embed_inputs(None, text_ids, text_mask))
+
+    def pool_unimodal(self, inputs: Tensor, mask: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Encode one modality's input array and return its pooled projection."""
+        raise NotImplementedError
+
+    def embed_flops(self, frames: int) -> int:
+        """FLOPs of the patch projection for a clip of ``frames`` frames."""
+        pe = self.patch_embed
+        return linear_flops(pe.num_tokens(frames), pe.proj.in_features, pe.proj.out_features)
+
+    def num_params(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    def analytic_flops(self, frames: int, text_len: int) -> int:  # pragma: no cover - abstract
+        """FLOPs to score one (video, text) pair, from the architecture's formula."""
+        raise NotImplementedError

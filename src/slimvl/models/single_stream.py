@@ -1,0 +1,50 @@
+"""ViLT-style single-stream cross-encoder: full self-attention over the
+concatenated video and text tokens; the accuracy baseline whose cost is
+quadratic in the input length."""
+from __future__ import annotations
+
+import torch
+from einops import repeat
+from torch import Tensor, nn
+
+from ..nn import Block
+from .base import VLModel, VLOutput, block_flops, linear_flops
+from .config import SingleStreamConfig
+
+
+class SingleStream(VLModel):
+    """``depth`` self-attention layers over ``[CLS; video; text]``; the VTM head
+    and the projection read the final [CLS] token."""
+
+    def __init__(self, config: SingleStreamConfig):
+        super().__init__(config)
+        c = config
+        self.cls = nn.Parameter(torch.randn(1, c.dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio, c.dropout) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.dim)
+        self.vtm_head = nn.Linear(c.dim, 1)
+        self.proj = nn.Linear(c.dim, c.embed_dim)
+
+    def encode_cls(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Full self-attention over ``[CLS; x]``; returns the final [CLS] ``[B, D]``."""
+        b = x.shape[0]
+        x = torch.cat([repeat(self.cls, "n d -> b n d", b=b), x], 1)
+        mask = torch.cat([mask.new_ones(b, 1), mask], 1)
+        for blk in self.blocks:
+            x = blk(x, key_padding_mask=mask)
+        return self.norm(x[:, 0])
+
+    def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
+        """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``."""
+        self.check_inputs(video, text_ids, text_mask)
+        cls = self.encode_cls(*self.embed_inputs(video, text_ids, text_mask))
+        return VLOutput(logits=self.vtm_head(cls).squeeze(-1), pooled=self.proj(cls))
+
+    def pool_unimodal(self, inputs: Tensor, mask: Tensor) -> Tensor:
+        return self.proj(self.encode_cls(inputs, mask))
+
+    def analytic_flops(self, frames: int, text_len: int) -> int:
+        c = self.config
+        m = 1 + self.patch_embed.num_tokens(frames) + text_len
+        f = self.embed_flops(frames) + c.depth * block_flops(m, m, c.dim, c.mlp_ratio, cross=False)
+        return f + linear_flops(1, c.dim, 1) + linear_flops(1, c.dim, c.embed_dim)

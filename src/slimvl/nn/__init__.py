@@ -1,0 +1,7 @@
+"""Shared primitives: every slimvl model is built from these."""
+from .attention import Attention, attention_bias
+from .blocks import MLP, Block, CrossBlock
+from .embed import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
+
+__all__ = ["Attention", "attention_bias", "MLP", "Block", "CrossBlock", "PatchEmbed", "TextEmbed",
+           "ModalityEmbed", "VIDEO", "TEXT"]

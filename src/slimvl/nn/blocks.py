@@ -1,0 +1,50 @@
+"""Pre-norm transformer blocks: self-attention ``Block`` and ``CrossBlock``."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .attention import Attention
+
+
+class MLP(nn.Sequential):
+    """Two-layer GELU feed-forward network, ``dim -> ratio*dim -> dim``."""
+
+    def __init__(self, dim: int, ratio: float = 4.0, dropout: float = 0.0):
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention layer: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, size: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask, size=size)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention layer: queries ``x`` read from ``context``.
+
+    The context is normalised separately: in a Perceiver it is the raw input
+    array, whose scale differs from the latents'.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(context_dim or dim)
+        self.attn = Attention(dim, heads, context_dim=context_dim, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+
+    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), key_padding_mask=key_padding_mask)
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,75 @@
+"""Input embeddings: space-time patches, text tokens, modality tags.
+
+Every visual token is ``Linear(patch) + spatial position + temporal (frame)
+position + modality``; every text token is ``token + 1D position +
+modality``. An image is a one-frame video.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+VIDEO, TEXT = 0, 1  # modality ids
+
+
+def _init_pos(p: nn.Parameter) -> nn.Parameter:
+    nn.init.trunc_normal_(p, std=0.02)
+    return p
+
+
+class PatchEmbed(nn.Module):
+    """Cut a video ``[B, T, 3, H, W]`` into ``tubelet x patch x patch`` cubes
+    and project each linearly to ``dim``; returns ``[B, T/tubelet * (H/patch)**2, dim]``.
+
+    A clip whose length is not a multiple of ``tubelet`` gets its last frame
+    repeated, so an image (T=1) goes through the same path as a video.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, tubelet: int, max_frames: int, dim: int,
+                 channels: int = 3):
+        super().__init__()
+        self.image_size, self.patch_size, self.tubelet = image_size, patch_size, tubelet
+        self.grid = image_size // patch_size
+        self.max_steps = -(-max_frames // tubelet)
+        self.proj = nn.Linear(channels * tubelet * patch_size**2, dim)
+        self.spatial = _init_pos(nn.Parameter(torch.zeros(self.grid * self.grid, dim)))
+        self.temporal = _init_pos(nn.Parameter(torch.zeros(self.max_steps, dim)))
+
+    def num_tokens(self, frames: int) -> int:
+        """How many visual tokens a clip of ``frames`` frames becomes."""
+        return -(-frames // self.tubelet) * self.grid * self.grid
+
+    def forward(self, video: Tensor) -> Tensor:
+        b, t = video.shape[:2]
+        pad = (-t) % self.tubelet
+        if pad:
+            video = torch.cat([video, video[:, -1:].expand(b, pad, *video.shape[2:])], dim=1)
+        x = rearrange(video, "b (t pt) c (gh ph) (gw pw) -> b t (gh gw) (pt ph pw c)",
+                      pt=self.tubelet, ph=self.patch_size, pw=self.patch_size)
+        x = self.proj(x) + self.spatial + self.temporal[: x.shape[1], None, :]
+        return rearrange(x, "b t n d -> b (t n) d")
+
+
+class TextEmbed(nn.Module):
+    """Token embedding plus a learned 1D position embedding."""
+
+    def __init__(self, vocab_size: int, max_len: int, dim: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, dim)
+        self.position = _init_pos(nn.Parameter(torch.zeros(max_len, dim)))
+        nn.init.trunc_normal_(self.tokens.weight, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.tokens(ids) + self.position[: ids.shape[1]]
+
+
+class ModalityEmbed(nn.Module):
+    """One learned vector per modality, added to that modality's tokens."""
+
+    def __init__(self, n_modalities: int, dim: int):
+        super().__init__()
+        self.table = _init_pos(nn.Parameter(torch.zeros(n_modalities, dim)))
+
+    def forward(self, x: Tensor, modality: int) -> Tensor:
+        return x + self.table[modality]

@@ -1,0 +1,24 @@
+"""Glue used by the CLI and the demo: dataset -> tensors -> model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import Tokenizer, VideoTextDataset
+from .train import RetrievalData
+
+
+def load_tokenizer(root: str | Path, vocab: str | Path | None = None) -> Tokenizer:
+    """The dataset's ``tokenizer.json``, or a given ``tokenizer.json``/BERT ``vocab.txt``."""
+    path = Path(vocab) if vocab else Path(root) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}: pass a tokenizer.json or a BERT vocab.txt")
+    return Tokenizer.load(path)
+
+
+def load_split(root: str | Path, split: str, tokenizer: Tokenizer, frames: int, size: int, max_len: int,
+               skip_bad: bool = False, progress: bool = True) -> RetrievalData:
+    """Read one split of a dataset (any supported layout) into ``RetrievalData``."""
+    ds = VideoTextDataset(root, split, frames=frames, size=size, skip_bad=skip_bad, progress=progress)
+    if len(ds) == 0:
+        raise ValueError(f"{root}: split {split!r} has no readable items")
+    return RetrievalData.from_dataset(ds, tokenizer, max_len)

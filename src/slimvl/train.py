@@ -1,0 +1,319 @@
+"""One training loop for every slimvl model, readable top to bottom.
+
+    data  ->  units of near-duplicate groups  ->  model scores pairs
+          ->  VTM hard-negative loss  ->  AdamW step  ->  checkpoint
+
+Batches are a pure function of ``(seed, step)``, so a resumed run sees the
+same batches as an uninterrupted one, and each DDP rank takes its share of
+the same global batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, save_checkpoint
+from .tasks.retrieval import contrastive_loss, unit_pairs, vtm_unit_loss
+
+log = logging.getLogger("slimvl")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``train``. ``groups_per_step`` is the global batch
+    in near-duplicate groups (an even number: groups are paired into units)."""
+
+    steps: int = 500
+    groups_per_step: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    itc_weight: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    amp: str = "auto"  # "auto" (bf16 on GPUs that support it), "bf16" or "off"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.groups_per_step < 2 or self.groups_per_step % 2:
+            raise ValueError(f"TrainConfig.groups_per_step={self.groups_per_step}: must be an even number >= 2")
+        if self.steps <= 0:
+            raise ValueError(f"TrainConfig.steps={self.steps}: must be positive")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"TrainConfig.amp={self.amp!r}: must be 'auto', 'bf16' or 'off'")
+
+
+@dataclass
+class RetrievalData:
+    """Training/evaluation data in tensor form.
+
+    Attributes:
+        videos: uint8 ``[n_items, T, 3, H, W]``.
+        caption_ids / caption_mask: ``[n_captions, L]`` token ids and bool mask.
+        caption_item: ``[n_captions]`` the item each caption describes.
+        groups: list of item-index lists (near-duplicate groups, equal size).
+        heldout: optional bool per item (compositional held-out scene).
+    """
+
+    videos: torch.Tensor
+    caption_ids: torch.Tensor
+    caption_mask: torch.Tensor
+    caption_item: torch.Tensor
+    groups: list[list[int]]
+    heldout: list[bool] | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset, tokenizer, max_len: int, group_size: int = 4) -> "RetrievalData":
+        """Tokenise a ``VideoTextDataset``'s captions and index its groups.
+
+        Items without a recorded group (real data) are put in consecutive
+        groups of ``group_size``: they are then ordinary in-batch negatives.
+        """
+        texts, owner = [], []
+        for i, rec in enumerate(dataset.records):
+            for cap in rec.captions:
+                texts.append(cap)
+                owner.append(i)
+        ids, mask = tokenizer.encode(texts, max_len)
+        by_group: dict[int, list[int]] = {}
+        gids = dataset.groups if dataset.groups is not None else [None] * len(dataset.records)
+        for i, g in enumerate(gids):
+            by_group.setdefault(g if g is not None else -1 - i // group_size, []).append(i)
+        sizes = {len(v) for v in by_group.values()}
+        k = max(sizes, key=lambda s: sum(len(v) == s for v in by_group.values()))
+        groups = [v for v in by_group.values() if len(v) == k]
+        heldout = dataset.heldout if getattr(dataset, "heldout", None) is not None else None
+        return cls(dataset.videos, ids, mask, torch.tensor(owner), groups,
+                   list(heldout) if heldout is not None and None not in heldout else None)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
+
+
+def to_float_video(video_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 frames ``[..., 3, H, W]`` -> float in [-1, 1]."""
+    return video_uint8.float().div_(127.5).sub_(1.0)
+
+
+def sample_units(data: RetrievalData, n_units: int, seed: int, step: int) -> np.ndarray:
+    """Items ``[n_units, 2k]`` (two groups per unit) and one caption per item,
+    chosen deterministically from ``(seed, step)``; returns caption indices
+    ``[n_units, 2k]`` (a caption identifies its item)."""
+    rng = np.random.default_rng([seed, step])
+    if 2 * n_units > len(data.groups):
+        raise ValueError(f"need {2 * n_units} near-duplicate groups per step, the data has {len(data.groups)}")
+    chosen = rng.choice(len(data.groups), size=2 * n_units, replace=False)
+    items = np.array([data.groups[g] for g in chosen]).reshape(n_units, -1)
+    caption_item = data.caption_item.numpy()
+    out = np.empty_like(items)
+    for idx, item in np.ndenumerate(items):
+        own = np.flatnonzero(caption_item == item)
+        out[idx] = own[rng.integers(len(own))]
+    return out
+
+
+@dataclass
+class UnitBatch:
+    """One step's tensors for ``U`` units of ``n = 2k`` items.
+
+    ``pair_*`` are the ``U * (2k*k + 2k)`` scored (video, caption) pairs in
+    ``unit_pairs`` order; ``item_video`` / ``item_ids`` / ``item_mask`` are the
+    ``U * n`` items and their chosen captions, for the contrastive term.
+    """
+
+    pair_video: torch.Tensor
+    pair_ids: torch.Tensor
+    pair_mask: torch.Tensor
+    item_video: torch.Tensor
+    item_ids: torch.Tensor
+    item_mask: torch.Tensor
+    units: int
+
+
+def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device) -> UnitBatch:
+    """Gather the tensors of the given units (caption indices ``[U, 2k]``)."""
+    cap_local, vid_local = unit_pairs(data.group_size)
+    caps = torch.as_tensor(captions)
+    items = data.caption_item[caps]
+    pair_caps, pair_items = caps[:, cap_local].flatten(), items[:, vid_local].flatten()
+    item_video = to_float_video(data.videos[items.flatten()]).to(device)
+    # Pairs reuse the items' decoded videos instead of converting them again.
+    local = torch.arange(items.numel()).view(items.shape)[:, vid_local].flatten()
+    return UnitBatch(item_video[local.to(device)], data.caption_ids[pair_caps].to(device),
+                     data.caption_mask[pair_caps].to(device), item_video,
+                     data.caption_ids[caps.flatten()].to(device), data.caption_mask[caps.flatten()].to(device),
+                     units=len(captions))
+
+
+class RetrievalObjective(torch.nn.Module):
+    """The training loss as a module (so that DDP sees a single forward):
+    VTM over in-batch hard negatives, plus ``itc_weight`` times a contrastive
+    term between videos and texts encoded alone by the same network.
+
+    The contrastive term is there because it teaches the shared embeddings
+    and layers what each word and patch means from ``n*n`` comparisons per
+    unit at the cost of ``2n`` unimodal passes, while VTM alone learns from a
+    single logit per pair; VTM's plateau at the start is much shorter with it.
+    """
+
+    def __init__(self, model: torch.nn.Module, group_size: int, itc_weight: float):
+        super().__init__()
+        self.model, self.group_size, self.itc_weight = model, group_size, itc_weight
+
+    def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.model(b.pair_video, b.pair_ids, b.pair_mask).logits.float()
+        vtm = vtm_unit_loss(logits.view(b.units, -1), self.group_size)
+        if self.itc_weight == 0:
+            return vtm, {"vtm": vtm.item()}
+        v = self.model.embed_video(b.item_video).float().view(b.units, -1, self.model.config.embed_dim)
+        t = self.model.embed_text(b.item_ids, b.item_mask).float().view(b.units, -1, self.model.config.embed_dim)
+        itc = contrastive_loss(v, t, self.model.logit_scale)
+        return vtm + self.itc_weight * itc, {"vtm": vtm.item(), "itc": itc.item()}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast where asked for (``"bf16"``) or, with ``"auto"``, on GPUs
+    that support it; on CPU ``"auto"`` stays fp32 (bf16 matmuls are slower on
+    most CPUs without AMX)."""
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the loss curve and timing."""
+
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # No decay on biases, norms, embeddings tables of positions/latents.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "pos" not in name and "latents" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir: str | Path | None = None,
+          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train ``model`` on ``data`` with the in-batch hard-negative VTM objective.
+
+    Args:
+        run_dir: where checkpoints (``run_dir/checkpoints/step_*``) and the log
+            (``run_dir/train_log.json``) go; None keeps nothing on disk.
+        resume: continue from the newest checkpoint in ``run_dir``.
+        stop_after: end after this many steps (for tests of resuming).
+
+    Runs data-parallel when launched by ``torchrun`` (gloo on CPU, nccl on
+    GPU): each rank scores its share of the units of the same global batch.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(cfg.device)
+    rank, world = 0, 1
+    if distributed:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    n_units = cfg.groups_per_step // 2
+    if n_units % world:
+        raise ValueError(f"groups_per_step={cfg.groups_per_step} gives {n_units} units, "
+                         f"not divisible by {world} processes")
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    run_dir = Path(run_dir) if run_dir is not None else None
+    start, history = 0, []
+    if resume and run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
+        meta = load_training_state(ckpt, model, optimizer)
+        start, history = meta["step"], meta.get("history", [])
+        if rank == 0:
+            log.info("resumed from %s at step %d", ckpt, start)
+    objective = RetrievalObjective(model, data.group_size, cfg.itc_weight)
+    net = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if distributed \
+        else objective
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
+               desc=f"train {model.config.model_type}", dynamic_ncols=True)
+    last_ckpt, t0, seen = None, time.perf_counter(), 0
+    for step in bar:
+        captions = sample_units(data, n_units, cfg.seed, step)[rank::world]
+        batch = unit_batch(data, captions, device)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with autocast_for(device, cfg.amp):
+            loss, parts = net(batch)
+        if not torch.isfinite(loss):
+            good = latest_checkpoint(run_dir) if run_dir is not None else None
+            raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping. "
+                                   f"Last good checkpoint: {good or 'none'}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+        seen += batch.pair_video.shape[0] * world
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            rate = seen / (time.perf_counter() - t0)
+            history.append({"step": step + 1, "loss": round(loss.item(), 5),
+                            **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
+                            "grad_norm": round(gnorm.item(), 4), "pairs_per_s": round(rate, 1)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{rate:.0f}")
+        if run_dir is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
+            last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history)
+    seconds = time.perf_counter() - t0
+    if run_dir is not None and rank == 0:
+        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "history": history,
+                                                       "seconds": seconds})
+    return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None)
+
+
+def _checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, history: list) -> Path:
+    root = run_dir / "checkpoints"
+    path = save_checkpoint(root / f"step_{step:07d}", model, optimizer,
+                           {"step": step, "train_config": asdict(cfg), "history": history})
+    for old in sorted(root.glob("step_*"))[: -cfg.keep_checkpoints]:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    return path
+
