@@ -53,7 +53,11 @@ class Attention(nn.Module):
         self.heads = heads
         self.dropout = dropout
         self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(context_dim, 2 * dim)
+        # No bias on keys/values: a key bias cancels in the softmax and a value
+        # bias passes straight through to the output projection's bias, so
+        # both are redundant; worse, the key bias gets a zero-in-theory
+        # gradient that Adam would inflate from rounding noise.
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(

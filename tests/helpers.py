@@ -1,0 +1,28 @@
+"""Small shared builders for the tests."""
+from __future__ import annotations
+
+import torch
+
+from slimvl.models import create_model
+from slimvl.train import RetrievalData
+
+TINY = dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50, max_text_len=12, embed_dim=16)
+
+
+def tiny_model(name: str = "perceiver_vl_tiny", seed: int = 0, **overrides):
+    """A very small model, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return create_model(name, **{**TINY, **overrides})
+
+
+def tiny_data(n_groups: int = 6, group_size: int = 2, frames: int = 2, seed: int = 0) -> RetrievalData:
+    """Random videos and captions arranged in groups, two captions per item."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_groups * group_size
+    videos = torch.randint(0, 256, (n, frames, 3, 32, 32), generator=g, dtype=torch.uint8)
+    ids = torch.randint(5, 50, (2 * n, 12), generator=g)
+    mask = torch.ones(2 * n, 12, dtype=torch.bool)
+    mask[:, 9:] = False
+    owner = torch.arange(n).repeat_interleave(2)
+    groups = [list(range(i, i + group_size)) for i in range(0, n, group_size)]
+    return RetrievalData(videos, ids, mask, owner, groups)

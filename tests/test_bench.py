@@ -1,0 +1,144 @@
+"""Tests for slimvl.bench: counted vs analytic FLOPs, attention counting, memory, profiling."""
+
+import pytest
+import torch
+
+from slimvl import create_model
+from slimvl.bench import count_flops, dummy_inputs, model_flops_per_pair, peak_memory_bytes, profile_model
+from slimvl.nn import Attention
+
+TINY = dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50, max_text_len=12, embed_dim=16)
+
+
+def tiny(name: str, **kw):
+    torch.manual_seed(0)
+    return create_model(name, **{**TINY, **kw}).eval()
+
+
+@pytest.mark.parametrize("name", ["perceiver_vl_tiny", "single_stream_tiny"])
+@pytest.mark.parametrize("frames,text_len", [(1, 5), (2, 12), (4, 7), (8, 1)])
+def test_counted_flops_match_analytic(name, frames, text_len):
+    """torch's FlopCounter (with the CPU attention kernel registered) agrees with the formula within 5%."""
+    m = tiny(name)
+    counted = model_flops_per_pair(m, frames, text_len)
+    analytic = m.analytic_flops(frames, text_len)
+    assert counted > 0
+    assert abs(counted - analytic) / analytic < 0.05, (counted, analytic)
+
+
+def test_counted_flops_per_pair_independent_of_batch():
+    m = tiny("perceiver_vl_tiny")
+    one = model_flops_per_pair(m, 2, 6, batch=1)
+    three = model_flops_per_pair(m, 2, 6, batch=3)
+    assert three == pytest.approx(one, rel=1e-9)
+
+
+def test_model_flops_per_pair_restores_train_mode_and_grad_flags():
+    m = tiny("single_stream_tiny").train()
+    flags = [p.requires_grad for p in m.parameters()]
+    model_flops_per_pair(m, 2, 4)
+    assert m.training
+    assert [p.requires_grad for p in m.parameters()] == flags and all(flags)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_count_flops_includes_attention(masked):
+    """Attention(dim=D) over N tokens: Linear layers cost 2*N*D*(D + 2D + D) by hand;
+    softmax(QK^T)V adds 2 * 2*N*N*D. The counter must see both."""
+    torch.manual_seed(0)
+    d, n = 16, 10
+    attn = Attention(d, heads=2).eval()
+    x = torch.randn(1, n, d)
+    mask = torch.ones(1, n, dtype=torch.bool) if masked else None
+    mask_kw = {"key_padding_mask": mask} if masked else {}
+    linear_only = 2 * n * d * d + 2 * n * d * (2 * d) + 2 * n * d * d
+    core = 2 * (2 * n * n * d)
+    counted = count_flops(lambda: attn(x, **mask_kw), attn)
+    assert counted > linear_only  # SDPA is counted at all
+    assert counted == linear_only + core
+
+
+def test_count_flops_plain_matmul():
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    assert count_flops(lambda: a @ b) == 2 * 5 * 7 * 3
+
+
+def test_dummy_inputs_shapes():
+    m = tiny("perceiver_vl_tiny")
+    v, ids, mask = dummy_inputs(m, 3, 7, 2)
+    assert v.shape == (2, 3, 3, 32, 32) and v.dtype == torch.float32
+    assert ids.shape == (2, 7) and ids.dtype == torch.long and int(ids.max()) < 50
+    assert mask.shape == (2, 7) and mask.dtype == torch.bool and bool(mask.all())
+
+
+def test_peak_memory_at_least_allocated_size():
+    n = 1 << 20  # 1M float32 = 4 MiB
+
+    def alloc():
+        t = torch.ones(n)
+        return t.sum()
+
+    peak = peak_memory_bytes(alloc)
+    assert peak >= 4 * n
+
+    def two_alive():
+        a = torch.ones(n)
+        b = torch.ones(n)
+        return a.sum() + b.sum()
+
+    assert peak_memory_bytes(two_alive) >= 8 * n
+
+
+def test_peak_memory_freed_tensors_do_not_accumulate():
+    n = 1 << 18
+
+    def sequential():
+        for _ in range(8):
+            t = torch.ones(n)
+            del t
+
+    peak = peak_memory_bytes(sequential)
+    assert 4 * n <= peak < 8 * 4 * n
+
+
+PROFILE_KEYS = {"gflops_per_pair", "gflops_per_pair_analytic", "latency_ms_batch1", "latency_ms_per_pair",
+                "throughput_pairs_per_s", "peak_activation_mb", "achieved_gflops_per_s", "matmul_gflops_per_s",
+                "fraction_of_matmul", "batch", "params"}
+
+
+def test_profile_model_keys_and_values():
+    m = tiny("perceiver_vl_tiny")
+    r = profile_model(m, frames=2, text_len=6, batch=4, min_run_time=0.05, matmul_ref=1.0)
+    assert set(r) == PROFILE_KEYS
+    for k, v in r.items():
+        assert v > 0, k
+    assert r["batch"] == 4
+    assert r["params"] == m.num_params()
+    assert r["matmul_gflops_per_s"] == 1.0
+    assert r["gflops_per_pair_analytic"] == pytest.approx(m.analytic_flops(2, 6) / 1e9)
+    assert r["gflops_per_pair"] == pytest.approx(r["gflops_per_pair_analytic"], rel=0.05)
+    # throughput and per-pair latency describe the same measurement
+    assert r["throughput_pairs_per_s"] == pytest.approx(1e3 / r["latency_ms_per_pair"], rel=1e-6)
+    assert r["fraction_of_matmul"] == pytest.approx(r["achieved_gflops_per_s"] / 1.0)
+
+
+def test_training_flops_same_for_fused_and_math_attention():
+    """Forward + backward through the CPU fused kernel is counted like the plain-matmul (math) path,
+    so the registered backward formula is consistent with autograd of two bmm's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=2)
+    x = torch.randn(2, 10, 16)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 7:] = False
+
+    def step():
+        attn(x, key_padding_mask=mask).sum().backward()
+
+    fused = count_flops(step)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_path = count_flops(step)
+    forward = count_flops(lambda: attn(x, key_padding_mask=mask), attn)
+    assert fused == math_path
+    assert fused > 2 * forward  # the backward pass adds more than another forward

@@ -1,0 +1,113 @@
+"""Tests for slimvl.cli: bench output, --set parsing, error reporting."""
+
+import json
+
+import pytest
+import torch
+
+from slimvl import create_model
+from slimvl.checkpoint import save_checkpoint
+from slimvl.cli import build_parser, main, parse_overrides
+
+TINY = dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50, max_text_len=12, embed_dim=16)
+
+
+def test_bench_prints_json_with_ratios(capsys):
+    main(["bench", "--model", "single_stream_tiny", "perceiver_vl_tiny", "--min-run-time", "0.05",
+          "--batch", "2", "--frames", "2", "--text-len", "8"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["single_stream_tiny", "perceiver_vl_tiny"]
+    assert rows[0]["gflops_ratio"] == 1.0 and rows[0]["latency_ratio"] == 1.0
+    assert rows[1]["gflops_ratio"] == pytest.approx(rows[1]["gflops_per_pair"] / rows[0]["gflops_per_pair"])
+    for r in rows:
+        assert r["batch"] == 2
+        assert r["gflops_per_pair"] > 0 and r["latency_ms_per_pair"] > 0
+        assert r["gflops_per_pair"] == pytest.approx(r["gflops_per_pair_analytic"], rel=0.05)
+    # The bench is run with the presets' own shapes.
+    ss = create_model("single_stream_tiny")
+    assert rows[0]["gflops_per_pair_analytic"] == pytest.approx(ss.analytic_flops(2, 8) / 1e9)
+    assert rows[0]["params"] == ss.num_params()
+
+
+def test_bench_set_applies_to_all_models(capsys):
+    main(["bench", "--model", "perceiver_vl_tiny", "--set", "dim=32", "--set", "heads=2", "--set",
+          "image_size=32", "--min-run-time", "0.02", "--batch", "2", "--frames", "1", "--text-len", "4"])
+    (row,) = json.loads(capsys.readouterr().out)
+    m = create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32)
+    assert row["params"] == m.num_params()
+    assert row["gflops_per_pair_analytic"] == pytest.approx(m.analytic_flops(1, 4) / 1e9)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["dim=128", "layers=cssss"]) == {"dim": 128, "layers": "cssss"}
+    got = parse_overrides(["mlp_ratio=2.5", " heads =4", "name=a=b", "flag=true"])
+    assert got == {"mlp_ratio": 2.5, "heads": 4, "name": "a=b", "flag": True}
+    assert isinstance(got["heads"], int)
+    assert parse_overrides(None) == {} and parse_overrides([]) == {}
+
+
+def test_parse_overrides_without_equals_exits():
+    with pytest.raises(SystemExit) as e:
+        parse_overrides(["dim"])
+    assert "dim" in str(e.value.code) and "key=value" in str(e.value.code)
+
+
+def test_bench_bad_set_exits():
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "perceiver_vl_tiny", "--set", "dim128", "--min-run-time", "0.02"])
+    assert e.value.code != 0
+    assert "dim128" in str(e.value.code)
+
+
+def test_bench_invalid_override_reports_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "perceiver_vl_tiny", "--set", "num_latents=0", "--min-run-time", "0.02"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimvl: error:") and "num_latents" in err
+    assert "Traceback" not in err
+
+
+def test_bench_unknown_model_reports_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "nonexistent_model", "--min-run-time", "0.02"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nonexistent_model" in err and "perceiver_vl_tiny" in err
+
+
+def test_eval_missing_data_folder_exits_2(tmp_path, capsys):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoints" / "step_0000001", create_model("perceiver_vl_tiny", **TINY))
+    missing = tmp_path / "no_such_data"
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "eval", "--data", str(missing), "--checkpoint", str(run)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("slimvl: error:")]
+    assert len(lines) == 1
+    assert str(missing) in lines[0]
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_eval_missing_checkpoint_exits_2(tmp_path, capsys):
+    missing = tmp_path / "no_ckpt"
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "eval", "--data", str(tmp_path), "--checkpoint", str(missing)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "slimvl: error:" in err and str(missing) in err
+
+
+def test_parser_requires_command():
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([])
+    assert e.value.code == 2
+
+
+def test_parser_bench_defaults():
+    a = build_parser().parse_args(["bench"])
+    assert a.model == ["single_stream_tiny", "perceiver_vl_tiny"]
+    assert a.frames == 4 and a.text_len == 36 and a.batch == 64 and a.min_run_time == 1.0
