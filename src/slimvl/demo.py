@@ -26,16 +26,21 @@ MODELS = ("perceiver_vl_tiny", "single_stream_tiny")
 TRAIN = TrainConfig(steps=300, groups_per_step=8, lr=1e-3, warmup_steps=30, checkpoint_every=100)
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True) -> dict:
+def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True,
+             data_overrides: dict | None = None) -> dict:
     """Make (or reuse) the default data, train both models for the same steps,
     evaluate on the test gallery, measure cost; write ``results.json``,
-    ``report.md`` and ``accuracy_vs_gflops.png`` under ``out``."""
+    ``report.md`` and ``accuracy_vs_gflops.png`` under ``out``.
+
+    ``steps`` and ``data_overrides`` (``make_dataset`` arguments) shrink the
+    run for quick checks; the defaults are the demo."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    root = make_dataset(out / "data", progress=progress, **DATA)
+    data_params = {**DATA, **(data_overrides or {})}
+    root = make_dataset(out / "data", progress=progress, **data_params)
     tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, FRAMES, DATA["size"], TEXT_LEN, progress=progress)
-    test_data = load_split(root, "test", tok, FRAMES, DATA["size"], TEXT_LEN, progress=progress)
+    train_data = load_split(root, "train", tok, FRAMES, data_params["size"], TEXT_LEN, progress=progress)
+    test_data = load_split(root, "test", tok, FRAMES, data_params["size"], TEXT_LEN, progress=progress)
     cfg = TRAIN if steps is None else TrainConfig(**{**asdict(TRAIN), "steps": steps})
     matmul_ref = matmul_gflops()
     rows, curves = [], {}
@@ -61,7 +66,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     results = {
         "gallery": {"split": "test", "n_videos": test_data.videos.shape[0],
                     "n_captions": int(len(test_data.caption_item)), "group_size": test_data.group_size,
-                    "frames": FRAMES, "text_len": TEXT_LEN, "data": str(root), **DATA},
+                    "frames": FRAMES, "text_len": TEXT_LEN, "data": str(root), **data_params},
         "train": asdict(cfg), "matmul_gflops_per_s": matmul_ref, "rows": rows,
     }
     atomic_write_json(out / "results.json", results)

@@ -53,6 +53,42 @@ def evaluate(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256,
         for name, rows in (("heldout", flag), ("seen", ~flag)):
             if rows.any():
                 out[f"{name}_t2v_r1"] = recall_metrics(scores[rows], data.caption_item[rows])["t2v_r1"]
+    if data.scenes is not None:
+        out["near_duplicate_errors"] = near_duplicate_errors(scores, data)
     out.update(n_items=int(data.videos.shape[0]), n_captions=int(len(data.caption_item)),
                eval_seconds=time.perf_counter() - t0)
     return out
+
+
+ATTRIBUTES = ("shape", "colour", "size", "motion")
+
+
+def near_duplicate_errors(scores: torch.Tensor, data: RetrievalData) -> dict[str, int]:
+    """Which attribute the model got wrong, over the t2v top-1 mistakes.
+
+    A caption whose top video is a near-duplicate of its own (same group) is
+    counted under the first attribute in which the two scenes differ (a
+    variant differs from its group's base in one attribute of one object, so
+    two variants may differ in two); a top video from another group counts
+    as ``other_scene``.
+    """
+    counts = {a: 0 for a in ATTRIBUTES} | {"other_scene": 0, "correct": 0}
+    group_of = {i: g for g, items in enumerate(data.groups) for i in items}
+    for cap, top in enumerate(scores.argmax(1).tolist()):
+        item = int(data.caption_item[cap])
+        if top == item:
+            counts["correct"] += 1
+        elif item not in group_of or group_of.get(top) != group_of[item]:
+            counts["other_scene"] += 1
+        else:
+            counts[_differing_attribute(data.scenes[item], data.scenes[top])] += 1
+    return counts
+
+
+def _differing_attribute(a: dict, b: dict) -> str:
+    # Variants keep object order and positions, so objects pair up by index.
+    for oa, ob in zip(a["objects"], b["objects"]):
+        for attr in ATTRIBUTES:
+            if oa.get(attr) != ob.get(attr):
+                return attr
+    return "other_scene"

@@ -71,6 +71,7 @@ class RetrievalData:
         caption_item: ``[n_captions]`` the item each caption describes.
         groups: list of item-index lists (near-duplicate groups, equal size).
         heldout: optional bool per item (compositional held-out scene).
+        scenes: optional synthetic scene description per item (for error analysis).
     """
 
     videos: torch.Tensor
@@ -79,6 +80,7 @@ class RetrievalData:
     caption_item: torch.Tensor
     groups: list[list[int]]
     heldout: list[bool] | None = None
+    scenes: list[dict] | None = None
 
     @classmethod
     def from_dataset(cls, dataset, tokenizer, max_len: int, group_size: int = 4) -> "RetrievalData":
@@ -100,9 +102,11 @@ class RetrievalData:
         sizes = {len(v) for v in by_group.values()}
         k = max(sizes, key=lambda s: sum(len(v) == s for v in by_group.values()))
         groups = [v for v in by_group.values() if len(v) == k]
-        heldout = dataset.heldout if getattr(dataset, "heldout", None) is not None else None
+        heldout = getattr(dataset, "heldout", None)
+        scenes = getattr(dataset, "scenes", None)
         return cls(dataset.videos, ids, mask, torch.tensor(owner), groups,
-                   list(heldout) if heldout is not None and None not in heldout else None)
+                   list(heldout) if heldout is not None and None not in heldout else None,
+                   list(scenes) if scenes is not None and None not in scenes else None)
 
     @property
     def group_size(self) -> int:
@@ -158,9 +162,12 @@ def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device) 
     item_video = to_float_video(data.videos[items.flatten()]).to(device)
     # Pairs reuse the items' decoded videos instead of converting them again.
     local = torch.arange(items.numel()).view(items.shape)[:, vid_local].flatten()
-    return UnitBatch(item_video[local.to(device)], data.caption_ids[pair_caps].to(device),
-                     data.caption_mask[pair_caps].to(device), item_video,
-                     data.caption_ids[caps.flatten()].to(device), data.caption_mask[caps.flatten()].to(device),
+    # Trim text padding that no caption of this step uses: masked keys do not
+    # change the result, they only cost time.
+    width = int(data.caption_mask[caps.flatten()].any(0).nonzero().max()) + 1
+    ids, mask = data.caption_ids[:, :width], data.caption_mask[:, :width]
+    return UnitBatch(item_video[local.to(device)], ids[pair_caps].to(device), mask[pair_caps].to(device),
+                     item_video, ids[caps.flatten()].to(device), mask[caps.flatten()].to(device),
                      units=len(captions))
 
 

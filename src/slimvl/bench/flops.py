@@ -25,7 +25,8 @@ def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=N
 
 def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, out_shape=None,
                              **kwargs: Any) -> int:
-    # Backward recomputes the scores and takes four more products of the same size.
+    # Backward takes four products of the forward's size (dQ, dK, dV and the
+    # gradient of the scores), i.e. twice the forward.
     return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
 
 

@@ -87,8 +87,10 @@ def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarra
     for k in ks:
         out[f"t2v_r{k}"] = (t2v_rank <= k).double().mean().item()
         out[f"v2t_r{k}"] = (v2t_rank <= k).double().mean().item()
-    out["t2v_medr"] = t2v_rank.double().median().item()
-    out["v2t_medr"] = v2t_rank.double().median().item()
+    # quantile interpolates between the two middle ranks of an even count,
+    # as np.median does (torch.median would take the lower one).
+    out["t2v_medr"] = t2v_rank.double().quantile(0.5).item()
+    out["v2t_medr"] = v2t_rank.double().quantile(0.5).item()
     return out
 
 
