@@ -1,4 +1,4 @@
-"""Tests for slimvl.tasks.retrieval: Recall@K, the unit VTM loss and the contrastive loss."""
+"""Tests for slimvl.tasks.retrieval: Recall@K, the group VTM loss and the contrastive loss."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimvl.tasks import contrastive_loss, recall_metrics, unit_pairs, vtm_unit_loss
+from slimvl.tasks import contrastive_loss, group_pairs, gumbel_noise, recall_metrics, vtm_group_loss
 
 
 # ------------------------------------------------------------------ recall_metrics
@@ -116,60 +116,101 @@ def test_caption_item_shape_checked():
         recall_metrics(torch.zeros(4, 4), torch.arange(3))
 
 
-# ------------------------------------------------------------------ unit pairs / VTM loss
+# ------------------------------------------------------------------ group pairs / VTM loss
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_unit_pairs_cover_each_pair_once(k):
-    caps, vids = unit_pairs(k)
-    assert caps.shape == vids.shape == (2 * k * k + 2 * k,)
-    pairs = list(zip(caps.tolist(), vids.tolist()))
-    within = [(c, v) for c, v in pairs if c // k == v // k]
-    cross = [(c, v) for c, v in pairs if c // k != v // k]
-    expected_within = {(g * k + i, g * k + j) for g in (0, 1) for i in range(k) for j in range(k)}
-    assert len(within) == len(set(within)) == 2 * k * k
-    assert set(within) == expected_within
-    assert len(cross) == 2 * k
-    # each caption meets the video in its slot of the other group, once
-    assert sorted(cross) == sorted((i, (i + k) % (2 * k)) for i in range(2 * k))
-    # the order vtm_unit_loss relies on: within pairs first, then the cross pairs
-    assert pairs[: 2 * k * k] == sorted(expected_within)
+def _pairs(u=2, g=3, k=4, e=2, sim=None, seed=0):
+    p = g * k
+    rng = np.random.default_rng(seed)
+    sim = torch.zeros(u, p, p) if sim is None else sim
+    return group_pairs(sim, k, e, gumbel_noise(rng, (u, 2, p, p)))
 
 
-def _positive_mask(k):
-    caps, vids = unit_pairs(k)
-    return caps == vids
+@pytest.mark.parametrize("g,k,e", [(2, 1, 1), (2, 4, 1), (3, 4, 2), (4, 2, 0)])
+def test_group_pairs_layout(g, k, e):
+    u, p = 2, g * k
+    caps, vids = _pairs(u, g, k, e)
+    assert caps.shape == vids.shape == (u, p * k + 2 * p * e)
+    for unit in range(u):
+        pairs = list(zip(caps[unit].tolist(), vids[unit].tolist()))
+        within = pairs[: p * k]
+        # every caption meets every video of its own group, in [group, caption, video] order
+        assert within == [(gi * k + i, gi * k + j) for gi in range(g) for i in range(k) for j in range(k)]
+        t2v = pairs[p * k: p * (k + e)]
+        v2t = pairs[p * (k + e):]
+        # mined pairs: E per caption, then E per video, always from another group, never repeated
+        assert [c for c, _ in t2v] == [i for i in range(p) for _ in range(e)]
+        assert [v for _, v in v2t] == [i for i in range(p) for _ in range(e)]
+        for c, v in t2v + v2t:
+            assert c // k != v // k
+        assert len(set(t2v)) == len(t2v) and len(set(v2t)) == len(v2t)
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_vtm_unit_loss_limits(k):
-    pos = _positive_mask(k)
-    assert int(pos.sum()) == 2 * k
-    confident = torch.where(pos, 50.0, -50.0).expand(3, -1)
-    assert vtm_unit_loss(confident, k).item() == pytest.approx(0.0, abs=1e-6)
-    flat = torch.full((3, pos.numel()), 0.7)
-    # each softmax has k + 1 candidates (k in-group videos/captions + 1 cross negative)
-    assert vtm_unit_loss(flat, k).item() == pytest.approx(math.log(k + 1), rel=1e-6)
-    wrong = torch.where(pos, -50.0, 50.0).expand(3, -1)
-    assert vtm_unit_loss(wrong, k).item() > 50
+def test_group_pairs_mines_the_most_similar_other_group_item():
+    g, k = 3, 2
+    p = g * k
+    sim = torch.zeros(1, p, p)
+    sim[0, 0, 5] = 50.0  # caption 0 looks like video 5 (group 2)
+    sim[0, 3, 0] = 50.0  # video 0 looks like caption 3 (group 1)
+    sim[0, 1, 1] = 80.0  # a same-group similarity must never be picked
+    caps, vids = _pairs(1, g, k, 1, sim=sim)
+    t2v = dict(zip(caps[0, p * k: p * (k + 1)].tolist(), vids[0, p * k: p * (k + 1)].tolist()))
+    v2t = dict(zip(vids[0, p * (k + 1):].tolist(), caps[0, p * (k + 1):].tolist()))
+    assert t2v[0] == 5 and v2t[0] == 3
+    assert t2v[1] // k != 0
 
 
-def test_vtm_unit_loss_gradient_signs():
-    k = 3
-    pos = _positive_mask(k)
+def test_group_pairs_sampling_follows_noise():
+    """With flat similarities the negatives are random, and differ with the noise."""
+    draws = {tuple(_pairs(1, 4, 2, 1, seed=s)[1][0, 16:24].tolist()) for s in range(6)}
+    assert len(draws) > 1
+
+
+def test_group_pairs_refuses_too_many_negatives():
+    with pytest.raises(ValueError, match="n_mined"):
+        _pairs(1, 2, 4, 5)
+
+
+def _positive_mask(g, k, e):
+    caps, vids = _pairs(1, g, k, e)
+    return (caps == vids)[0]
+
+
+@pytest.mark.parametrize("k,e", [(2, 1), (4, 2)])
+def test_vtm_group_loss_limits(k, e):
+    pos = _positive_mask(3, k, e)
+    assert int(pos.sum()) == 3 * k
+    confident = torch.where(pos, 50.0, -50.0).expand(2, -1)
+    assert vtm_group_loss(confident, k, e).item() == pytest.approx(0.0, abs=1e-6)
+    flat = torch.full((2, pos.numel()), 0.7)
+    # each softmax has k + e candidates (k in-group items + e mined negatives)
+    assert vtm_group_loss(flat, k, e).item() == pytest.approx(math.log(k + e), rel=1e-6)
+    wrong = torch.where(pos, -50.0, 50.0).expand(2, -1)
+    assert vtm_group_loss(wrong, k, e).item() > 50
+
+
+def test_vtm_group_loss_gradient_signs():
+    k, e = 3, 1
+    pos = _positive_mask(2, k, e)
     logits = (0.1 * torch.randn(2, pos.numel(), generator=torch.Generator().manual_seed(0))).requires_grad_()
-    vtm_unit_loss(logits, k).backward()
+    vtm_group_loss(logits, k, e).backward()
     g = logits.grad
     assert (g[:, ~pos] > 0).all()  # raising a negative raises the loss
     assert (g[:, pos] < 0).all()  # raising a positive lowers it
 
 
-def test_vtm_unit_loss_cross_negative_matters():
-    """The cross pairs are candidates too: raising one raises the loss."""
-    k = 2
-    base = torch.zeros(1, 2 * k * k + 2 * k)
-    raised = base.clone()
-    raised[0, 2 * k * k] = 5.0
-    assert vtm_unit_loss(raised, k) > vtm_unit_loss(base, k)
+def test_vtm_group_loss_mined_negatives_matter():
+    """Both kinds of mined pairs are candidates: raising one raises the loss."""
+    k, e, p = 2, 1, 4
+    base = torch.zeros(1, p * k + 2 * p * e)
+    for col in (p * k, p * (k + e)):
+        raised = base.clone()
+        raised[0, col] = 5.0
+        assert vtm_group_loss(raised, k, e) > vtm_group_loss(base, k, e)
+
+
+def test_vtm_group_loss_checks_shape():
+    with pytest.raises(ValueError, match="logits"):
+        vtm_group_loss(torch.zeros(1, 7), 2, 1)
 
 
 # ------------------------------------------------------------------ contrastive

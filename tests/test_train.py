@@ -45,8 +45,12 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 def test_batches_depend_only_on_seed_and_step():
     data = tiny_data()
-    assert (sample_units(data, 2, 0, 5) == sample_units(data, 2, 0, 5)).all()
-    assert not (sample_units(data, 2, 0, 5) == sample_units(data, 2, 0, 6)).all()
+    assert (sample_units(data, 2, 2, 0, 5) == sample_units(data, 2, 2, 0, 5)).all()
+    assert not (sample_units(data, 2, 2, 0, 5) == sample_units(data, 2, 2, 0, 6)).all()
+    units = sample_units(data, 3, 2, 0, 5)
+    assert units.shape == (3, 2 * data.group_size)
+    items = data.caption_item[torch.as_tensor(units)]
+    assert len(set(items.flatten().tolist())) == items.numel()  # distinct items (distinct groups)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -84,6 +88,10 @@ def test_training_lowers_the_loss():
 def test_bad_train_config_is_refused():
     with pytest.raises(ValueError, match="groups_per_step"):
         TrainConfig(groups_per_step=3)
+    with pytest.raises(ValueError, match="negatives"):
+        TrainConfig(negatives="easy")
+    with pytest.raises(ValueError, match="negatives_per_item"):
+        TrainConfig(groups_per_step=4, groups_per_unit=1, negatives_per_item=1)
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
 

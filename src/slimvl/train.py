@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, save_checkpoint
-from .tasks.retrieval import contrastive_loss, unit_pairs, vtm_unit_loss
+from .tasks.retrieval import contrastive_loss, group_pairs, gumbel_noise, vtm_group_loss
 
 log = logging.getLogger("slimvl")
 
@@ -34,11 +35,21 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of ``train``. ``groups_per_step`` is the global batch
-    in near-duplicate groups (an even number: groups are paired into units)."""
+    """Hyper-parameters of ``train``.
+
+    ``groups_per_step`` is the global batch in near-duplicate groups, split
+    into units of ``groups_per_unit`` groups (negatives and the contrastive
+    term stay within a unit, so a data-parallel run splits a step exactly by
+    units). Each caption and each video meets its group's near-duplicates and
+    ``negatives_per_item`` items of the unit's other groups, ``"mined"``
+    (drawn by unimodal similarity, hardest most likely) or ``"random"``.
+    """
 
     steps: int = 500
     groups_per_step: int = 8
+    groups_per_unit: int = 2
+    negatives_per_item: int = 1
+    negatives: str = "mined"
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
@@ -53,8 +64,16 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.groups_per_step < 2 or self.groups_per_step % 2:
-            raise ValueError(f"TrainConfig.groups_per_step={self.groups_per_step}: must be an even number >= 2")
+        if self.groups_per_unit < 1:
+            raise ValueError(f"TrainConfig.groups_per_unit={self.groups_per_unit}: must be >= 1")
+        if self.groups_per_step < self.groups_per_unit or self.groups_per_step % self.groups_per_unit:
+            raise ValueError(f"TrainConfig.groups_per_step={self.groups_per_step}: must be a positive multiple "
+                             f"of groups_per_unit={self.groups_per_unit}")
+        if self.negatives not in ("mined", "random"):
+            raise ValueError(f"TrainConfig.negatives={self.negatives!r}: must be 'mined' or 'random'")
+        if self.negatives_per_item < 0 or (self.negatives_per_item and self.groups_per_unit < 2):
+            raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: must be >= 0, and 0 "
+                             f"when a unit has a single group (groups_per_unit=1)")
         if self.steps <= 0:
             raise ValueError(f"TrainConfig.steps={self.steps}: must be positive")
         if self.amp not in ("auto", "bf16", "off"):
@@ -118,14 +137,15 @@ def to_float_video(video_uint8: torch.Tensor) -> torch.Tensor:
     return video_uint8.float().div_(127.5).sub_(1.0)
 
 
-def sample_units(data: RetrievalData, n_units: int, seed: int, step: int) -> np.ndarray:
-    """Items ``[n_units, 2k]`` (two groups per unit) and one caption per item,
-    chosen deterministically from ``(seed, step)``; returns caption indices
-    ``[n_units, 2k]`` (a caption identifies its item)."""
+def sample_units(data: RetrievalData, n_units: int, groups_per_unit: int, seed: int, step: int) -> np.ndarray:
+    """Caption indices ``[n_units, groups_per_unit * k]``: distinct groups, one
+    caption per item (a caption identifies its item), chosen
+    deterministically from ``(seed, step)``."""
     rng = np.random.default_rng([seed, step])
-    if 2 * n_units > len(data.groups):
-        raise ValueError(f"need {2 * n_units} near-duplicate groups per step, the data has {len(data.groups)}")
-    chosen = rng.choice(len(data.groups), size=2 * n_units, replace=False)
+    need = n_units * groups_per_unit
+    if need > len(data.groups):
+        raise ValueError(f"need {need} near-duplicate groups per step, the data has {len(data.groups)}")
+    chosen = rng.choice(len(data.groups), size=need, replace=False)
     items = np.array([data.groups[g] for g in chosen]).reshape(n_units, -1)
     caption_item = data.caption_item.numpy()
     out = np.empty_like(items)
@@ -137,38 +157,30 @@ def sample_units(data: RetrievalData, n_units: int, seed: int, step: int) -> np.
 
 @dataclass
 class UnitBatch:
-    """One step's tensors for ``U`` units of ``n = 2k`` items.
+    """One step's tensors for ``U`` units of ``P`` items (one caption each).
 
-    ``pair_*`` are the ``U * (2k*k + 2k)`` scored (video, caption) pairs in
-    ``unit_pairs`` order; ``item_video`` / ``item_ids`` / ``item_mask`` are the
-    ``U * n`` items and their chosen captions, for the contrastive term.
+    ``video`` is float ``[U*P, T, 3, H, W]``, ``ids``/``mask`` the items'
+    captions ``[U*P, L]``, ``noise`` ``[U, 2, P, P]`` the Gumbel noise that
+    draws the other-group negatives (fixed by seed and step, so a resumed or
+    data-parallel run draws the same ones).
     """
 
-    pair_video: torch.Tensor
-    pair_ids: torch.Tensor
-    pair_mask: torch.Tensor
-    item_video: torch.Tensor
-    item_ids: torch.Tensor
-    item_mask: torch.Tensor
+    video: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor
     units: int
 
 
-def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device) -> UnitBatch:
-    """Gather the tensors of the given units (caption indices ``[U, 2k]``)."""
-    cap_local, vid_local = unit_pairs(data.group_size)
-    caps = torch.as_tensor(captions)
-    items = data.caption_item[caps]
-    pair_caps, pair_items = caps[:, cap_local].flatten(), items[:, vid_local].flatten()
-    item_video = to_float_video(data.videos[items.flatten()]).to(device)
-    # Pairs reuse the items' decoded videos instead of converting them again.
-    local = torch.arange(items.numel()).view(items.shape)[:, vid_local].flatten()
+def unit_batch(data: RetrievalData, captions: np.ndarray, noise: torch.Tensor, device: torch.device) -> UnitBatch:
+    """Gather the tensors of the given units (caption indices ``[U, P]``)."""
+    caps = torch.as_tensor(captions).flatten()
     # Trim text padding that no caption of this step uses: masked keys do not
     # change the result, they only cost time.
-    width = int(data.caption_mask[caps.flatten()].any(0).nonzero().max()) + 1
-    ids, mask = data.caption_ids[:, :width], data.caption_mask[:, :width]
-    return UnitBatch(item_video[local.to(device)], ids[pair_caps].to(device), mask[pair_caps].to(device),
-                     item_video, ids[caps.flatten()].to(device), mask[caps.flatten()].to(device),
-                     units=len(captions))
+    width = int(data.caption_mask[caps].any(0).nonzero().max()) + 1
+    return UnitBatch(to_float_video(data.videos[data.caption_item[caps]]).to(device),
+                     data.caption_ids[caps, :width].to(device), data.caption_mask[caps, :width].to(device),
+                     noise.to(device), units=len(captions))
 
 
 class RetrievalObjective(torch.nn.Module):
@@ -177,24 +189,47 @@ class RetrievalObjective(torch.nn.Module):
     term between videos and texts encoded alone by the same network.
 
     The contrastive term is there because it teaches the shared embeddings
-    and layers what each word and patch means from ``n*n`` comparisons per
-    unit at the cost of ``2n`` unimodal passes, while VTM alone learns from a
-    single logit per pair; VTM's plateau at the start is much shorter with it.
+    and layers what each word and patch means from ``P*P`` comparisons per
+    unit at the cost of ``2P`` unimodal passes, while VTM alone learns from a
+    single logit per pair. Its similarities also pick the other-group
+    negatives that VTM is trained on (``negatives="mined"``).
     """
 
-    def __init__(self, model: torch.nn.Module, group_size: int, itc_weight: float):
+    def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
         super().__init__()
-        self.model, self.group_size, self.itc_weight = model, group_size, itc_weight
+        self.model, self.group_size = model, group_size
+        self.itc_weight, self.n_mined, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
+
+    def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.model.config.embed_dim
+        v = self.model.embed_video(b.video).float().view(b.units, -1, e)
+        t = self.model.embed_text(b.ids, b.mask).float().view(b.units, -1, e)
+        return v, t
 
     def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.model(b.pair_video, b.pair_ids, b.pair_mask).logits.float()
-        vtm = vtm_unit_loss(logits.view(b.units, -1), self.group_size)
-        if self.itc_weight == 0:
-            return vtm, {"vtm": vtm.item()}
-        v = self.model.embed_video(b.item_video).float().view(b.units, -1, self.model.config.embed_dim)
-        t = self.model.embed_text(b.item_ids, b.item_mask).float().view(b.units, -1, self.model.config.embed_dim)
-        itc = contrastive_loss(v, t, self.model.logit_scale)
-        return vtm + self.itc_weight * itc, {"vtm": vtm.item(), "itc": itc.item()}
+        u, p = b.units, b.video.shape[0] // b.units
+        parts: dict[str, float] = {}
+        itc = v = t = None
+        if self.itc_weight:
+            v, t = self._embed(b)
+            itc = contrastive_loss(v, t, self.model.logit_scale)
+            parts["itc"] = itc.item()
+        with torch.no_grad():
+            if self.mined and self.n_mined:
+                if v is None:
+                    v, t = self._embed(b)
+                sim = self.model.logit_scale.exp().clamp(max=100) * torch.einsum(
+                    "upe,uqe->upq", F.normalize(t.detach(), dim=-1), F.normalize(v.detach(), dim=-1))
+            else:
+                sim = b.noise.new_zeros(u, p, p)
+            cap, vid = group_pairs(sim, self.group_size, self.n_mined, b.noise)
+            offset = (torch.arange(u, device=cap.device) * p)[:, None]
+            cap, vid = (cap + offset).flatten(), (vid + offset).flatten()
+        logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
+        vtm = vtm_group_loss(logits.view(u, -1), self.group_size, self.n_mined)
+        parts["vtm"] = vtm.item()
+        loss = vtm if itc is None else vtm + self.itc_weight * itc
+        return loss, parts
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -260,7 +295,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    n_units = cfg.groups_per_step // 2
+    n_units = cfg.groups_per_step // cfg.groups_per_unit
     if n_units % world:
         raise ValueError(f"groups_per_step={cfg.groups_per_step} gives {n_units} units, "
                          f"not divisible by {world} processes")
@@ -274,7 +309,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         start, history = meta["step"], meta.get("history", [])
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
-    objective = RetrievalObjective(model, data.group_size, cfg.itc_weight)
+    objective = RetrievalObjective(model, data.group_size, cfg)
     net = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if distributed \
         else objective
 
@@ -283,8 +318,11 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
                desc=f"train {model.config.model_type}", dynamic_ncols=True)
     last_ckpt, t0, seen = None, time.perf_counter(), 0
     for step in bar:
-        captions = sample_units(data, n_units, cfg.seed, step)[rank::world]
-        batch = unit_batch(data, captions, device)
+        captions = sample_units(data, n_units, cfg.groups_per_unit, cfg.seed, step)
+        p = captions.shape[1]
+        noise = gumbel_noise(np.random.default_rng([cfg.seed, step, 1]), (n_units, 2, p, p))
+        # Each rank takes every world-th unit of the same global batch.
+        batch = unit_batch(data, captions[rank::world], noise[rank::world], device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
         with autocast_for(device, cfg.amp):
@@ -298,13 +336,13 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
 
-        seen += batch.pair_video.shape[0] * world
+        seen += batch.video.shape[0] * world
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             rate = seen / (time.perf_counter() - t0)
             history.append({"step": step + 1, "loss": round(loss.item(), 5),
                             **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
-                            "grad_norm": round(gnorm.item(), 4), "pairs_per_s": round(rate, 1)})
-            bar.set_postfix(loss=f"{loss.item():.3f}", pairs_s=f"{rate:.0f}")
+                            "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
         if run_dir is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
             last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history)
     seconds = time.perf_counter() - t0

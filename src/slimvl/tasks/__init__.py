@@ -1,4 +1,4 @@
 """Objectives and metrics per task."""
-from .retrieval import contrastive_loss, recall_metrics, unit_pairs, vtm_unit_loss
+from .retrieval import contrastive_loss, group_pairs, gumbel_noise, recall_metrics, vtm_group_loss
 
-__all__ = ["contrastive_loss", "recall_metrics", "unit_pairs", "vtm_unit_loss"]
+__all__ = ["contrastive_loss", "group_pairs", "gumbel_noise", "recall_metrics", "vtm_group_loss"]

@@ -1,4 +1,15 @@
-"""Retrieval: the in-batch hard-negative VTM objective and Recall@K metrics."""
+"""Retrieval: the in-batch hard-negative VTM objective and Recall@K metrics.
+
+A training *unit* is ``G`` near-duplicate groups of ``k`` items each, with one
+caption per item: ``P = G * k`` (caption, video) positives. Items are numbered
+``g * k + i``. Every caption is scored against every video of its own group
+(the hard negatives: variants that differ in one attribute of one object) and
+against ``E`` videos of other groups; every video likewise against ``E``
+captions of other groups. The other-group negatives are drawn with
+probability ``softmax(similarity)`` from the unimodal embeddings (as in
+ALBEF's hard-negative mining), so they are the scenes the model currently
+confuses, not random easy ones.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,50 +18,72 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def unit_pairs(group_size: int) -> tuple[Tensor, Tensor]:
-    """The (caption, video) pairs scored for one training *unit* of two
-    near-duplicate groups A and B, each of ``group_size`` items.
+def gumbel_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> Tensor:
+    """Standard Gumbel noise: ``argmax(logits + noise)`` samples ``softmax(logits)``."""
+    u = rng.random(shape).clip(1e-12, 1 - 1e-12)
+    return torch.from_numpy(-np.log(-np.log(u))).float()
 
-    Items are numbered ``0..k-1`` (group A) and ``k..2k-1`` (group B); caption
-    ``i`` belongs to item ``i``. Every caption meets every video of its own
-    group (the hard negatives: variants differing in one attribute) and the
-    video in the same slot of the other group (an easy negative, so that the
-    model also learns to reject unrelated scenes). Returns ``(cap_idx,
-    vid_idx)``, each ``[2k*k + 2k]``.
+
+def group_pairs(sim: Tensor, group_size: int, n_mined: int, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """The (caption, video) pairs that one step scores with the cross-encoder.
+
+    Args:
+        sim: ``[U, P, P]`` caption-by-video similarity logits (unimodal
+            embeddings; zeros for uniformly random negatives).
+        group_size: ``k``, items per near-duplicate group (``P`` is a multiple).
+        n_mined: ``E``, other-group negatives per caption and per video.
+        noise: ``[U, 2, P, P]`` Gumbel noise; ``noise[:, 0]`` samples videos for
+            captions, ``noise[:, 1]`` captions for videos (transposed layout).
+
+    Returns ``(cap_idx, vid_idx)``, each ``[U, P*k + 2*P*E]`` local indices in
+    this order: the within-group pairs ``[G, k(caption), k(video)]``, then
+    ``[P, E]`` mined videos per caption, then ``[P, E]`` mined captions per
+    video. ``vtm_group_loss`` reads the logits in that order.
     """
+    u, p, _ = sim.shape
     k = group_size
-    caps, vids = [], []
-    for g in (0, 1):
-        for i in range(k):
-            for j in range(k):
-                caps.append(g * k + i)
-                vids.append(g * k + j)
-    for i in range(2 * k):
-        caps.append(i)
-        vids.append((i + k) % (2 * k))
-    return torch.tensor(caps), torch.tensor(vids)
+    if p % k:
+        raise ValueError(f"unit of {p} items is not a whole number of groups of {k}")
+    dev = sim.device
+    item = torch.arange(p, device=dev)
+    group = item // k
+    same = group[:, None] == group[None, :]
+    within_cap = (group[:, None] * k + torch.arange(k, device=dev)[None, :])  # [P, k]: videos of p's group
+    cap_w = item[:, None].expand(p, k)  # caption p against each video of its group
+    vid_w = within_cap
+    parts_c, parts_v = [cap_w.reshape(1, -1).expand(u, -1)], [vid_w.reshape(1, -1).expand(u, -1)]
+    if n_mined:
+        if n_mined > p - k:
+            raise ValueError(f"n_mined={n_mined} negatives asked from {p - k} other-group items")
+        blocked = torch.where(same, float("-inf"), 0.0)
+        t2v = (sim + noise[:, 0] + blocked).topk(n_mined, dim=-1).indices  # [U, P(caption), E] videos
+        v2t = (sim.transpose(1, 2) + noise[:, 1] + blocked).topk(n_mined, dim=-1).indices  # [U, P(video), E]
+        parts_c += [item[None, :, None].expand(u, p, n_mined).reshape(u, -1), v2t.reshape(u, -1)]
+        parts_v += [t2v.reshape(u, -1), item[None, :, None].expand(u, p, n_mined).reshape(u, -1)]
+    return torch.cat(parts_c, 1), torch.cat(parts_v, 1)
 
 
-def vtm_unit_loss(logits: Tensor, group_size: int) -> Tensor:
-    """Symmetric softmax VTM loss over one unit's scores (see ``unit_pairs``).
+def vtm_group_loss(logits: Tensor, group_size: int, n_mined: int) -> Tensor:
+    """Symmetric softmax VTM loss over one step's scores (see ``group_pairs``).
 
-    ``logits`` is ``[U, 2k*k + 2k]`` for ``U`` units in the order
-    ``unit_pairs`` gives. For text->video each caption's positive competes
-    with the k-1 near-duplicate videos of its group and one video of the other
-    group; video->text is the same with roles swapped. Ranking by a softmax
-    over these candidates trains exactly what retrieval needs: the right
-    scene above its near-duplicates.
+    ``logits`` is ``[U, P*k + 2*P*E]`` in ``group_pairs`` order. For
+    text->video each caption's positive competes with the ``k-1``
+    near-duplicate videos of its group and its ``E`` mined videos;
+    video->text is the same with roles swapped. Ranking by a softmax over
+    these candidates trains exactly what retrieval needs: the right scene
+    above its near-duplicates and above the other scenes most like it.
     """
-    k = group_size
-    u = logits.shape[0]
-    within = logits[:, : 2 * k * k].reshape(u, 2, k, k)  # [unit, group, caption, video]
-    cross = logits[:, 2 * k * k:].reshape(u, 2, k)  # caption i (group g) vs video i of the other group
-    # text -> video: row i of `within`, plus caption i's cross pair.
-    t2v = torch.cat([within, cross[..., None]], -1).reshape(-1, k + 1)
-    # video -> text: column j of `within`, plus the cross pair whose video is j
-    # (the caption in slot j of the *other* group), hence the flip over groups.
-    v2t = torch.cat([within.transpose(-1, -2), cross.flip(1)[..., None]], -1).reshape(-1, k + 1)
-    target = torch.arange(k, device=logits.device).repeat(u * 2)
+    k, e = group_size, n_mined
+    u, n = logits.shape
+    p = n // (k + 2 * e)
+    if p * (k + 2 * e) != n or p % k:
+        raise ValueError(f"logits: expected [U, P*{k} + 2*P*{e}] with P a multiple of {k}, got {tuple(logits.shape)}")
+    within = logits[:, : p * k].reshape(u, p // k, k, k)  # [unit, group, caption, video]
+    t2v_neg = logits[:, p * k: p * (k + e)].reshape(u, p // k, k, e)
+    v2t_neg = logits[:, p * (k + e):].reshape(u, p // k, k, e)
+    t2v = torch.cat([within, t2v_neg], -1).reshape(-1, k + e)
+    v2t = torch.cat([within.transpose(-1, -2), v2t_neg], -1).reshape(-1, k + e)
+    target = torch.arange(k, device=logits.device).repeat(u * p // k)
     return 0.5 * (F.cross_entropy(t2v, target) + F.cross_entropy(v2t, target))
 
 
