@@ -36,10 +36,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--growth-from", type=int, default=8,
+                   help="report GFLOPs growth from this frame count to the largest")
     p.add_argument("--quick", action="store_true", help="two frame counts, two latent sizes, short timings")
     a = p.parse_args(argv)
     if a.quick:
         a.frames, a.latents, a.min_run_time, a.batch = a.frames[:2], a.latents[:2], 0.1, 4
+    if a.growth_from not in a.frames:
+        a.growth_from = min(a.frames)
     dtype = getattr(torch, a.dtype)
     common = dict(dim=a.dim, max_frames=max(a.frames), max_text_len=a.text_len)
     ref = matmul_gflops(a.device, dtype, min_run_time=a.min_run_time)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["gflops_ratio"] = r["gflops_per_pair"] / b["gflops_per_pair"]
         r["latency_ratio"] = r["latency_ms_per_pair"] / b["latency_ms_per_pair"]
     growth = {}
-    lo, hi = min(a.frames), max(a.frames)
+    lo, hi = a.growth_from, max(a.frames)
     for key in ["single_stream"] + [f"perceiver_vl N={n}" for n in a.latents]:
         sel = {r["frames"]: r for r in rows if (r["model"] if r["latents"] is None
                                                 else f"perceiver_vl N={r['latents']}") == key}

@@ -1,6 +1,7 @@
 """Tests for slimvl.cli: bench output, --set parsing, error reporting."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,6 +45,8 @@ def test_parse_overrides():
     assert got == {"mlp_ratio": 2.5, "heads": 4, "name": "a=b", "flag": True}
     assert isinstance(got["heads"], int)
     assert parse_overrides(None) == {} and parse_overrides([]) == {}
+    # YAML 1.1 reads "2e-3" as a string; a learning rate must still be a number
+    assert parse_overrides(["lr=2e-3", "eps=1e-8", "layers=cs"]) == {"lr": 0.002, "eps": 1e-8, "layers": "cs"}
 
 
 def test_parse_overrides_without_equals_exits():
@@ -111,3 +114,32 @@ def test_parser_bench_defaults():
     a = build_parser().parse_args(["bench"])
     assert a.model == ["single_stream_tiny", "perceiver_vl_tiny"]
     assert a.frames == 4 and a.text_len == 36 and a.batch == 64 and a.min_run_time == 1.0
+
+
+def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
+    """The commands chain: make a tiny set, train, resume, evaluate, skipping a corrupt video."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    main(["-q", "data", "make", "--out", str(data), "--n-train", "16", "--n-val", "4", "--n-test", "8",
+          "--frames", "4", "--size", "32"])
+    assert (data / "annotations.json").is_file() and len(list((data / "videos").glob("*.mp4"))) == 28
+    train_ids = (data / "splits" / "train.txt").read_text().split()
+    (data / "videos" / f"{train_ids[0]}.mp4").write_bytes(b"")
+    model_args = ["--set", "dim=32", "--set", "heads=2", "--set", "image_size=32", "--set", "max_text_len=24"]
+    train = ["-q", "train", "--data", str(data), "--model", "perceiver_vl_tiny", *model_args, "--out", str(run),
+             "--frames", "2", "--train-set", "groups_per_step=2", "--train-set", "groups_per_unit=2",
+             "--train-set", "warmup_steps=1", "--train-set", "checkpoint_every=2", "--skip-bad"]
+    main([*train, "--steps", "2"])
+    log = json.loads((run / "train_log.json").read_text())
+    assert [Path(p).name for p in log["skipped_media"]] == [f"{train_ids[0]}.mp4"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
+    main([*train, "--steps", "3", "--resume"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    test_ids = (data / "splits" / "test.txt").read_text().split()
+    (data / "videos" / f"{test_ids[0]}.mp4").write_bytes(b"not a video")
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "eval", "--data", str(data), "--checkpoint", str(run), "--frames", "2"])
+    assert e.value.code == 2 and f"{test_ids[0]}.mp4" in capsys.readouterr().err
+    main(["-q", "eval", "--data", str(data), "--checkpoint", str(run), "--frames", "2", "--skip-bad"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["checkpoint"].endswith("step_0000003")
+    assert metrics["n_items"] == 7 and metrics["skipped_media"] == 1 and 0.0 <= metrics["t2v_r1"] <= 1.0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from slimvl.tasks import contrastive_loss, group_pairs, gumbel_noise, recall_metrics, vtm_group_loss
+from slimvl.tasks import (contrastive_loss, gumbel_noise, mined_negatives, pair_layout, random_negatives,
+                          recall_metrics, vtm_group_loss)
 
 
 # ------------------------------------------------------------------ recall_metrics
@@ -116,101 +117,129 @@ def test_caption_item_shape_checked():
         recall_metrics(torch.zeros(4, 4), torch.arange(3))
 
 
-# ------------------------------------------------------------------ group pairs / VTM loss
+# ------------------------------------------------------------------ pair layout / VTM loss
 
-def _pairs(u=2, g=3, k=4, e=2, sim=None, seed=0):
+def _random_layout(u=2, g=3, k=4, e=2, seed=0):
+    return pair_layout(k, random_negatives(np.random.default_rng(seed), u, g, k, e))
+
+
+def _mined_layout(u=2, g=3, k=4, e=2, sim=None, seed=0):
     p = g * k
-    rng = np.random.default_rng(seed)
     sim = torch.zeros(u, p, p) if sim is None else sim
-    return group_pairs(sim, k, e, gumbel_noise(rng, (u, 2, p, p)))
+    noise = gumbel_noise(np.random.default_rng(seed), (u, 2, p, p))
+    return pair_layout(k, *mined_negatives(sim, k, e, noise))
 
 
-@pytest.mark.parametrize("g,k,e", [(2, 1, 1), (2, 4, 1), (3, 4, 2), (4, 2, 0)])
-def test_group_pairs_layout(g, k, e):
-    u, p = 2, g * k
-    caps, vids = _pairs(u, g, k, e)
-    assert caps.shape == vids.shape == (u, p * k + 2 * p * e)
+def _check_layout(lay, g, k, e):
+    u, p = lay.caption.shape[0], g * k
     for unit in range(u):
-        pairs = list(zip(caps[unit].tolist(), vids[unit].tolist()))
-        within = pairs[: p * k]
-        # every caption meets every video of its own group, in [group, caption, video] order
-        assert within == [(gi * k + i, gi * k + j) for gi in range(g) for i in range(k) for j in range(k)]
-        t2v = pairs[p * k: p * (k + e)]
-        v2t = pairs[p * (k + e):]
-        # mined pairs: E per caption, then E per video, always from another group, never repeated
-        assert [c for c, _ in t2v] == [i for i in range(p) for _ in range(e)]
-        assert [v for _, v in v2t] == [i for i in range(p) for _ in range(e)]
-        for c, v in t2v + v2t:
-            assert c // k != v // k
-        assert len(set(t2v)) == len(t2v) and len(set(v2t)) == len(v2t)
+        pairs = list(zip(lay.caption[unit].tolist(), lay.video[unit].tolist()))
+        # every caption meets every video of its own group, first, in [caption, video slot] order
+        assert pairs[: p * k] == [(c, (c // k) * k + j) for c in range(p) for j in range(k)]
+        for q in range(p):
+            t2v = [pairs[col] for col in lay.t2v[unit, q].tolist()]
+            v2t = [pairs[col] for col in lay.v2t[unit, q].tolist()]
+            assert len(t2v) == len(v2t) == k + e
+            # the candidates: the query's group first, positive at the query's slot, then other groups
+            assert all(c == q for c, _ in t2v) and all(v == q for _, v in v2t)
+            assert [v for _, v in t2v[:k]] == [(q // k) * k + j for j in range(k)]
+            assert [c for c, _ in v2t[:k]] == [(q // k) * k + j for j in range(k)]
+            assert t2v[q % k] == (q, q) and v2t[q % k] == (q, q)
+            assert all(v // k != q // k for _, v in t2v[k:]) and all(c // k != q // k for c, _ in v2t[k:])
+            assert len(set(t2v)) == len(t2v) and len(set(v2t)) == len(v2t)
 
 
-def test_group_pairs_mines_the_most_similar_other_group_item():
+@pytest.mark.parametrize("g,k,e", [(2, 1, 1), (2, 4, 1), (4, 4, 3), (3, 2, 0)])
+def test_random_negatives_are_shared_by_both_directions(g, k, e):
+    lay = _random_layout(2, g, k, e)
+    p = g * k
+    # one scored pair per caption and negative: no separate video->text pairs
+    assert lay.caption.shape == (2, p * k + p * e)
+    _check_layout(lay, g, k, e)
+    # every video is the negative of exactly e captions
+    negs = lay.video[:, p * k:]
+    assert (torch.stack([torch.bincount(n, minlength=p) for n in negs]) == e).all()
+
+
+@pytest.mark.parametrize("g,k,e", [(2, 4, 1), (3, 4, 2), (4, 2, 3)])
+def test_mined_layout(g, k, e):
+    lay = _mined_layout(2, g, k, e)
+    p = g * k
+    assert lay.caption.shape == (2, p * k + 2 * p * e)
+    _check_layout(lay, g, k, e)
+
+
+def test_random_negatives_vary_with_the_rng():
+    draws = {tuple(random_negatives(np.random.default_rng(s), 1, 4, 2, 1).flatten().tolist()) for s in range(6)}
+    assert len(draws) > 1
+
+
+def test_mined_negatives_pick_the_most_similar_other_group_item():
     g, k = 3, 2
     p = g * k
     sim = torch.zeros(1, p, p)
     sim[0, 0, 5] = 50.0  # caption 0 looks like video 5 (group 2)
     sim[0, 3, 0] = 50.0  # video 0 looks like caption 3 (group 1)
     sim[0, 1, 1] = 80.0  # a same-group similarity must never be picked
-    caps, vids = _pairs(1, g, k, 1, sim=sim)
-    t2v = dict(zip(caps[0, p * k: p * (k + 1)].tolist(), vids[0, p * k: p * (k + 1)].tolist()))
-    v2t = dict(zip(vids[0, p * (k + 1):].tolist(), caps[0, p * (k + 1):].tolist()))
-    assert t2v[0] == 5 and v2t[0] == 3
-    assert t2v[1] // k != 0
+    t2v, v2t = mined_negatives(sim, k, 1, gumbel_noise(np.random.default_rng(0), (1, 2, p, p)))
+    assert t2v[0, 0, 0] == 5 and v2t[0, 0, 0] == 3
+    assert t2v[0, 1, 0] // k != 0
 
 
-def test_group_pairs_sampling_follows_noise():
-    """With flat similarities the negatives are random, and differ with the noise."""
-    draws = {tuple(_pairs(1, 4, 2, 1, seed=s)[1][0, 16:24].tolist()) for s in range(6)}
-    assert len(draws) > 1
+def test_too_many_negatives_refused():
+    with pytest.raises(ValueError, match="n_neg"):
+        _mined_layout(1, 2, 4, 5)
+    with pytest.raises(ValueError, match="n_neg"):
+        random_negatives(np.random.default_rng(0), 1, 2, 4, 2)
 
 
-def test_group_pairs_refuses_too_many_negatives():
-    with pytest.raises(ValueError, match="n_mined"):
-        _pairs(1, 2, 4, 5)
+def _positive_mask(lay):
+    return (lay.caption == lay.video)[:1]
 
 
-def _positive_mask(g, k, e):
-    caps, vids = _pairs(1, g, k, e)
-    return (caps == vids)[0]
-
-
-@pytest.mark.parametrize("k,e", [(2, 1), (4, 2)])
-def test_vtm_group_loss_limits(k, e):
-    pos = _positive_mask(3, k, e)
+@pytest.mark.parametrize("make", [_random_layout, _mined_layout])
+def test_vtm_group_loss_limits(make):
+    k, e = 4, 2
+    lay = make(1, 3, k, e)
+    pos = _positive_mask(lay)
     assert int(pos.sum()) == 3 * k
-    confident = torch.where(pos, 50.0, -50.0).expand(2, -1)
-    assert vtm_group_loss(confident, k, e).item() == pytest.approx(0.0, abs=1e-6)
-    flat = torch.full((2, pos.numel()), 0.7)
-    # each softmax has k + e candidates (k in-group items + e mined negatives)
-    assert vtm_group_loss(flat, k, e).item() == pytest.approx(math.log(k + e), rel=1e-6)
-    wrong = torch.where(pos, -50.0, 50.0).expand(2, -1)
-    assert vtm_group_loss(wrong, k, e).item() > 50
+    confident = torch.where(pos, 50.0, -50.0)
+    assert vtm_group_loss(confident, lay).item() == pytest.approx(0.0, abs=1e-6)
+    flat = torch.full(pos.shape, 0.7)
+    # each softmax has k + e candidates (k in-group items + e other-group negatives)
+    assert vtm_group_loss(flat, lay).item() == pytest.approx(math.log(k + e), rel=1e-6)
+    wrong = torch.where(pos, -50.0, 50.0)
+    assert vtm_group_loss(wrong, lay).item() > 50
 
 
-def test_vtm_group_loss_gradient_signs():
-    k, e = 3, 1
-    pos = _positive_mask(2, k, e)
-    logits = (0.1 * torch.randn(2, pos.numel(), generator=torch.Generator().manual_seed(0))).requires_grad_()
-    vtm_group_loss(logits, k, e).backward()
+@pytest.mark.parametrize("make", [_random_layout, _mined_layout])
+def test_vtm_group_loss_gradient_signs(make):
+    lay = make(1, 2, 3, 1)
+    pos = _positive_mask(lay)
+    logits = (0.1 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    vtm_group_loss(logits, lay).backward()
     g = logits.grad
-    assert (g[:, ~pos] > 0).all()  # raising a negative raises the loss
-    assert (g[:, pos] < 0).all()  # raising a positive lowers it
+    assert (g[~pos] > 0).all()  # raising a negative raises the loss (every pair is some query's candidate)
+    assert (g[pos] < 0).all()  # raising a positive lowers it
 
 
-def test_vtm_group_loss_mined_negatives_matter():
-    """Both kinds of mined pairs are candidates: raising one raises the loss."""
-    k, e, p = 2, 1, 4
-    base = torch.zeros(1, p * k + 2 * p * e)
-    for col in (p * k, p * (k + e)):
-        raised = base.clone()
-        raised[0, col] = 5.0
-        assert vtm_group_loss(raised, k, e) > vtm_group_loss(base, k, e)
+def test_vtm_group_loss_shared_negative_counts_in_both_directions():
+    """Raising one shared other-group pair raises both its caption's and its video's loss."""
+    k = 2
+    lay = _random_layout(1, 2, k, 1)
+    p = 2 * k
+    col = p * k  # caption 0's negative pair
+    cap, vid = int(lay.caption[0, col]), int(lay.video[0, col])
+    assert col in lay.t2v[0, cap].tolist() and col in lay.v2t[0, vid].tolist()
+    base = torch.zeros(1, lay.caption.shape[1])
+    raised = base.clone()
+    raised[0, col] = 5.0
+    assert vtm_group_loss(raised, lay) > vtm_group_loss(base, lay)
 
 
 def test_vtm_group_loss_checks_shape():
     with pytest.raises(ValueError, match="logits"):
-        vtm_group_loss(torch.zeros(1, 7), 2, 1)
+        vtm_group_loss(torch.zeros(1, 7), _random_layout(1, 2, 2, 1))
 
 
 # ------------------------------------------------------------------ contrastive

@@ -104,8 +104,8 @@ WORKER = textwrap.dedent("""
     from slimvl.train import TrainConfig, train
     torch.set_num_threads(1)
     model = tiny_model()
-    train(model, tiny_data(), TrainConfig(steps=4, groups_per_step=4, lr=3e-3, warmup_steps=1, seed=2,
-                                          device="cpu"), progress=False)
+    train(model, tiny_data(), TrainConfig(steps=4, groups_per_step=4, groups_per_unit=2, negatives="mined",
+                                          lr=3e-3, warmup_steps=1, seed=2, device="cpu"), progress=False)
     import os
     rank = os.environ.get("RANK", "single")
     save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, sys.argv[1] + f"/{{rank}}.safetensors")

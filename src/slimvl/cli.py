@@ -17,14 +17,27 @@ import yaml
 log = logging.getLogger("slimvl")
 
 
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML, except that numbers YAML 1.1 leaves as
+    strings (``2e-3``, ``1e4``) become numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["dim=128", "layers=cssss"]`` -> ``{"dim": 128, "layers": "cssss"}`` (values parsed as YAML)."""
+    """``["dim=128", "lr=2e-3"]`` -> ``{"dim": 128, "lr": 0.002}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
             raise SystemExit(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_value(value)
     return out
 
 

@@ -25,7 +25,8 @@ FRAMES, TEXT_LEN = 4, 36
 MODELS = ("perceiver_vl_tiny", "single_stream_tiny")
 # 1000 steps of 4 groups: what fits both models in the demo's 10 minutes on
 # 2 CPU cores (the single-stream baseline takes ~3/4 of the time).
-TRAIN = TrainConfig(steps=1000, groups_per_step=4, lr=1e-3, warmup_steps=50, checkpoint_every=250, itc_weight=1.0)
+TRAIN = TrainConfig(steps=1000, groups_per_step=4, groups_per_unit=4, negatives="random", negatives_per_item=1,
+                    lr=1e-3, warmup_steps=50, checkpoint_every=250, itc_weight=1.0)
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True,

@@ -56,6 +56,7 @@ def evaluate(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256,
     if data.scenes is not None:
         out["near_duplicate_errors"] = near_duplicate_errors(scores, data)
     out.update(n_items=int(data.videos.shape[0]), n_captions=int(len(data.caption_item)),
+               skipped_media=len(data.skipped),
                eval_seconds=time.perf_counter() - t0)
     return out
 

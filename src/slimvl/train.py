@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, save_checkpoint
-from .tasks.retrieval import contrastive_loss, group_pairs, gumbel_noise, vtm_group_loss
+from .tasks.retrieval import (contrastive_loss, gumbel_noise, mined_negatives, pair_layout, random_negatives,
+                             vtm_group_loss)
 
 log = logging.getLogger("slimvl")
 
@@ -41,15 +42,20 @@ class TrainConfig:
     into units of ``groups_per_unit`` groups (negatives and the contrastive
     term stay within a unit, so a data-parallel run splits a step exactly by
     units). Each caption and each video meets its group's near-duplicates and
-    ``negatives_per_item`` items of the unit's other groups, ``"mined"``
-    (drawn by unimodal similarity, hardest most likely) or ``"random"``.
+    ``negatives_per_item`` items of the unit's other groups, ``"random"`` or
+    ``"mined"`` (drawn by unimodal similarity, the most similar most likely).
+    On the synthetic world, units of 4 groups with one random negative
+    learned fastest (see BENCHMARKS.md): a larger unit gives the contrastive
+    term more negatives at no extra cross-encoder pairs, while mined
+    negatives, all near-misses, slowed the learning of the coarse
+    distinctions that most retrieval mistakes are about.
     """
 
     steps: int = 500
     groups_per_step: int = 8
-    groups_per_unit: int = 2
+    groups_per_unit: int = 4
     negatives_per_item: int = 1
-    negatives: str = "mined"
+    negatives: str = "random"
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
@@ -71,6 +77,10 @@ class TrainConfig:
                              f"of groups_per_unit={self.groups_per_unit}")
         if self.negatives not in ("mined", "random"):
             raise ValueError(f"TrainConfig.negatives={self.negatives!r}: must be 'mined' or 'random'")
+        if not 0 <= self.negatives_per_item < self.groups_per_unit and self.negatives == "random":
+            raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: random negatives come "
+                             f"one from each other group, so 0..{self.groups_per_unit - 1} with "
+                             f"groups_per_unit={self.groups_per_unit}")
         if self.negatives_per_item < 0 or (self.negatives_per_item and self.groups_per_unit < 2):
             raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: must be >= 0, and 0 "
                              f"when a unit has a single group (groups_per_unit=1)")
@@ -91,6 +101,7 @@ class RetrievalData:
         groups: list of item-index lists (near-duplicate groups, equal size).
         heldout: optional bool per item (compositional held-out scene).
         scenes: optional synthetic scene description per item (for error analysis).
+        skipped: media files left out as unreadable (``skip_bad``), for the run's log.
     """
 
     videos: torch.Tensor
@@ -100,6 +111,7 @@ class RetrievalData:
     groups: list[list[int]]
     heldout: list[bool] | None = None
     scenes: list[dict] | None = None
+    skipped: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dataset(cls, dataset, tokenizer, max_len: int, group_size: int = 4) -> "RetrievalData":
@@ -125,7 +137,8 @@ class RetrievalData:
         scenes = getattr(dataset, "scenes", None)
         return cls(dataset.videos, ids, mask, torch.tensor(owner), groups,
                    list(heldout) if heldout is not None and None not in heldout else None,
-                   list(scenes) if scenes is not None and None not in scenes else None)
+                   list(scenes) if scenes is not None and None not in scenes else None,
+                   [str(path) for path, _ in getattr(dataset, "skipped", [])])
 
     @property
     def group_size(self) -> int:
@@ -160,27 +173,46 @@ class UnitBatch:
     """One step's tensors for ``U`` units of ``P`` items (one caption each).
 
     ``video`` is float ``[U*P, T, 3, H, W]``, ``ids``/``mask`` the items'
-    captions ``[U*P, L]``, ``noise`` ``[U, 2, P, P]`` the Gumbel noise that
-    draws the other-group negatives (fixed by seed and step, so a resumed or
-    data-parallel run draws the same ones).
+    captions ``[U*P, L]``. The other-group negatives are drawn from the
+    step's seed, so a resumed or data-parallel run draws the same ones:
+    ``negatives`` ``[U, P, E]`` (random, shared by both directions) or
+    ``noise`` ``[U, 2, P, P]`` (Gumbel noise for mining by similarity).
     """
 
     video: torch.Tensor
     ids: torch.Tensor
     mask: torch.Tensor
-    noise: torch.Tensor
     units: int
+    negatives: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
 
-def unit_batch(data: RetrievalData, captions: np.ndarray, noise: torch.Tensor, device: torch.device) -> UnitBatch:
+def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
+               negatives: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> UnitBatch:
     """Gather the tensors of the given units (caption indices ``[U, P]``)."""
     caps = torch.as_tensor(captions).flatten()
     # Trim text padding that no caption of this step uses: masked keys do not
     # change the result, they only cost time.
     width = int(data.caption_mask[caps].any(0).nonzero().max()) + 1
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
     return UnitBatch(to_float_video(data.videos[data.caption_item[caps]]).to(device),
                      data.caption_ids[caps, :width].to(device), data.caption_mask[caps, :width].to(device),
-                     noise.to(device), units=len(captions))
+                     len(captions), move(negatives), move(noise))
+
+
+def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, world: int,
+               device: torch.device) -> UnitBatch:
+    """This rank's share (every ``world``-th unit) of step ``step``'s global batch."""
+    n_units = cfg.groups_per_step // cfg.groups_per_unit
+    captions = sample_units(data, n_units, cfg.groups_per_unit, cfg.seed, step)
+    p, e = captions.shape[1], cfg.negatives_per_item
+    rng = np.random.default_rng([cfg.seed, step, 1])
+    negatives = noise = None
+    if cfg.negatives == "random":
+        negatives = random_negatives(rng, n_units, cfg.groups_per_unit, data.group_size, e)[rank::world]
+    else:
+        noise = gumbel_noise(rng, (n_units, 2, p, p))[rank::world]
+    return unit_batch(data, captions[rank::world], device, negatives, noise)
 
 
 class RetrievalObjective(torch.nn.Module):
@@ -191,14 +223,14 @@ class RetrievalObjective(torch.nn.Module):
     The contrastive term is there because it teaches the shared embeddings
     and layers what each word and patch means from ``P*P`` comparisons per
     unit at the cost of ``2P`` unimodal passes, while VTM alone learns from a
-    single logit per pair. Its similarities also pick the other-group
-    negatives that VTM is trained on (``negatives="mined"``).
+    single logit per pair. With ``negatives="mined"`` its similarities also
+    pick the other-group negatives that VTM is trained on.
     """
 
     def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
         super().__init__()
         self.model, self.group_size = model, group_size
-        self.itc_weight, self.n_mined, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
+        self.itc_weight, self.n_neg = cfg.itc_weight, cfg.negatives_per_item
 
     def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.model.config.embed_dim
@@ -215,18 +247,18 @@ class RetrievalObjective(torch.nn.Module):
             itc = contrastive_loss(v, t, self.model.logit_scale)
             parts["itc"] = itc.item()
         with torch.no_grad():
-            if self.mined and self.n_mined:
+            if b.negatives is not None:
+                layout = pair_layout(self.group_size, b.negatives)
+            else:
                 if v is None:
                     v, t = self._embed(b)
                 sim = self.model.logit_scale.exp().clamp(max=100) * torch.einsum(
                     "upe,uqe->upq", F.normalize(t.detach(), dim=-1), F.normalize(v.detach(), dim=-1))
-            else:
-                sim = b.noise.new_zeros(u, p, p)
-            cap, vid = group_pairs(sim, self.group_size, self.n_mined, b.noise)
-            offset = (torch.arange(u, device=cap.device) * p)[:, None]
-            cap, vid = (cap + offset).flatten(), (vid + offset).flatten()
+                layout = pair_layout(self.group_size, *mined_negatives(sim, self.group_size, self.n_neg, b.noise))
+            offset = (torch.arange(u, device=b.video.device) * p)[:, None]
+            cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
         logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
-        vtm = vtm_group_loss(logits.view(u, -1), self.group_size, self.n_mined)
+        vtm = vtm_group_loss(logits.view(u, -1), layout)
         parts["vtm"] = vtm.item()
         loss = vtm if itc is None else vtm + self.itc_weight * itc
         return loss, parts
@@ -318,11 +350,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
                desc=f"train {model.config.model_type}", dynamic_ncols=True)
     last_ckpt, t0, seen = None, time.perf_counter(), 0
     for step in bar:
-        captions = sample_units(data, n_units, cfg.groups_per_unit, cfg.seed, step)
-        p = captions.shape[1]
-        noise = gumbel_noise(np.random.default_rng([cfg.seed, step, 1]), (n_units, 2, p, p))
-        # Each rank takes every world-th unit of the same global batch.
-        batch = unit_batch(data, captions[rank::world], noise[rank::world], device)
+        batch = step_batch(data, cfg, step, rank, world, device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
         with autocast_for(device, cfg.amp):
@@ -348,7 +376,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
     seconds = time.perf_counter() - t0
     if run_dir is not None and rank == 0:
         atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "history": history,
-                                                       "seconds": seconds})
+                                                       "seconds": seconds, "skipped_media": data.skipped})
     return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None)
 
 

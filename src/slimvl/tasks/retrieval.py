@@ -5,12 +5,14 @@ caption per item: ``P = G * k`` (caption, video) positives. Items are numbered
 ``g * k + i``. Every caption is scored against every video of its own group
 (the hard negatives: variants that differ in one attribute of one object) and
 against ``E`` videos of other groups; every video likewise against ``E``
-captions of other groups. The other-group negatives are drawn with
-probability ``softmax(similarity)`` from the unimodal embeddings (as in
-ALBEF's hard-negative mining), so they are the scenes the model currently
-confuses, not random easy ones.
+captions of other groups. The other-group negatives are drawn at random
+(``random_negatives``) or with probability ``softmax(similarity)`` of the
+unimodal embeddings (``mined_negatives``, as in ALBEF's hard-negative
+mining): the scenes the model currently confuses.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,66 +26,125 @@ def gumbel_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> Tensor:
     return torch.from_numpy(-np.log(-np.log(u))).float()
 
 
-def group_pairs(sim: Tensor, group_size: int, n_mined: int, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """The (caption, video) pairs that one step scores with the cross-encoder.
+def random_negatives(rng: np.random.Generator, units: int, groups: int, group_size: int, n_neg: int) -> Tensor:
+    """Other-group videos for each caption, ``[U, P, E]``, shared by both directions.
 
-    Args:
-        sim: ``[U, P, P]`` caption-by-video similarity logits (unimodal
-            embeddings; zeros for uniformly random negatives).
-        group_size: ``k``, items per near-duplicate group (``P`` is a multiple).
-        n_mined: ``E``, other-group negatives per caption and per video.
-        noise: ``[U, 2, P, P]`` Gumbel noise; ``noise[:, 0]`` samples videos for
-            captions, ``noise[:, 1]`` captions for videos (transposed layout).
+    Negative ``e`` maps group ``order[i]`` to group ``order[i + 1 + e]`` (a
+    random cyclic order of the unit's groups) and slot ``i`` to a random slot.
+    Each map is a bijection, so every video is the negative of exactly ``E``
+    captions: one scored pair then serves as a text->video negative *and* a
+    video->text negative, which halves the pairs the cross-encoder must run.
+    """
+    k, p = group_size, groups * group_size
+    if not 0 <= n_neg < groups:
+        raise ValueError(f"n_neg={n_neg}: a unit of {groups} groups offers 0..{groups - 1} other groups")
+    out = np.empty((units, p, n_neg), dtype=np.int64)
+    for u in range(units):
+        order = rng.permutation(groups)
+        rank = np.argsort(order)  # position of each group in the cyclic order
+        for e in range(n_neg):
+            slots = rng.permutation(k)
+            for item in range(p):
+                g, i = divmod(item, k)
+                out[u, item, e] = order[(rank[g] + 1 + e) % groups] * k + slots[i]
+    return torch.from_numpy(out)
 
-    Returns ``(cap_idx, vid_idx)``, each ``[U, P*k + 2*P*E]`` local indices in
-    this order: the within-group pairs ``[G, k(caption), k(video)]``, then
-    ``[P, E]`` mined videos per caption, then ``[P, E]`` mined captions per
-    video. ``vtm_group_loss`` reads the logits in that order.
+
+def mined_negatives(sim: Tensor, group_size: int, n_neg: int, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Other-group negatives drawn from ``softmax(sim)`` without replacement.
+
+    ``sim`` is ``[U, P, P]`` caption-by-video similarity logits, ``noise``
+    ``[U, 2, P, P]`` Gumbel noise. Returns the videos mined for each caption
+    and the captions mined for each video, each ``[U, P, E]``.
     """
     u, p, _ = sim.shape
-    k = group_size
-    if p % k:
-        raise ValueError(f"unit of {p} items is not a whole number of groups of {k}")
-    dev = sim.device
-    item = torch.arange(p, device=dev)
-    group = item // k
-    same = group[:, None] == group[None, :]
-    within_cap = (group[:, None] * k + torch.arange(k, device=dev)[None, :])  # [P, k]: videos of p's group
-    cap_w = item[:, None].expand(p, k)  # caption p against each video of its group
-    vid_w = within_cap
-    parts_c, parts_v = [cap_w.reshape(1, -1).expand(u, -1)], [vid_w.reshape(1, -1).expand(u, -1)]
-    if n_mined:
-        if n_mined > p - k:
-            raise ValueError(f"n_mined={n_mined} negatives asked from {p - k} other-group items")
-        blocked = torch.where(same, float("-inf"), 0.0)
-        t2v = (sim + noise[:, 0] + blocked).topk(n_mined, dim=-1).indices  # [U, P(caption), E] videos
-        v2t = (sim.transpose(1, 2) + noise[:, 1] + blocked).topk(n_mined, dim=-1).indices  # [U, P(video), E]
-        parts_c += [item[None, :, None].expand(u, p, n_mined).reshape(u, -1), v2t.reshape(u, -1)]
-        parts_v += [t2v.reshape(u, -1), item[None, :, None].expand(u, p, n_mined).reshape(u, -1)]
-    return torch.cat(parts_c, 1), torch.cat(parts_v, 1)
+    if p % group_size or not 0 <= n_neg <= p - group_size:
+        raise ValueError(f"n_neg={n_neg} negatives asked from {p - group_size} other-group items "
+                         f"(unit of {p} items, groups of {group_size})")
+    group = torch.arange(p, device=sim.device) // group_size
+    blocked = torch.where(group[:, None] == group[None, :], float("-inf"), 0.0)
+    t2v = (sim + noise[:, 0] + blocked).topk(n_neg, dim=-1).indices
+    v2t = (sim.transpose(1, 2) + noise[:, 1] + blocked).topk(n_neg, dim=-1).indices
+    return t2v, v2t
 
 
-def vtm_group_loss(logits: Tensor, group_size: int, n_mined: int) -> Tensor:
-    """Symmetric softmax VTM loss over one step's scores (see ``group_pairs``).
+@dataclass
+class PairLayout:
+    """Which (caption, video) pairs a step scores, and how they form softmaxes.
 
-    ``logits`` is ``[U, P*k + 2*P*E]`` in ``group_pairs`` order. For
-    text->video each caption's positive competes with the ``k-1``
-    near-duplicate videos of its group and its ``E`` mined videos;
-    video->text is the same with roles swapped. Ranking by a softmax over
-    these candidates trains exactly what retrieval needs: the right scene
-    above its near-duplicates and above the other scenes most like it.
+    ``caption``/``video``: ``[U, n_pairs]`` unit-local item indices of the
+    scored pairs. ``t2v``/``v2t``: ``[U, P, k + E]`` columns of the pair list
+    holding each caption's (each video's) candidates: its group's ``k`` first
+    (the positive at the query's own slot), then its ``E`` negatives.
     """
-    k, e = group_size, n_mined
-    u, n = logits.shape
-    p = n // (k + 2 * e)
-    if p * (k + 2 * e) != n or p % k:
-        raise ValueError(f"logits: expected [U, P*{k} + 2*P*{e}] with P a multiple of {k}, got {tuple(logits.shape)}")
-    within = logits[:, : p * k].reshape(u, p // k, k, k)  # [unit, group, caption, video]
-    t2v_neg = logits[:, p * k: p * (k + e)].reshape(u, p // k, k, e)
-    v2t_neg = logits[:, p * (k + e):].reshape(u, p // k, k, e)
-    t2v = torch.cat([within, t2v_neg], -1).reshape(-1, k + e)
-    v2t = torch.cat([within.transpose(-1, -2), v2t_neg], -1).reshape(-1, k + e)
-    target = torch.arange(k, device=logits.device).repeat(u * p // k)
+
+    caption: Tensor
+    video: Tensor
+    t2v: Tensor
+    v2t: Tensor
+    group_size: int
+
+
+def pair_layout(group_size: int, t2v_neg: Tensor, v2t_neg: Tensor | None = None) -> PairLayout:
+    """Lay out one step's pairs: every caption against every video of its
+    group (the near-duplicate hard negatives, ``P*k`` pairs shared by both
+    directions), then the other-group negatives.
+
+    Args:
+        t2v_neg: ``[U, P, E]`` negative video of each caption.
+        v2t_neg: ``[U, P, E]`` negative caption of each video, or None when the
+            negatives are shared (``random_negatives``): a video's negatives
+            are then the captions that have it as theirs.
+    """
+    u, p, e = t2v_neg.shape
+    k = group_size
+    dev = t2v_neg.device
+    item = torch.arange(p, device=dev)
+    slot, first = item % k, item - item % k
+    # Within-group pairs in [caption, slot of video] order: pair p*k + j is (p, first(p) + j).
+    cap_w = item.repeat_interleave(k)
+    vid_w = (first[:, None] + torch.arange(k, device=dev)).flatten()
+    t2v_w = (item * k)[:, None] + torch.arange(k, device=dev)  # [P, k]
+    v2t_w = (first[:, None] + torch.arange(k, device=dev)) * k + slot[:, None]  # captions of q's group vs q
+    n_w = p * k
+    neg_cap = item[None, :, None].expand(u, p, e)
+    caption = [cap_w.expand(u, -1), neg_cap.reshape(u, -1)]
+    video = [vid_w.expand(u, -1), t2v_neg.reshape(u, -1)]
+    t2v_n = n_w + (item[:, None] * e + torch.arange(e, device=dev)).expand(u, p, e)
+    if v2t_neg is None:
+        # Column of pair (caption c, its e-th negative) is n_w + c*e + e'; invert the map video -> captions.
+        flat = t2v_neg.reshape(u, -1)
+        order = flat.argsort(dim=1, stable=True)  # pairs grouped by video
+        if not torch.equal(flat.gather(1, order).view(u, p, e),
+                           item[None, :, None].expand(u, p, e)):
+            raise ValueError("shared negatives must give every video exactly E captions")
+        v2t_n = n_w + order.view(u, p, e)
+    else:
+        caption.append(v2t_neg.reshape(u, -1))
+        video.append(item[None, :, None].expand(u, p, e).reshape(u, -1))
+        v2t_n = n_w + p * e + (item[:, None] * e + torch.arange(e, device=dev)).expand(u, p, e)
+    return PairLayout(torch.cat(caption, 1), torch.cat(video, 1),
+                      torch.cat([t2v_w.expand(u, p, k), t2v_n], -1),
+                      torch.cat([v2t_w.expand(u, p, k), v2t_n], -1), k)
+
+
+def vtm_group_loss(logits: Tensor, layout: PairLayout) -> Tensor:
+    """Symmetric softmax VTM loss over one step's scored pairs.
+
+    ``logits`` is ``[U, n_pairs]`` in ``layout`` order. For text->video each
+    caption's positive competes with the ``k-1`` near-duplicate videos of its
+    group and its negatives from other groups; video->text is the same with
+    roles swapped. Ranking by a softmax over these candidates trains exactly
+    what retrieval needs: the right scene above its near-duplicates and
+    above other scenes.
+    """
+    u, n = layout.caption.shape
+    if logits.shape != (u, n):
+        raise ValueError(f"logits: expected [U={u}, n_pairs={n}] in the layout's order, got {tuple(logits.shape)}")
+    p = layout.t2v.shape[1]
+    target = (torch.arange(p, device=logits.device) % layout.group_size).repeat(u)
+    t2v = logits.gather(1, layout.t2v.reshape(u, -1)).view(u * p, -1)
+    v2t = logits.gather(1, layout.v2t.reshape(u, -1)).view(u * p, -1)
     return 0.5 * (F.cross_entropy(t2v, target) + F.cross_entropy(v2t, target))
 
 
