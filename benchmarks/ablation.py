@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--groups-per-step", type=int, default=4)
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--text-len", type=int, default=36)
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (learning curve)")
     p.add_argument("--split", default="val", help="split to evaluate on (choose on val, report on test)")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--name", default="ablation")
@@ -56,15 +57,16 @@ def main(argv: list[str] | None = None) -> dict:
     tok = load_tokenizer(a.data)
     train_data = load_split(a.data, "train", tok, a.frames, 64, a.text_len)
     test_data = load_split(a.data, a.split, tok, a.frames, 64, a.text_len)
-    rows, curves = [], {}
+    rows, curves, recall_curves = [], {}, {}
     for spec in a.variant:
         name, train_over, model_over = parse_variant(spec)
         cfg = TrainConfig(**{"steps": a.steps, "groups_per_step": a.groups_per_step, "warmup_steps": 50,
-                             "log_every": max(1, a.steps // 40), **train_over})
+                             "log_every": max(1, a.steps // 40), "eval_every": a.eval_every, **train_over})
         model = create_model(a.model, vocab_size=tok.vocab_size, max_text_len=a.text_len, **model_over)
-        result = train(model, train_data, cfg)
+        result = train(model, train_data, cfg, val_data=test_data)
         m = evaluate(model, test_data)
         curves[name] = result.history
+        recall_curves[name] = result.evals
         rows.append({"variant": name, "train": asdict(cfg), "model_overrides": model_over,
                      "train_seconds": result.seconds, **{k: v for k, v in m.items() if not isinstance(v, dict)},
                      "near_duplicate_errors": m.get("near_duplicate_errors")})
@@ -73,17 +75,27 @@ def main(argv: list[str] | None = None) -> dict:
             ("train_seconds", "train s", ".0f")]
     md = (f"{a.model}, {a.steps} steps x {a.groups_per_step} groups unless the variant says otherwise; "
           f"{a.split} gallery {test_data.videos.shape[0]} videos.\n\n" + markdown_table(rows, cols))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     for name, hist in curves.items():
         ax1.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name, alpha=0.8)
+        ax2.plot([e["step"] for e in recall_curves[name]], [e["t2v_r1"] for e in recall_curves[name]], "o-",
+                 label=name)
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss")
     ax1.legend(fontsize=8)
-    ax2.bar([r["variant"] for r in rows], [r["t2v_r1"] for r in rows])
-    ax2.set_ylabel("t2v R@1")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel(f"{a.split} t2v R@1")
     ax2.set_ylim(0, 1)
+    ax2.set_title("learning curve")
+    ax3.bar([r["variant"] for r in rows], [r["t2v_r1"] for r in rows])
+    ax3.set_ylabel(f"final {a.split} t2v R@1")
+    ax3.set_ylim(0, 1)
     fig.tight_layout()
-    payload = {"args": vars(a), "rows": rows, "curves": curves}
+    if a.eval_every:
+        md += "\nt2v R@1 during training (step: R@1, training seconds):\n\n" + "".join(
+            f"- {name}: " + ", ".join(f"{e['step']}: {e['t2v_r1']:.2f} ({e['train_seconds']:.0f} s)" for e in ev)
+            + "\n" for name, ev in recall_curves.items())
+    payload = {"args": vars(a), "rows": rows, "curves": curves, "recall_curves": recall_curves}
     write_report(a.out, a.name, payload, md, fig)
     print(md)
     return payload

@@ -128,10 +128,12 @@ def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
     train = ["-q", "train", "--data", str(data), "--model", "perceiver_vl_tiny", *model_args, "--out", str(run),
              "--frames", "2", "--train-set", "groups_per_step=2", "--train-set", "groups_per_unit=2",
              "--train-set", "warmup_steps=1", "--train-set", "checkpoint_every=2", "--skip-bad"]
-    main([*train, "--steps", "2"])
+    main([*train, "--steps", "2", "--eval-every", "1"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 2 and out["val"]["step"] == 2 and 0.0 <= out["val"]["t2v_r1"] <= 1.0
     log = json.loads((run / "train_log.json").read_text())
+    assert [e["step"] for e in log["evals"]] == [1, 2]
     assert [Path(p).name for p in log["skipped_media"]] == [f"{train_ids[0]}.mp4"]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2
     main([*train, "--steps", "3", "--resume"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
     test_ids = (data / "splits" / "test.txt").read_text().split()

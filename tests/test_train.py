@@ -140,3 +140,20 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert diff.max() < 3e-3, f"DDP != single process for {k}: max diff {diff.max():.2e}"
     assert n_off <= 0.005 * n_total, f"{n_off} of {n_total} weights differ beyond float tolerance"
     assert not torch.equal(single["latents"], init["latents"])
+
+
+def test_validation_during_training_gives_a_learning_curve(tmp_path):
+    data = tiny_data()
+    model = tiny_model()
+    cfg = TrainConfig(**{**CFG, "eval_every": 2})
+    result = train(model, data, cfg, run_dir=tmp_path, progress=False, val_data=tiny_data(seed=1))
+    assert [e["step"] for e in result.evals] == [2, 4, 6]
+    assert all(0.0 <= e["t2v_r1"] <= e["t2v_r5"] <= 1.0 for e in result.evals)
+    assert [e["train_seconds"] for e in result.evals] == sorted(e["train_seconds"] for e in result.evals)
+    assert result.evals[-1]["train_seconds"] <= result.seconds
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["evals"] == result.evals
+    # Evaluating leaves the weights alone: the same run without it ends identical.
+    plain = tiny_model()
+    train(plain, data, TrainConfig(**CFG), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))

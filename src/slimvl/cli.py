@@ -83,10 +83,14 @@ def cmd_train(a: argparse.Namespace) -> None:
     data = load_split(a.data, "train", tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
                       progress=not a.quiet)
     cfg = _train_config(a)
-    result = train(model, data, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet)
+    val = None
+    if cfg.eval_every:
+        val = load_split(a.data, a.val_split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
+                         progress=not a.quiet)
+    result = train(model, data, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet, val_data=val)
     print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
                       "final_loss": result.history[-1]["loss"] if result.history else None,
-                      "checkpoint": result.checkpoint}))
+                      "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint}))
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -165,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float)
     tr.add_argument("--seed", type=int)
     tr.add_argument("--device")
+    tr.add_argument("--eval-every", type=int, help="evaluate on --val-split every N steps (learning curve)")
+    tr.add_argument("--val-split", default="val", help="split evaluated with --eval-every")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     tr.set_defaults(func=cmd_train)
 

@@ -66,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    eval_every: int = 0  # evaluate on ``train(val_data=...)`` every this many steps (0: never)
     amp: str = "auto"  # "auto" (bf16 on GPUs that support it), "bf16" or "off"
     device: str = "auto"
 
@@ -295,6 +296,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     checkpoint: str | None = None
+    evals: list[dict] = field(default_factory=list)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -306,10 +308,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          val_data: RetrievalData | None = None) -> TrainResult:
     """Train ``model`` on ``data`` with the in-batch hard-negative VTM objective.
 
     Args:
+        val_data: evaluated (Recall@K, see ``slimvl.evaluate``) every
+            ``cfg.eval_every`` steps and at the end; the learning curve goes
+            to ``TrainResult.evals`` and the run's log. Evaluation time is not
+            counted in the training seconds.
         run_dir: where checkpoints (``run_dir/checkpoints/step_*``) and the log
             (``run_dir/train_log.json``) go; None keeps nothing on disk.
         resume: continue from the newest checkpoint in ``run_dir``.
@@ -335,10 +342,10 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     run_dir = Path(run_dir) if run_dir is not None else None
-    start, history = 0, []
+    start, history, evals = 0, [], []
     if resume and run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
         meta = load_training_state(ckpt, model, optimizer)
-        start, history = meta["step"], meta.get("history", [])
+        start, history, evals = meta["step"], meta.get("history", []), meta.get("evals", [])
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
     objective = RetrievalObjective(model, data.group_size, cfg)
@@ -348,7 +355,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc=f"train {model.config.model_type}", dynamic_ncols=True)
-    last_ckpt, t0, seen = None, time.perf_counter(), 0
+    last_ckpt, t0, seen, eval_seconds = None, time.perf_counter(), 0, 0.0
     for step in bar:
         batch = step_batch(data, cfg, step, rank, world, device)
         for g in optimizer.param_groups:
@@ -366,24 +373,41 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
 
         seen += batch.video.shape[0] * world
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            rate = seen / (time.perf_counter() - t0)
+            rate = seen / (time.perf_counter() - t0 - eval_seconds)
             history.append({"step": step + 1, "loss": round(loss.item(), 5),
                             **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
                             "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1)})
             bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
+        if val_data is not None and cfg.eval_every and rank == 0 and \
+                ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
+            t_eval = time.perf_counter()
+            evals.append(_validate(model, val_data, device, step + 1, t_eval - t0 - eval_seconds))
+            model.train()
+            eval_seconds += time.perf_counter() - t_eval
+            bar.write(f"step {step + 1}: val t2v R@1 {evals[-1]['t2v_r1']:.3f}")
         if run_dir is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-            last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history)
-    seconds = time.perf_counter() - t0
+            last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals)
+    seconds = time.perf_counter() - t0 - eval_seconds
     if run_dir is not None and rank == 0:
-        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "history": history,
+        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "history": history, "evals": evals,
                                                        "seconds": seconds, "skipped_media": data.skipped})
-    return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None)
+    return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None,
+                       evals=evals)
 
 
-def _checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, history: list) -> Path:
+def _validate(model: torch.nn.Module, val_data: RetrievalData, device: torch.device, step: int,
+              train_seconds: float) -> dict:
+    from .evaluate import evaluate  # evaluate builds on this module's data types
+
+    m = evaluate(model, val_data, device=str(device), progress=False)
+    keep = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "heldout_t2v_r1")
+    return {"step": step, "train_seconds": round(train_seconds, 2), **{k: m[k] for k in keep if k in m}}
+
+
+def _checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, history: list, evals: list) -> Path:
     root = run_dir / "checkpoints"
     path = save_checkpoint(root / f"step_{step:07d}", model, optimizer,
-                           {"step": step, "train_config": asdict(cfg), "history": history})
+                           {"step": step, "train_config": asdict(cfg), "history": history, "evals": evals})
     for old in sorted(root.glob("step_*"))[: -cfg.keep_checkpoints]:
         for f in old.iterdir():
             f.unlink()
