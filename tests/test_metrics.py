@@ -271,3 +271,17 @@ def test_contrastive_loss_within_units_only():
     whole = contrastive_loss(v, t, scale)
     parts = torch.stack([contrastive_loss(v[i:i + 1], t[i:i + 1], scale) for i in range(3)]).mean()
     torch.testing.assert_close(whole, parts)
+
+
+def test_layout_of_a_subset_of_queries():
+    """Only the first Q items are scored; their negatives may come from any other group of the unit."""
+    g, k, e, q = 4, 2, 1, 4
+    p = g * k
+    sim = torch.zeros(1, p, p)
+    sim[0, 0, 7] = 50.0  # caption 0 looks like video 7, which is not a query
+    t2v, v2t = mined_negatives(sim, k, e, gumbel_noise(np.random.default_rng(0), (1, 2, p, p)))
+    lay = pair_layout(k, t2v[:, :q], v2t[:, :q])
+    assert lay.t2v.shape == (1, q, k + e) and lay.caption.shape == (1, q * k + 2 * q * e)
+    assert int(lay.caption.max()) < p and int(lay.video.max()) < p
+    assert lay.video[0, q * k] == 7
+    _check_layout(lay, q // k, k, e)

@@ -77,10 +77,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     load_model(good)  # still loads
 
 
-def test_training_lowers_the_loss():
+@pytest.mark.parametrize("negatives", ["random", "mined", "shared"])
+def test_training_lowers_the_loss(negatives):
     data = tiny_data(n_groups=4)
     model = tiny_model("single_stream_tiny")
-    cfg = TrainConfig(steps=40, groups_per_step=4, lr=3e-3, warmup_steps=5, log_every=5, seed=0)
+    cfg = TrainConfig(steps=40, groups_per_step=4, negatives=negatives, lr=3e-3, warmup_steps=5, log_every=5,
+                      seed=0)
     hist = train(model, data, cfg, progress=False).history
     assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
 

@@ -23,9 +23,11 @@ log = logging.getLogger("slimvl")
 DATA = dict(kind="video-text", seed=0, n_train=4000, n_val=200, n_test=100, group_size=4, frames=8, size=64)
 FRAMES, TEXT_LEN = 4, 36
 MODELS = ("perceiver_vl_tiny", "single_stream_tiny")
-# 1000 steps of 4 groups: what fits both models in the demo's 10 minutes on
-# 2 CPU cores (the single-stream baseline takes ~3/4 of the time).
-TRAIN = TrainConfig(steps=1000, groups_per_step=4, groups_per_unit=4, negatives="random", negatives_per_item=1,
+# 950 steps of one unit of 4 groups: what fits both models in the demo's 10
+# minutes on 2 CPU cores (the single-stream baseline takes ~3/4 of the time).
+# Perceiver-VL needs about 2.5x that to reach t2v R@1 0.5 (BENCHMARKS.md);
+# ``slimvl demo --steps 2500`` runs that longer schedule.
+TRAIN = TrainConfig(steps=950, groups_per_step=4, groups_per_unit=4, negatives="random", negatives_per_item=1,
                     lr=1e-3, warmup_steps=50, checkpoint_every=250, itc_weight=1.0)
 
 
@@ -69,7 +71,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     results = {
         "gallery": {"split": "test", "n_videos": test_data.videos.shape[0],
                     "n_captions": int(len(test_data.caption_item)), "group_size": test_data.group_size,
-                    "frames": FRAMES, "text_len": TEXT_LEN, "data": str(root), **data_params},
+                    "frames_sampled": FRAMES, "text_len": TEXT_LEN, "data": str(root), "data_params": data_params},
         "train": asdict(cfg), "matmul_gflops_per_s": matmul_ref, "rows": rows,
     }
     atomic_write_json(out / "results.json", results)
@@ -97,8 +99,9 @@ def render_report(results: dict) -> str:
     lines = [
         "# slimvl demo: Perceiver-VL vs single-stream cross-encoder", "",
         f"Test gallery: {g['n_videos']} videos, {g['n_captions']} captions, near-duplicate groups of "
-        f"{g['group_size']} (variants differ in one attribute of one object); {g['frames']} frames "
-        f"{g['size']}x{g['size']}, text length {g['text_len']}.",
+        f"{g['group_size']} (variants differ in one attribute of one object); {g['frames_sampled']} of "
+        f"{g['data_params']['frames']} frames sampled, {g['data_params']['size']}x{g['data_params']['size']}, "
+        f"text length {g['text_len']}.",
         f"Both models trained {results['train']['steps']} steps x {results['train']['groups_per_step']} groups.", "",
         render_table(results["rows"]), "",
     ]

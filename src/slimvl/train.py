@@ -42,18 +42,18 @@ class TrainConfig:
     into units of ``groups_per_unit`` groups (negatives and the contrastive
     term stay within a unit, so a data-parallel run splits a step exactly by
     units). Each caption and each video meets its group's near-duplicates and
-    ``negatives_per_item`` items of the unit's other groups, ``"random"`` or
-    ``"mined"`` (drawn by unimodal similarity, the most similar most likely).
-    On the synthetic world, units of 4 groups with one random negative
-    learned fastest (see BENCHMARKS.md): a larger unit gives the contrastive
-    term more negatives at no extra cross-encoder pairs, while mined
-    negatives, all near-misses, slowed the learning of the coarse
-    distinctions that most retrieval mistakes are about.
+    ``negatives_per_item`` items of the unit's other groups: ``"random"``
+    (drawn independently for captions and videos), ``"mined"`` (drawn by
+    unimodal similarity, the most similar most likely) or ``"shared"``
+    (random, one scored pair serving as a negative in both directions: fewer
+    pairs per step). On the synthetic world, units of 4 groups with one
+    random negative learned fastest (see BENCHMARKS.md).
     """
 
     steps: int = 500
     groups_per_step: int = 8
     groups_per_unit: int = 4
+    vtm_groups_per_unit: int = 0  # groups of a unit scored by VTM (0: all); the rest serve ITC and as negatives
     negatives_per_item: int = 1
     negatives: str = "random"
     lr: float = 1e-3
@@ -76,10 +76,14 @@ class TrainConfig:
         if self.groups_per_step < self.groups_per_unit or self.groups_per_step % self.groups_per_unit:
             raise ValueError(f"TrainConfig.groups_per_step={self.groups_per_step}: must be a positive multiple "
                              f"of groups_per_unit={self.groups_per_unit}")
-        if self.negatives not in ("mined", "random"):
-            raise ValueError(f"TrainConfig.negatives={self.negatives!r}: must be 'mined' or 'random'")
-        if not 0 <= self.negatives_per_item < self.groups_per_unit and self.negatives == "random":
-            raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: random negatives come "
+        if not 0 <= self.vtm_groups_per_unit <= self.groups_per_unit or \
+                (self.negatives == "shared" and self.vtm_groups_per_unit not in (0, self.groups_per_unit)):
+            raise ValueError(f"TrainConfig.vtm_groups_per_unit={self.vtm_groups_per_unit}: must be in "
+                             f"0..groups_per_unit={self.groups_per_unit} (0 = all), and all with shared negatives")
+        if self.negatives not in ("random", "mined", "shared"):
+            raise ValueError(f"TrainConfig.negatives={self.negatives!r}: must be 'random', 'mined' or 'shared'")
+        if not 0 <= self.negatives_per_item < self.groups_per_unit and self.negatives == "shared":
+            raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: shared negatives come "
                              f"one from each other group, so 0..{self.groups_per_unit - 1} with "
                              f"groups_per_unit={self.groups_per_unit}")
         if self.negatives_per_item < 0 or (self.negatives_per_item and self.groups_per_unit < 2):
@@ -176,8 +180,8 @@ class UnitBatch:
     ``video`` is float ``[U*P, T, 3, H, W]``, ``ids``/``mask`` the items'
     captions ``[U*P, L]``. The other-group negatives are drawn from the
     step's seed, so a resumed or data-parallel run draws the same ones:
-    ``negatives`` ``[U, P, E]`` (random, shared by both directions) or
-    ``noise`` ``[U, 2, P, P]`` (Gumbel noise for mining by similarity).
+    ``negatives`` ``[U, P, E]`` (``"shared"``) or ``noise`` ``[U, 2, P, P]``
+    (Gumbel noise that draws random or similarity-mined negatives).
     """
 
     video: torch.Tensor
@@ -209,7 +213,7 @@ def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, wo
     p, e = captions.shape[1], cfg.negatives_per_item
     rng = np.random.default_rng([cfg.seed, step, 1])
     negatives = noise = None
-    if cfg.negatives == "random":
+    if cfg.negatives == "shared":
         negatives = random_negatives(rng, n_units, cfg.groups_per_unit, data.group_size, e)[rank::world]
     else:
         noise = gumbel_noise(rng, (n_units, 2, p, p))[rank::world]
@@ -231,7 +235,8 @@ class RetrievalObjective(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
         super().__init__()
         self.model, self.group_size = model, group_size
-        self.itc_weight, self.n_neg = cfg.itc_weight, cfg.negatives_per_item
+        self.itc_weight, self.n_neg, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
+        self.vtm_items = cfg.vtm_groups_per_unit * group_size  # 0: every item of the unit is a VTM query
 
     def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.model.config.embed_dim
@@ -251,11 +256,16 @@ class RetrievalObjective(torch.nn.Module):
             if b.negatives is not None:
                 layout = pair_layout(self.group_size, b.negatives)
             else:
-                if v is None:
-                    v, t = self._embed(b)
-                sim = self.model.logit_scale.exp().clamp(max=100) * torch.einsum(
-                    "upe,uqe->upq", F.normalize(t.detach(), dim=-1), F.normalize(v.detach(), dim=-1))
-                layout = pair_layout(self.group_size, *mined_negatives(sim, self.group_size, self.n_neg, b.noise))
+                sim = b.noise.new_zeros(u, p, p)  # flat: Gumbel-top-k of noise alone is uniform sampling
+                if self.mined:
+                    if v is None:
+                        v, t = self._embed(b)
+                    sim = self.model.logit_scale.exp().clamp(max=100) * torch.einsum(
+                        "upe,uqe->upq", F.normalize(t.detach(), dim=-1), F.normalize(v.detach(), dim=-1))
+                q = self.vtm_items or p
+                t2v_neg, v2t_neg = mined_negatives(sim, self.group_size, self.n_neg, b.noise)
+                # Only the first q items are VTM queries; their negatives may be any other-group item.
+                layout = pair_layout(self.group_size, t2v_neg[:, :q], v2t_neg[:, :q])
             offset = (torch.arange(u, device=b.video.device) * p)[:, None]
             cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
         logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()

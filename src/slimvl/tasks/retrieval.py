@@ -5,10 +5,11 @@ caption per item: ``P = G * k`` (caption, video) positives. Items are numbered
 ``g * k + i``. Every caption is scored against every video of its own group
 (the hard negatives: variants that differ in one attribute of one object) and
 against ``E`` videos of other groups; every video likewise against ``E``
-captions of other groups. The other-group negatives are drawn at random
-(``random_negatives``) or with probability ``softmax(similarity)`` of the
-unimodal embeddings (``mined_negatives``, as in ALBEF's hard-negative
-mining): the scenes the model currently confuses.
+captions of other groups. The other-group negatives are drawn with
+probability ``softmax(similarity)`` of the unimodal embeddings
+(``mined_negatives``, as in ALBEF's hard-negative mining: the scenes the
+model currently confuses), uniformly (the same with flat similarities), or
+as one random pairing shared by both directions (``random_negatives``).
 """
 from __future__ import annotations
 
@@ -91,8 +92,10 @@ def pair_layout(group_size: int, t2v_neg: Tensor, v2t_neg: Tensor | None = None)
     directions), then the other-group negatives.
 
     Args:
-        t2v_neg: ``[U, P, E]`` negative video of each caption.
-        v2t_neg: ``[U, P, E]`` negative caption of each video, or None when the
+        t2v_neg: ``[U, Q, E]`` negative video of each of the first ``Q``
+            captions (the queries; whole groups). The negatives may be any
+            item of the unit, so a unit can hold more items than it scores.
+        v2t_neg: ``[U, Q, E]`` negative caption of each video, or None when the
             negatives are shared (``random_negatives``): a video's negatives
             are then the captions that have it as theirs.
     """
