@@ -145,3 +145,17 @@ def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["checkpoint"].endswith("step_0000003")
     assert metrics["n_items"] == 7 and metrics["skipped_media"] == 1 and 0.0 <= metrics["t2v_r1"] <= 1.0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    """Every YAML preset in configs/ names a known model, valid overrides and train options."""
+    import yaml
+
+    from slimvl.train import TrainConfig
+
+    spec = yaml.safe_load(path.read_text())
+    model = create_model(spec["model"], **spec.get("model_overrides", {}))
+    assert model.config.max_text_len == spec["model_overrides"]["max_text_len"]
+    cfg = TrainConfig(**spec["train"])
+    assert cfg.groups_per_step % cfg.groups_per_unit == 0
