@@ -46,8 +46,10 @@ class TrainConfig:
     (drawn independently for captions and videos), ``"mined"`` (drawn by
     unimodal similarity, the most similar most likely) or ``"shared"``
     (random, one scored pair serving as a negative in both directions: fewer
-    pairs per step). On the synthetic world, units of 4 groups with one
-    random negative learned fastest (see BENCHMARKS.md).
+    pairs per step). ``vtm_groups_per_unit`` lets the contrastive term see
+    more groups than VTM scores: unimodal passes are cheaper than pairs, and
+    on the synthetic world a larger contrastive pool was the biggest gain
+    (the demo: units of 8 groups, VTM on 4; see BENCHMARKS.md).
     """
 
     steps: int = 500
