@@ -149,13 +149,16 @@ def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_shipped_configs_are_valid(path):
-    """Every YAML preset in configs/ names a known model, valid overrides and train options."""
+    """Every YAML preset in configs/ builds, and trains with the demo's recipe (so
+    that ``slimvl train --config`` reproduces the demo's runs)."""
     import yaml
 
+    from slimvl.demo import TEXT_LEN, TRAIN
     from slimvl.train import TrainConfig
 
     spec = yaml.safe_load(path.read_text())
     model = create_model(spec["model"], **spec.get("model_overrides", {}))
-    assert model.config.max_text_len == spec["model_overrides"]["max_text_len"]
+    assert model.config.max_text_len == TEXT_LEN
     cfg = TrainConfig(**spec["train"])
-    assert cfg.groups_per_step % cfg.groups_per_unit == 0
+    for key in spec["train"]:
+        assert getattr(cfg, key) == getattr(TRAIN, key), f"{path.name}: train.{key} differs from the demo"

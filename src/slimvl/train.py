@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, save_checkpoint
 from .tasks.retrieval import (contrastive_loss, gumbel_noise, mined_negatives, pair_layout, random_negatives,
-                             vtm_group_loss)
+                             similarity_logits, vtm_group_loss)
 
 log = logging.getLogger("slimvl")
 
@@ -262,8 +261,7 @@ class RetrievalObjective(torch.nn.Module):
                 if self.mined:
                     if v is None:
                         v, t = self._embed(b)
-                    sim = self.model.logit_scale.exp().clamp(max=100) * torch.einsum(
-                        "upe,uqe->upq", F.normalize(t.detach(), dim=-1), F.normalize(v.detach(), dim=-1))
+                    sim = similarity_logits(v, t, self.model.logit_scale)
                 q = self.vtm_items or p
                 t2v_neg, v2t_neg = mined_negatives(sim, self.group_size, self.n_neg, b.noise)
                 # Only the first q items are VTM queries; their negatives may be any other-group item.

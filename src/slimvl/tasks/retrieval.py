@@ -191,13 +191,19 @@ def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarra
     return out
 
 
+def similarity_logits(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """Scaled cosine similarities ``[U, n(text), n(video)]`` of ``[U, n, E]``
+    embeddings (CLIP's learnable temperature, capped at 100)."""
+    v = F.normalize(video_emb, dim=-1)
+    t = F.normalize(text_emb, dim=-1)
+    return logit_scale.exp().clamp(max=100) * torch.einsum("une,ume->unm", t, v)
+
+
 def contrastive_loss(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
     """Symmetric InfoNCE between matched rows of ``[U, n, E]`` embeddings,
     computed within each of the ``U`` groups of ``n`` (units), so that a
     data-parallel run splits it exactly across processes."""
-    v = F.normalize(video_emb, dim=-1)
-    t = F.normalize(text_emb, dim=-1)
-    logits = logit_scale.exp().clamp(max=100) * torch.einsum("une,ume->unm", t, v)
+    logits = similarity_logits(video_emb, text_emb, logit_scale)
     target = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[0], -1)
     return 0.5 * (F.cross_entropy(logits.flatten(0, 1), target.flatten())
                   + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.flatten()))
