@@ -52,10 +52,10 @@ def test_round_trip_weights_and_outputs(tmp_path, name):
 def test_load_weights_into_fresh_model_of_same_config(ckpt):
     folder, m = ckpt
     other = tiny(seed=123)
-    assert not torch.equal(other.latents, m.latents)
+    assert not torch.equal(other.encoder.latents, m.encoder.latents)
     meta = load_weights(folder, other)
     assert meta["step"] == 1
-    assert torch.equal(other.latents, m.latents)
+    assert torch.equal(other.encoder.latents, m.encoder.latents)
 
 
 def test_no_leftover_temp_folder_after_save(ckpt, tmp_path):
@@ -67,7 +67,7 @@ def test_overwrite_existing_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "ck", tiny(seed=1))
     m2 = tiny(seed=2)
     save_checkpoint(tmp_path / "ck", m2)
-    assert torch.equal(load_model(tmp_path / "ck").latents, m2.latents)
+    assert torch.equal(load_model(tmp_path / "ck").encoder.latents, m2.encoder.latents)
 
 
 def test_folder_without_meta_refused(tmp_path):
@@ -170,12 +170,12 @@ def test_malicious_pickle_not_executed(ckpt):
 def test_other_config_refused_naming_field(ckpt):
     folder, _ = ckpt
     other = tiny(num_latents=8)
-    before = other.latents.clone()
+    before = other.encoder.latents.clone()
     with pytest.raises(CheckpointError) as e:
         load_weights(folder, other)
     assert "num_latents" in str(e.value) and str(folder) in str(e.value)
     assert "dim" not in str(e.value).split("differs in")[1]
-    assert torch.equal(other.latents, before)  # nothing was loaded
+    assert torch.equal(other.encoder.latents, before)  # nothing was loaded
 
 
 def test_other_model_type_refused(ckpt):

@@ -65,8 +65,8 @@ def test_every_preset_config_is_valid_and_builds_its_class():
 def test_overrides_apply():
     m = create_model("perceiver_vl_tiny", **TINY, num_latents=5, layers="cscs")
     assert m.config.num_latents == 5 and m.config.layers == "cscs" and m.config.dim == 32
-    assert m.latents.shape == (5, 32)
-    assert len(m.layers) == 4
+    assert m.encoder.latents.shape == (5, 32)
+    assert len(m.encoder.layers) == 4
     s = create_model("single_stream_tiny", **TINY, depth=3)
     assert len(s.blocks) == 3 and s.config.depth == 3
     assert s.proj.out_features == TINY["embed_dim"]

@@ -40,7 +40,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
     # And the weights did move during training (the comparison is not trivial).
-    assert not torch.equal(a["latents"], _state(tiny_model())["latents"])
+    assert not torch.equal(a["encoder.latents"], _state(tiny_model())["encoder.latents"])
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -141,7 +141,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         # differ, but by less than one step of lr=3e-3.
         assert diff.max() < 3e-3, f"DDP != single process for {k}: max diff {diff.max():.2e}"
     assert n_off <= 0.005 * n_total, f"{n_off} of {n_total} weights differ beyond float tolerance"
-    assert not torch.equal(single["latents"], init["latents"])
+    assert not torch.equal(single["encoder.latents"], init["encoder.latents"])
 
 
 def test_validation_during_training_gives_a_learning_curve(tmp_path):

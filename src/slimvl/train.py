@@ -231,12 +231,20 @@ class RetrievalObjective(torch.nn.Module):
     unit at the cost of ``2P`` unimodal passes, while VTM alone learns from a
     single logit per pair. With ``negatives="mined"`` its similarities also
     pick the other-group negatives that VTM is trained on.
+
+    Perceiver-VL's streams (``config.stream``) change what runs: ``"multi"``
+    scores pairs by the embeddings' dot product, so its loss is the
+    contrastive term alone; ``"mixed"`` encodes each video and caption of the
+    unit once and decodes every scored pair from those latents.
     """
 
     def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
         super().__init__()
         self.model, self.group_size = model, group_size
+        self.stream = getattr(model.config, "stream", "single")
         self.itc_weight, self.n_neg, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
+        if self.stream == "multi" and not self.itc_weight:
+            raise ValueError("TrainConfig.itc_weight=0: stream='multi' is trained by the contrastive term alone")
         self.vtm_items = cfg.vtm_groups_per_unit * group_size  # 0: every item of the unit is a VTM query
 
     def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,11 +256,18 @@ class RetrievalObjective(torch.nn.Module):
     def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
         u, p = b.units, b.video.shape[0] // b.units
         parts: dict[str, float] = {}
-        itc = v = t = None
+        itc = v = t = v_lat = t_lat = None
+        if self.stream == "mixed":  # one encoding per item serves the contrastive term and every pair
+            v_lat, t_lat = self.model.video_latents(b.video), self.model.text_latents(b.ids, b.mask)
+            e = self.model.config.embed_dim
+            v, t = self.model.pool(v_lat).float().view(u, -1, e), self.model.pool(t_lat).float().view(u, -1, e)
         if self.itc_weight:
-            v, t = self._embed(b)
+            if v is None:
+                v, t = self._embed(b)
             itc = contrastive_loss(v, t, self.model.logit_scale)
             parts["itc"] = itc.item()
+        if self.stream == "multi":
+            return itc, parts
         with torch.no_grad():
             if b.negatives is not None:
                 layout = pair_layout(self.group_size, b.negatives)
@@ -268,7 +283,10 @@ class RetrievalObjective(torch.nn.Module):
                 layout = pair_layout(self.group_size, t2v_neg[:, :q], v2t_neg[:, :q])
             offset = (torch.arange(u, device=b.video.device) * p)[:, None]
             cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
-        logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
+        if v_lat is not None:
+            logits = self.model.score_latents(v_lat[vid], t_lat[cap]).float()
+        else:
+            logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
         vtm = vtm_group_loss(logits.view(u, -1), layout)
         parts["vtm"] = vtm.item()
         loss = vtm if itc is None else vtm + self.itc_weight * itc

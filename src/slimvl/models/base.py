@@ -111,21 +111,27 @@ class VLModel(nn.Module):
         ids = torch.zeros(b, 1, dtype=torch.long, device=video.device)
         self.check_inputs(video, ids, ids.bool())
 
+    def check_text(self, text_ids: Tensor, text_mask: Tensor) -> None:
+        """Check a text batch alone (unimodal encoding)."""
+        c = self.config
+        if text_ids.dim() != 2 or text_ids.shape[1] > c.max_text_len or text_mask.shape != text_ids.shape \
+                or text_mask.dtype != torch.bool or text_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"text_ids/text_mask: expected [B, L<={c.max_text_len}] integer ids and a bool mask "
+                             f"of the same shape, got {text_ids.dtype} {tuple(text_ids.shape)} and "
+                             f"{text_mask.dtype} {tuple(text_mask.shape)}")
+
     def embed_video(self, video: Tensor) -> Tensor:
         """Pooled, projected embedding ``[B, embed_dim]`` of videos alone."""
         self.check_video(video)
-        return self.pool_unimodal(*self.embed_inputs(video))
+        return self.pool_unimodal(*self.embed_inputs(video), modality=VIDEO)
 
     def embed_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Pooled, projected embedding ``[B, embed_dim]`` of texts alone."""
-        c = self.config
-        if text_ids.dim() != 2 or text_ids.shape[1] > c.max_text_len or text_mask.shape != text_ids.shape \
-                or text_mask.dtype != torch.bool:
-            raise ValueError(f"text_ids/text_mask: expected [B, L<={c.max_text_len}] ids and a bool mask of the "
-                             f"same shape, got {tuple(text_ids.shape)} and {text_mask.dtype} {tuple(text_mask.shape)}")
-        return self.pool_unimodal(*self.embed_inputs(None, text_ids, text_mask))
+        self.check_text(text_ids, text_mask)
+        return self.pool_unimodal(*self.embed_inputs(None, text_ids, text_mask), modality=TEXT)
 
-    def pool_unimodal(self, inputs: Tensor, mask: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def pool_unimodal(self, inputs: Tensor, mask: Tensor,
+                      modality: int | None = None) -> Tensor:  # pragma: no cover - abstract
         """Encode one modality's input array and return its pooled projection."""
         raise NotImplementedError
 
@@ -137,6 +143,17 @@ class VLModel(nn.Module):
     def num_params(self) -> int:
         """Number of parameters."""
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether retrieval can encode items once and cache them (see
+        ``PerceiverVL``'s multi and mixed streams); cross-encoders cannot."""
+        return False
+
+    def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:
+        """Retrieval cost split into per-video and per-caption encoding
+        (cached) and per-pair scoring; a cross-encoder pays all per pair."""
+        return {"video": 0, "text": 0, "pair": self.analytic_flops(frames, text_len)}
 
     def analytic_flops(self, frames: int, text_len: int) -> int:  # pragma: no cover - abstract
         """FLOPs to score one (video, text) pair, from the architecture's formula."""

@@ -68,6 +68,9 @@ class VLConfig:
         return type(self).from_dict({**dataclasses.asdict(self), **overrides})
 
 
+STREAMS = ("single", "multi", "mixed")
+
+
 @dataclass
 class PerceiverVLConfig(VLConfig):
     """Perceiver-VL: ``num_latents`` latents and a depth pattern.
@@ -75,20 +78,76 @@ class PerceiverVLConfig(VLConfig):
     ``layers`` is the depth pattern as one string: ``c`` is a cross-attention
     from the latents to the input array, ``s`` a latent self-attention layer.
     The paper's base model (k=3 blocks of l=4) is ``"cssss" * 3``.
+
+    Efficiency options:
+        cross_attn_drop: LayerDrop on cross-attention, the probability of
+            *skipping* each cross-attention but the first, per forward pass
+            while training. Never random in eval mode.
+        cross_attn_keep: which cross-attentions run (indices among the ``c``
+            layers, e.g. ``[0]``), or an int ``n`` for the first ``n``; None
+            runs all. The inference-time counterpart of ``cross_attn_drop``.
+
+    Retrieval streams:
+        stream: ``"single"`` encodes video and text jointly and scores a pair
+            with the VTM decoder; ``"multi"`` encodes each alone and scores by
+            the dot product of pooled, projected latents; ``"mixed"`` encodes
+            each alone (cacheable) and the decoder reads both latent arrays.
+        share_encoder: video and text use the same latent encoder in the
+            multi and mixed streams (False: a second one for text).
+        decoder_layers: cross-attention layers of the VTM decoder (0: none,
+            for the multi stream only).
     """
 
     model_type: ClassVar[str] = "perceiver_vl"
     num_latents: int = 16
     layers: str = "csscss"
+    cross_attn_drop: float = 0.0
+    cross_attn_keep: Any = None
+    stream: str = "single"
+    share_encoder: bool = True
+    decoder_layers: int = 1
 
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.num_latents, int) or self.num_latents <= 0:
             self._fail("num_latents", "must be a positive integer")
-        if not self.layers or set(self.layers) - {"c", "s"}:
+        if not isinstance(self.layers, str) or not self.layers or set(self.layers) - {"c", "s"}:
             self._fail("layers", "must be a non-empty string of 'c' (cross-attention) and 's' (self-attention)")
         if self.layers[0] != "c":
             self._fail("layers", "must start with a cross-attention 'c': the latents need to read the input first")
+        if not isinstance(self.cross_attn_drop, (int, float)) or not 0.0 <= self.cross_attn_drop < 1.0:
+            self._fail("cross_attn_drop", "must be a probability in [0, 1)")
+        self.kept_cross_layers()  # validates cross_attn_keep
+        if self.stream not in STREAMS:
+            self._fail("stream", f"must be one of {list(STREAMS)}")
+        if not isinstance(self.decoder_layers, int) or self.decoder_layers < 0:
+            self._fail("decoder_layers", "must be a non-negative integer")
+        if self.decoder_layers == 0 and self.stream != "multi":
+            self._fail("decoder_layers", f"stream={self.stream!r} scores pairs with the VTM decoder; it needs "
+                                         "decoder_layers >= 1 (only stream='multi' works without a decoder)")
+        if not isinstance(self.share_encoder, bool):
+            self._fail("share_encoder", "must be true or false")
+        if not self.share_encoder and self.stream == "single":
+            self._fail("share_encoder", "stream='single' encodes video and text jointly with one encoder; "
+                                        "a separate text encoder needs stream='multi' or 'mixed'")
+
+    def kept_cross_layers(self) -> tuple[int, ...]:
+        """Indices (among the cross-attentions) of those that run."""
+        n, keep = self.num_cross_layers, self.cross_attn_keep
+        if keep is None:
+            return tuple(range(n))
+        if isinstance(keep, bool) or not isinstance(keep, (int, list, tuple)):
+            self._fail("cross_attn_keep", "must be None, a count or a list of cross-attention indices")
+        if isinstance(keep, int):
+            if not 1 <= keep <= n:
+                self._fail("cross_attn_keep", f"a count must be in 1..{n} (layers={self.layers!r} has {n} "
+                                              "cross-attentions)")
+            return tuple(range(keep))
+        if not keep or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in keep) \
+                or len(set(keep)) != len(keep):
+            self._fail("cross_attn_keep", f"must list distinct cross-attention indices in 0..{n - 1} "
+                                          f"(layers={self.layers!r} has {n} cross-attentions)")
+        return tuple(sorted(keep))
 
     @property
     def num_self_layers(self) -> int:

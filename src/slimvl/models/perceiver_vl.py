@@ -4,26 +4,31 @@ self-attention; cost is linear in the input length."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
-from ..nn import Block, CrossBlock
+from ..nn import TEXT, VIDEO, Block, CrossBlock, ModalityEmbed
 from .base import VLModel, VLOutput, block_flops, linear_flops
 from .config import PerceiverVLConfig
+from .streams import cached_decoder_scores, decoder_kv
 
 
-class PerceiverVL(VLModel):
-    """Perceiver-VL with joint (single-stream) encoding and a VTM decoder.
+class LatentEncoder(nn.Module):
+    """The latent array and the depth pattern: input array ``[B, M, D]`` ->
+    latents ``[B, N, D]``.
 
-    Encoder: the depth pattern ``config.layers`` (``c`` = latents cross-attend
-    to the input array, ``s`` = latent self-attention). Decoder: one [CLS]
-    query cross-attends to the final latents and feeds the VTM head. The
-    pooled latents, projected, are the contrastive embedding.
+    LayerDrop on cross-attention: while training, each cross-attention but
+    the first is skipped with probability ``cross_attn_drop`` (one draw per
+    forward pass, from torch's global generator, so that a resumed run draws
+    the same). The skipped layer's residual branch simply does not run: the
+    latents go on to the next layer unchanged, as at inference with
+    ``cross_attn_keep``.
     """
 
-    def __init__(self, config: PerceiverVLConfig):
-        super().__init__(config)
-        c = config
+    def __init__(self, c: PerceiverVLConfig):
+        super().__init__()
+        self.pattern = c.layers
         self.latents = nn.Parameter(torch.randn(c.num_latents, c.dim) * 0.02)
         self.latent_pos = nn.Parameter(torch.randn(c.num_latents, c.dim) * 0.02)
         self.layers = nn.ModuleList(
@@ -32,36 +37,205 @@ class PerceiverVL(VLModel):
             for kind in c.layers
         )
         self.norm = nn.LayerNorm(c.dim)
+
+    def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0) -> Tensor:
+        lat = repeat(self.latents + self.latent_pos, "n d -> b n d", b=inputs.shape[0])
+        cross = -1
+        for kind, layer in zip(self.pattern, self.layers):
+            if kind == "s":
+                lat = layer(lat)
+                continue
+            cross += 1
+            if cross not in keep:
+                continue
+            if self.training and drop and cross > 0 and bool(torch.rand(()) < drop):
+                continue
+            lat = layer(lat, inputs, key_padding_mask=mask)
+        return self.norm(lat)
+
+
+class PerceiverVL(VLModel):
+    """Perceiver-VL for retrieval, in the single, multi or mixed stream.
+
+    Encoder: the depth pattern ``config.layers`` (``c`` = latents cross-attend
+    to the input array, ``s`` = latent self-attention). Decoder: one [CLS]
+    query cross-attends to latents (``decoder_layers`` times) and feeds the
+    VTM head. The pooled latents, projected, are the contrastive embedding.
+
+    ``stream="single"`` encodes ``[video; text]`` jointly, so every pair costs
+    a whole encoding. ``"multi"`` and ``"mixed"`` encode video and text
+    separately: those encodings are computed once per item and cached
+    (``cache_videos`` / ``cache_texts``), and ``score_cached`` scores every
+    pair from the caches, by dot product (multi) or by the decoder reading
+    both latent arrays (mixed).
+    """
+
+    config: PerceiverVLConfig
+
+    def __init__(self, config: PerceiverVLConfig):
+        super().__init__(config)
+        c = config
+        self.encoder = LatentEncoder(c)
+        self.text_encoder = None if c.share_encoder else LatentEncoder(c)
         self.vtm_query = nn.Parameter(torch.randn(1, c.dim) * 0.02)
-        self.decoder = CrossBlock(c.dim, c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
-        self.vtm_head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, 1))
+        self.decoder = nn.ModuleList(CrossBlock(c.dim, c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout)
+                                     for _ in range(c.decoder_layers))
+        self.vtm_head = nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, 1)) if c.decoder_layers else None
+        # In the mixed stream the decoder reads video and text latents side by
+        # side; a tag per stream tells it which is which.
+        self.stream_tag = ModalityEmbed(2, c.dim) if c.stream == "mixed" else None
         self.proj = nn.Linear(c.dim, c.embed_dim)
 
-    def encode(self, inputs: Tensor, mask: Tensor) -> Tensor:
-        """Run the encoder: input array ``[B, M, D]`` -> latents ``[B, N, D]``."""
-        lat = repeat(self.latents + self.latent_pos, "n d -> b n d", b=inputs.shape[0])
-        for kind, layer in zip(self.config.layers, self.layers):
-            lat = layer(lat, inputs, key_padding_mask=mask) if kind == "c" else layer(lat)
-        return self.norm(lat)
+    # -- options ----------------------------------------------------------
+    @property
+    def cross_attn_keep(self):
+        """Which cross-attentions run (see ``PerceiverVLConfig``); settable:
+        ``model.cross_attn_keep = [0]`` (validated, stored in the config)."""
+        return self.config.cross_attn_keep
+
+    @cross_attn_keep.setter
+    def cross_attn_keep(self, keep) -> None:
+        self.config = self.config.replace(cross_attn_keep=list(keep) if isinstance(keep, tuple) else keep)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether retrieval can cache per-item encodings (multi and mixed streams)."""
+        return self.config.stream != "single"
+
+    # -- encoding ---------------------------------------------------------
+    def encode(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
+        """Run the encoder: input array ``[B, M, D]`` -> latents ``[B, N, D]``.
+        ``modality=TEXT`` picks the text encoder when it is separate."""
+        enc = self.text_encoder if modality == TEXT and self.text_encoder is not None else self.encoder
+        return enc(inputs, mask, self.config.kept_cross_layers(), self.config.cross_attn_drop)
+
+    def video_latents(self, video: Tensor) -> Tensor:
+        """Latents ``[B, N, D]`` of videos encoded alone."""
+        self.check_video(video)
+        return self.encode(*self.embed_inputs(video), modality=VIDEO)
+
+    def text_latents(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """Latents ``[B, N, D]`` of texts encoded alone."""
+        self.check_text(text_ids, text_mask)
+        return self.encode(*self.embed_inputs(None, text_ids, text_mask), modality=TEXT)
+
+    def pool(self, latents: Tensor) -> Tensor:
+        """Projected mean of the latents: the contrastive embedding ``[B, E]``."""
+        return self.proj(latents.mean(1))
+
+    def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
+        return self.pool(self.encode(inputs, mask, modality))
+
+    # -- scoring ----------------------------------------------------------
+    def decode(self, context: Tensor) -> Tensor:
+        """VTM logits ``[B]``: the [CLS] query reads the latents ``context [B, n, D]``."""
+        x = repeat(self.vtm_query, "q d -> b q d", b=context.shape[0])
+        for block in self.decoder:
+            x = block(x, context)
+        return self.vtm_head(x[:, 0]).squeeze(-1)
+
+    def pair_context(self, video_latents: Tensor, text_latents: Tensor) -> Tensor:
+        """What the mixed stream's decoder reads: ``[video latents; text latents]``, tagged."""
+        return torch.cat([self.stream_tag(video_latents, VIDEO), self.stream_tag(text_latents, TEXT)], 1)
+
+    def score_latents(self, video_latents: Tensor, text_latents: Tensor) -> Tensor:
+        """Pair logits ``[B]`` from separately encoded latents (multi or mixed stream)."""
+        if self.config.stream == "mixed":
+            return self.decode(self.pair_context(video_latents, text_latents))
+        v, t = F.normalize(self.pool(video_latents), dim=-1), F.normalize(self.pool(text_latents), dim=-1)
+        return self.logit_scale.exp().clamp(max=100) * (v * t).sum(-1)
 
     def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
         """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``."""
         self.check_inputs(video, text_ids, text_mask)
+        if self.config.stream != "single":
+            return VLOutput(logits=self.score_latents(self.video_latents(video), self.text_latents(text_ids, text_mask)))
         latents = self.encode(*self.embed_inputs(video, text_ids, text_mask))
-        query = repeat(self.vtm_query, "q d -> b q d", b=latents.shape[0])
-        cls = self.decoder(query, latents)[:, 0]
-        return VLOutput(logits=self.vtm_head(cls).squeeze(-1), pooled=self.proj(latents.mean(1)))
+        return VLOutput(logits=self.decode(latents), pooled=self.pool(latents))
 
-    def pool_unimodal(self, inputs: Tensor, mask: Tensor) -> Tensor:
-        return self.proj(self.encode(inputs, mask).mean(1))
+    # -- cached retrieval (multi and mixed streams) -------------------------
+    def _need_cache(self) -> None:
+        if not self.cacheable:
+            raise ValueError("stream='single' encodes each pair jointly: there is nothing to cache; "
+                             "score pairs with model(video, text_ids, text_mask)")
+
+    def cache_videos(self, video: Tensor) -> Tensor:
+        """What retrieval keeps per video: the normalised embedding ``[B, E]``
+        (multi) or the tagged latents ``[B, N, D]`` (mixed)."""
+        self._need_cache()
+        lat = self.video_latents(video)
+        if self.config.stream == "multi":
+            return F.normalize(self.pool(lat), dim=-1)
+        return self.stream_tag(lat, VIDEO)
+
+    def cache_texts(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """What retrieval keeps per caption (see ``cache_videos``)."""
+        self._need_cache()
+        lat = self.text_latents(text_ids, text_mask)
+        if self.config.stream == "multi":
+            return F.normalize(self.pool(lat), dim=-1)
+        return self.stream_tag(lat, TEXT)
+
+    def score_cached(self, text_cache: Tensor, video_cache: Tensor, max_pairs: int = 8192) -> Tensor:
+        """Logits ``[n_texts, n_videos]`` of every pair, from the caches.
+
+        The mixed stream projects each item's keys and values once, then runs
+        only the per-pair part of the decoder (``streams.cached_decoder_scores``);
+        ``max_pairs`` bounds the pairs in flight (memory).
+        """
+        self._need_cache()
+        if self.config.stream == "multi":
+            return self.logit_scale.exp().clamp(max=100) * text_cache @ video_cache.T
+        kv_text = [decoder_kv(b, text_cache) for b in self.decoder]
+        kv_video = [decoder_kv(b, video_cache) for b in self.decoder]
+        return cached_decoder_scores(self.decoder, self.vtm_query, self.vtm_head, kv_text, kv_video, max_pairs)
+
+    # -- cost -------------------------------------------------------------
+    def encoder_flops(self, m: int) -> int:
+        """FLOPs of the encoder (cross-attentions that run, self-attention
+        layers) over an input array of ``m`` tokens."""
+        c, f, cross = self.config, 0, -1
+        keep = c.kept_cross_layers()
+        for kind in c.layers:
+            if kind == "c":
+                cross += 1
+                if cross not in keep:
+                    continue
+            f += block_flops(c.num_latents, m if kind == "c" else c.num_latents, c.dim, c.mlp_ratio,
+                             cross=kind == "c")
+        return f
+
+    def decoder_flops(self, n_context: int) -> int:
+        """FLOPs of the VTM decoder and head over ``n_context`` latents."""
+        c = self.config
+        return c.decoder_layers * block_flops(1, n_context, c.dim, c.mlp_ratio, cross=True) + linear_flops(1, c.dim, 1)
+
+    def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:
+        """Cost of cached retrieval: per video, per caption and per scored pair.
+
+        For the single stream nothing is cached: every pair costs ``analytic_flops``."""
+        c = self.config
+        if c.stream == "single":
+            return {"video": 0, "text": 0, "pair": self.analytic_flops(frames, text_len)}
+        video = self.embed_flops(frames) + self.encoder_flops(self.patch_embed.num_tokens(frames))
+        text = self.encoder_flops(text_len)
+        if c.stream == "multi":
+            pool = linear_flops(1, c.dim, c.embed_dim)
+            return {"video": video + pool, "text": text + pool, "pair": 2 * c.embed_dim}
+        n, kv = c.num_latents, c.decoder_layers * linear_flops(c.num_latents, c.dim, 2 * c.dim)
+        pair = c.decoder_layers * (block_flops(1, 2 * n, c.dim, c.mlp_ratio, cross=True)
+                                   - linear_flops(2 * n, c.dim, 2 * c.dim))
+        return {"video": video + kv, "text": text + kv, "pair": pair + linear_flops(1, c.dim, 1)}
 
     def analytic_flops(self, frames: int, text_len: int) -> int:
         c = self.config
-        m = self.patch_embed.num_tokens(frames) + text_len
-        n = c.num_latents
+        mv = self.patch_embed.num_tokens(frames)
         f = self.embed_flops(frames)
-        for kind in c.layers:
-            f += block_flops(n, m if kind == "c" else n, c.dim, c.mlp_ratio, cross=kind == "c")
-        f += block_flops(1, n, c.dim, c.mlp_ratio, cross=True)  # VTM decoder
-        f += linear_flops(1, c.dim, 1) + linear_flops(1, c.dim, c.embed_dim)
-        return f
+        if c.stream == "single":
+            f += self.encoder_flops(mv + text_len) + self.decoder_flops(c.num_latents)
+            return f + linear_flops(1, c.dim, c.embed_dim)  # the pooled projection
+        f += self.encoder_flops(mv) + self.encoder_flops(text_len)
+        if c.stream == "multi":
+            return f + 2 * linear_flops(1, c.dim, c.embed_dim)
+        return f + self.decoder_flops(2 * c.num_latents)
+

@@ -40,7 +40,7 @@ class SingleStream(VLModel):
         cls = self.encode_cls(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=self.vtm_head(cls).squeeze(-1), pooled=self.proj(cls))
 
-    def pool_unimodal(self, inputs: Tensor, mask: Tensor) -> Tensor:
+    def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
         return self.proj(self.encode_cls(inputs, mask))
 
     def analytic_flops(self, frames: int, text_len: int) -> int:
