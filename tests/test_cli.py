@@ -8,7 +8,7 @@ import torch
 
 from slimvl import create_model
 from slimvl.checkpoint import save_checkpoint
-from slimvl.cli import build_parser, main, parse_overrides
+from slimvl.cli import build_parser, main, parse_keep, parse_overrides
 
 TINY = dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50, max_text_len=12, embed_dim=16)
 
@@ -104,6 +104,13 @@ def test_eval_missing_checkpoint_exits_2(tmp_path, capsys):
     assert "slimvl: error:" in err and str(missing) in err
 
 
+def test_parse_keep():
+    assert parse_keep("all") is None and parse_keep("2") == 2 and parse_keep("0,2") == [0, 2]
+    assert parse_keep("[1]") == [1]
+    with pytest.raises(ValueError, match="cross-attn-keep"):
+        parse_keep("first")
+
+
 def test_parser_requires_command():
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([])
@@ -145,6 +152,15 @@ def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["checkpoint"].endswith("step_0000003")
     assert metrics["n_items"] == 7 and metrics["skipped_media"] == 1 and 0.0 <= metrics["t2v_r1"] <= 1.0
+    assert metrics["cross_attn_keep"] is None
+    # Inference with the first cross-attention only, then a cross-attention the model does not have.
+    main(["-q", "eval", "--data", str(data), "--checkpoint", str(run), "--frames", "2", "--skip-bad",
+          "--cross-attn-keep", "1"])
+    assert json.loads(capsys.readouterr().out)["cross_attn_keep"] == 1
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "eval", "--data", str(data), "--checkpoint", str(run), "--frames", "2", "--skip-bad",
+              "--cross-attn-keep", "0,5"])
+    assert e.value.code == 2 and "cross_attn_keep" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")))

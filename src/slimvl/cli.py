@@ -41,6 +41,20 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def parse_keep(text: str) -> Any:
+    """``--cross-attn-keep``: ``all``, a count (``1``: the first) or listed
+    indices (``0,2``)."""
+    text = text.strip()
+    if text == "all":
+        return None
+    try:
+        if "," in text or text.startswith("["):
+            return [int(i) for i in text.strip("[]").split(",") if i.strip()]
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--cross-attn-keep {text!r}: expected 'all', a count like 1, or indices like 0,2") from None
+
+
 def cmd_data_make(a: argparse.Namespace) -> None:
     from .data import make_dataset
 
@@ -102,12 +116,17 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if not (ckpt / "meta.json").exists() and (found := latest_checkpoint(ckpt)) is not None:
         ckpt = found
     model = load_model(ckpt)
+    if a.cross_attn_keep is not None:
+        if not hasattr(model, "cross_attn_keep"):
+            raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
+        model.cross_attn_keep = parse_keep(a.cross_attn_keep)
     c = model.config
     tok = load_tokenizer(a.data, a.vocab)
     data = load_split(a.data, a.split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
                       progress=not a.quiet)
     metrics = evaluate(model, data, batch_size=a.batch_size, progress=not a.quiet)
-    print(json.dumps({"checkpoint": str(ckpt), **metrics}, indent=2))
+    print(json.dumps({"checkpoint": str(ckpt), "cross_attn_keep": getattr(c, "cross_attn_keep", None), **metrics},
+                     indent=2))
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -179,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (newest is used)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--cross-attn-keep", help="Perceiver-VL: cross-attentions that run: 'all', a count "
+                                              "(1 = the first) or indices '0,2'")
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair")
