@@ -1,0 +1,101 @@
+"""LayerDrop on cross-attention (Perceiver-VL's Table 3 analogue): trained
+with and without LayerDrop x inferred with 1, 2 or all 3 cross-attentions.
+
+    python benchmarks/layerdrop.py --out benchmarks/out
+
+Trains Perceiver-VL tiny with three blocks of [cross-attention, 2 latent
+self-attention layers] (``layers="csscsscss"``) on the demo's data and
+recipe, once with ``cross_attn_drop=0`` and once with ``--drop`` (default
+0.5, the paper's), reusing finished runs. Each model is then evaluated with
+``cross_attn_keep`` = the first 1, 2 and 3 cross-attentions: t2v R@1 on a
+test gallery of ``--gallery`` videos, GFLOPs per pair (torch's FLOP counter)
+and latency per pair at batch 64, with its cut against all three measured in
+the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
+
+from slimvl.bench import matmul_gflops, profile_model  # noqa: E402
+from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
+from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
+from slimvl.evaluate import evaluate  # noqa: E402
+from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--data", help="dataset folder (default: OUT/data_gallery1000, made when missing)")
+    p.add_argument("--layers", default="csscsscss")
+    p.add_argument("--drop", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=TRAIN.steps)
+    p.add_argument("--gallery", type=int, default=400, help="test videos retrieved against")
+    p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per latency measurement")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    out, prog = Path(a.out), not a.quiet
+    root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", 1000, prog)
+    tok = load_tokenizer(root)
+    train_data = load_split(root, "train", tok, FRAMES, 64, TEXT_LEN, progress=prog)
+    test = subset(load_split(root, "test", tok, FRAMES, 64, TEXT_LEN, progress=prog), a.gallery)
+    cfg = replace(TRAIN, steps=a.steps)
+    matmul_ref = matmul_gflops()
+    rows = []
+    for drop in (0.0, a.drop):
+        overrides = {"layers": a.layers, "cross_attn_drop": drop, "vocab_size": tok.vocab_size,
+                     "max_text_len": TEXT_LEN}
+        model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
+                                       out / "layerdrop" / f"drop{drop:g}", prog)
+        n_cross = model.config.num_cross_layers
+        for keep in range(n_cross, 0, -1):
+            model.cross_attn_keep = keep
+            m = evaluate(model, test, progress=prog)
+            cost = profile_model(model, FRAMES, TEXT_LEN, batch=64, min_run_time=a.min_run_time,
+                                 matmul_ref=matmul_ref)
+            rows.append({"train_drop": drop, "cross_attentions": keep, "of": n_cross, "t2v_r1": m["t2v_r1"],
+                         "t2v_r5": m["t2v_r5"], "v2t_r1": m["v2t_r1"], "gflops_per_pair": cost["gflops_per_pair"],
+                         "latency_ms_per_pair": cost["latency_ms_per_pair"],
+                         "latency_ms_batch1": cost["latency_ms_batch1"], "train_seconds": train_s})
+            print(rows[-1], flush=True)
+    for r in rows:
+        full = next(b for b in rows if b["train_drop"] == r["train_drop"] and b["cross_attentions"] == r["of"])
+        r["latency_cut"] = 1 - r["latency_ms_per_pair"] / full["latency_ms_per_pair"]
+        r["gflops_cut"] = 1 - r["gflops_per_pair"] / full["gflops_per_pair"]
+        r["t2v_r1_points_vs_all"] = 100 * (r["t2v_r1"] - full["t2v_r1"])
+    cols = [("train_drop", "LayerDrop p (train)", "g"), ("cross_attentions", "cross-attn run", "d"),
+            ("t2v_r1", "t2v R@1", ".3f"), ("t2v_r1_points_vs_all", "R@1 pts vs all", "+.1f"),
+            ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("latency_ms_per_pair", "ms/pair (b64)", ".3f"),
+            ("latency_cut", "latency cut", ".1%"), ("latency_ms_batch1", "ms (b1)", ".2f")]
+    md = (f"Perceiver-VL tiny, `layers={a.layers!r}`, {cfg.steps} steps; t2v R@1 over {a.gallery} test videos "
+          f"({len(test.caption_item)} captions).\n\n" + markdown_table(rows, cols))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for drop in sorted({r["train_drop"] for r in rows}):
+        rs = [r for r in rows if r["train_drop"] == drop]
+        ax.plot([r["latency_ms_per_pair"] for r in rs], [r["t2v_r1"] for r in rs], "o-",
+                label=f"trained with LayerDrop p={drop:g}")
+        for r in rs:
+            ax.annotate(f"{r['cross_attentions']}/{r['of']}", (r["latency_ms_per_pair"], r["t2v_r1"]))
+    ax.set(xlabel="latency per pair (ms, batch 64)", ylabel="t2v R@1", title="cross-attentions run at inference")
+    ax.legend()
+    fig.tight_layout()
+    payload = {"rows": rows, "train": asdict(cfg), "layers": a.layers, "gallery": a.gallery, "data": str(root),
+               "machine": machine_info()}
+    write_report(out, "layerdrop", payload, md, fig)
+    print(md)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
