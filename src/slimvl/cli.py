@@ -82,6 +82,23 @@ def _train_config(a: argparse.Namespace):
     return TrainConfig(**cfg)
 
 
+def _initialise(model, a: argparse.Namespace) -> None:
+    """``--init-from`` / ``--init-vit`` / ``--init-bert``: weights from local checkpoints."""
+    from .models import pretrained
+
+    if (a.init_vit or a.init_bert or a.init_from) and not hasattr(model, "encoder"):
+        raise ValueError(f"--init-*: only Perceiver-VL models are initialised this way, not "
+                         f"{model.config.model_type}")
+    if a.init_from:
+        pretrained.init_from_checkpoint(model, a.init_from, a.latent_resize)
+    if a.init_vit:
+        r = pretrained.load_vision_layers(model, a.init_vit)
+        logging.getLogger("slimvl").info("%s: loaded %d tensors (unused layers: %s)", a.init_vit, len(r.loaded),
+                                         r.unused or "none")
+    if a.init_bert:
+        pretrained.load_text_embeddings(model, a.init_bert)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     from .models import create_model
     from .pipeline import load_split, load_tokenizer
@@ -93,6 +110,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     tok = load_tokenizer(a.data, a.vocab)
     overrides.setdefault("vocab_size", tok.vocab_size)
     model = create_model(model_name, **overrides)
+    _initialise(model, a)
     c = model.config
     data = load_split(a.data, "train", tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
                       progress=not a.quiet)
@@ -191,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=int, help="evaluate on --val-split every N steps (learning curve)")
     tr.add_argument("--val-split", default="val", help="split evaluated with --eval-every")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--init-from", help="slimvl checkpoint to start from (num_latents may differ, see "
+                                        "--latent-resize)")
+    tr.add_argument("--latent-resize", choices=["interpolate", "reinit"], default="interpolate",
+                    help="how --init-from fits its latents to another num_latents")
+    tr.add_argument("--init-vit", help="HF ViT/CLIP-vision folder or safetensors file: latent self-attention "
+                                       "layers (see slimvl.models.pretrained)")
+    tr.add_argument("--init-bert", help="HF BERT folder or safetensors file: text embeddings")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="retrieval Recall@K of a checkpoint")

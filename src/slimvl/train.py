@@ -68,6 +68,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     eval_every: int = 0  # evaluate on ``train(val_data=...)`` every this many steps (0: never)
+    # Two-stage schedule after a pretrained initialisation (``slimvl.models.pretrained``):
+    # the loaded parameters stay frozen for this many steps while the new parts
+    # (cross-attentions, latents, decoder) learn to use them; then all train.
+    frozen_pretrained_steps: int = 0
     amp: str = "auto"  # "auto" (bf16 on GPUs that support it), "bf16" or "off"
     device: str = "auto"
 
@@ -92,6 +96,8 @@ class TrainConfig:
                              f"when a unit has a single group (groups_per_unit=1)")
         if self.steps <= 0:
             raise ValueError(f"TrainConfig.steps={self.steps}: must be positive")
+        if self.frozen_pretrained_steps < 0:
+            raise ValueError(f"TrainConfig.frozen_pretrained_steps={self.frozen_pretrained_steps}: must be >= 0")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"TrainConfig.amp={self.amp!r}: must be 'auto', 'bf16' or 'off'")
 
@@ -377,6 +383,10 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
     objective = RetrievalObjective(model, data.group_size, cfg)
+    frozen = [p for n, p in model.named_parameters() if n in getattr(model, "pretrained_names", ())]
+    if cfg.frozen_pretrained_steps and not frozen:
+        raise ValueError(f"TrainConfig.frozen_pretrained_steps={cfg.frozen_pretrained_steps}: nothing was loaded "
+                         "from a pretrained checkpoint (slimvl.models.pretrained) to keep frozen")
     net = torch.nn.parallel.DistributedDataParallel(objective, find_unused_parameters=True) if distributed \
         else objective
 
@@ -396,6 +406,9 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
                                    f"Last good checkpoint: {good or 'none'}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step < cfg.frozen_pretrained_steps:
+            for p in frozen:  # no gradient: AdamW leaves the parameter and its moments alone
+                p.grad = None
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
 
