@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimvl import create_model
-from slimvl.checkpoint import save_checkpoint
+from slimvl.checkpoint import latest_checkpoint, load_model, save_checkpoint
 from slimvl.cli import build_parser, main, parse_keep, parse_overrides
 
 TINY = dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50, max_text_len=12, embed_dim=16)
@@ -143,6 +143,16 @@ def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
     assert [Path(p).name for p in log["skipped_media"]] == [f"{train_ids[0]}.mp4"]
     main([*train, "--steps", "3", "--resume"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    # Fine-tune from that run with twice the latents (interpolated); a checkpoint of another width is refused.
+    ft = ["-q", "train", "--data", str(data), "--model", "perceiver_vl_tiny", *model_args, "--frames", "2",
+          "--train-set", "groups_per_step=2", "--train-set", "groups_per_unit=2", "--train-set", "warmup_steps=1",
+          "--skip-bad", "--steps", "1", "--init-from", str(run), "--set", "num_latents=32"]
+    main([*ft, "--out", str(tmp_path / "ft"), "--latent-resize", "interpolate"])
+    capsys.readouterr()
+    assert load_model(latest_checkpoint(tmp_path / "ft")).encoder.latents.shape == (32, 32)
+    with pytest.raises(SystemExit) as e:
+        main([*ft, "--set", "dim=48", "--out", str(tmp_path / "ft2")])
+    assert e.value.code == 2 and "differs in ['dim'" in capsys.readouterr().err
     test_ids = (data / "splits" / "test.txt").read_text().split()
     (data / "videos" / f"{test_ids[0]}.mp4").write_bytes(b"not a video")
     with pytest.raises(SystemExit) as e:

@@ -90,7 +90,12 @@ def _initialise(model, a: argparse.Namespace) -> None:
         raise ValueError(f"--init-*: only Perceiver-VL models are initialised this way, not "
                          f"{model.config.model_type}")
     if a.init_from:
-        pretrained.init_from_checkpoint(model, a.init_from, a.latent_resize)
+        from .checkpoint import latest_checkpoint
+
+        src = Path(a.init_from)
+        if not (src / "meta.json").exists() and (found := latest_checkpoint(src)) is not None:
+            src = found  # a run folder: its newest checkpoint
+        pretrained.init_from_checkpoint(model, src, a.latent_resize)
     if a.init_vit:
         r = pretrained.load_vision_layers(model, a.init_vit)
         logging.getLogger("slimvl").info("%s: loaded %d tensors (unused layers: %s)", a.init_vit, len(r.loaded),
