@@ -38,10 +38,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--growth-from", type=int, default=8,
                    help="report GFLOPs growth from this frame count to the largest")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 96, 128],
+                   help="image sides of the resolution sweep (patch 8)")
+    p.add_argument("--size-frames", type=int, default=8, help="frames in the resolution sweep")
+    p.add_argument("--size-latents", type=int, default=64, help="Perceiver-VL's N in the resolution sweep")
     p.add_argument("--quick", action="store_true", help="two frame counts, two latent sizes, short timings")
     a = p.parse_args(argv)
     if a.quick:
         a.frames, a.latents, a.min_run_time, a.batch = a.frames[:2], a.latents[:2], 0.1, 4
+        a.sizes = a.sizes[:2]
     if a.growth_from not in a.frames:
         a.growth_from = min(a.frames)
     dtype = getattr(torch, a.dtype)
@@ -91,10 +96,38 @@ def main(argv: list[str] | None = None) -> dict:
         ax.legend(fontsize=8)
     fig.suptitle("cost vs frames: Perceiver-VL (linear) vs single-stream (quadratic)")
     fig.tight_layout()
-    payload = {"args": vars(a), "matmul_gflops_per_s": ref, "rows": rows, "gflops_growth": growth}
+    res_rows, res_md = resolution_sweep(a, dtype, ref)
+    md += res_md
+    payload = {"args": vars(a), "matmul_gflops_per_s": ref, "rows": rows, "gflops_growth": growth,
+               "resolution_rows": res_rows}
     write_report(a.out, "scaling", payload, md, fig)
     print(md)
     return payload
+
+
+def resolution_sweep(a, dtype, ref: float) -> tuple[list[dict], str]:
+    """Both models at ``a.size_frames`` frames over image sides ``a.sizes``
+    (the input grows with the square of the side)."""
+    rows = []
+    for size in tqdm(a.sizes, desc="resolution"):
+        for kind, extra in (("single_stream", {}), ("perceiver_vl", {"num_latents": a.size_latents})):
+            model = create_model(f"{kind}_tiny", dim=a.dim, max_frames=a.size_frames, max_text_len=a.text_len,
+                                 image_size=size, **extra)
+            cost = profile_model(model, a.size_frames, a.text_len, batch=a.batch, device=a.device, dtype=dtype,
+                                 min_run_time=a.min_run_time, matmul_ref=ref)
+            rows.append({"model": kind, "latents": extra.get("num_latents"), "image_size": size,
+                         "visual_tokens": model.patch_embed.num_tokens(a.size_frames), **cost})
+    for r in rows:
+        b = next(x for x in rows if x["model"] == "single_stream" and x["image_size"] == r["image_size"])
+        r["gflops_ratio"] = r["gflops_per_pair"] / b["gflops_per_pair"]
+        r["latency_ratio"] = r["latency_ms_per_pair"] / b["latency_ms_per_pair"]
+    cols = [("model", "model", "s"), ("latents", "N", ""), ("image_size", "side px", "d"),
+            ("visual_tokens", "visual tokens", "d"), ("gflops_per_pair", "GFLOPs/pair", ".4f"),
+            ("gflops_ratio", "GFLOPs ratio", ".3f"), ("latency_ms_per_pair", f"ms/pair (batch {a.batch})", ".3f"),
+            ("latency_ratio", "latency ratio", ".3f")]
+    md = (f"\nResolution sweep at {a.size_frames} frames (patch 8, tubelet 2), Perceiver-VL N={a.size_latents}:\n\n"
+          + markdown_table(rows, cols))
+    return rows, md
 
 
 if __name__ == "__main__":
