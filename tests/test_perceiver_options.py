@@ -203,3 +203,15 @@ def test_mixed_stream_tags_are_only_built_for_mixed():
     assert tiny_model(stream="mixed").stream_tag is not None
     assert tiny_model(stream="multi", decoder_layers=0).vtm_head is None
     assert TINY["dim"] == tiny_model(stream="mixed").config.dim
+
+
+def test_checkpoint_loads_into_a_model_with_another_keep(tmp_path):
+    from slimvl.checkpoint import load_weights, save_checkpoint
+
+    src = tiny_model(layers="cscscs")
+    save_checkpoint(tmp_path / "ck", src)
+    dst = tiny_model(seed=3, layers="cscscs", cross_attn_keep=1)
+    load_weights(tmp_path / "ck", dst)  # which cross-attentions run is not part of the weights
+    assert torch.equal(dst.encoder.latents, src.encoder.latents) and dst.config.kept_cross_layers() == (0,)
+    with pytest.raises(ValueError, match="stream"):
+        load_weights(tmp_path / "ck", tiny_model(layers="cscscs", stream="mixed"))

@@ -25,7 +25,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "slimvl-checkpoint"
-VERSION = 1
+# 2: Perceiver-VL's encoder and decoder became submodules (parameter names changed).
+VERSION = 2
+# Config fields that choose what runs at inference, not what the weights are.
+_INFERENCE_ONLY = {"cross_attn_keep"}
 
 
 class CheckpointError(ValueError):
@@ -132,9 +135,15 @@ def load_weights(folder: Path, model: nn.Module) -> dict:
     """
     folder = Path(folder)
     meta = read_meta(folder)
-    if meta["config"] != model.config.to_dict():
-        diff = sorted(k for k in set(meta["config"]) | set(model.config.to_dict())
-                      if meta["config"].get(k) != model.config.to_dict().get(k))
+    from .models import config_from_dict
+
+    try:  # fields added since the checkpoint was written take their defaults
+        saved = config_from_dict(meta["config"]).to_dict()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder}: invalid model config ({e})") from None
+    ours = model.config.to_dict()
+    diff = sorted(k for k in set(saved) | set(ours) if k not in _INFERENCE_ONLY and saved.get(k) != ours.get(k))
+    if diff:
         raise CheckpointError(f"{folder}: checkpoint was saved from another config (differs in {diff})")
     weights = _load_tensors(folder / "model.safetensors")
     own = model.state_dict()
