@@ -11,6 +11,7 @@ from slimvl import create_model
 from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
 from slimvl.data import make_dataset
 from slimvl.demo import DATA
+from slimvl.models.pretrained import init_from_checkpoint
 from slimvl.train import RetrievalData, TrainConfig, train
 
 
@@ -38,13 +39,16 @@ def subset(data: RetrievalData, n_items: int) -> RetrievalData:
 
 
 def train_or_load(preset: str, overrides: dict, data: RetrievalData, cfg: TrainConfig, run_dir: Path,
-                  progress: bool = True) -> tuple[torch.nn.Module, float]:
-    """Train ``preset`` (resuming an interrupted run), or load the run's final
-    checkpoint when it already finished; returns the model and its training seconds."""
+                  progress: bool = True, init_from: Path | None = None) -> tuple[torch.nn.Module, float]:
+    """Train ``preset`` (resuming an interrupted run; starting from the
+    checkpoint ``init_from`` when given), or load the run's final checkpoint
+    when it already finished; returns the model and its training seconds."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
         log = run_dir / "train_log.json"
         return load_model(ckpt), json.loads(log.read_text())["seconds"] if log.is_file() else float("nan")
     model = create_model(preset, **overrides)
+    if init_from is not None:
+        init_from_checkpoint(model, init_from)
     result = train(model, data, cfg, run_dir=run_dir, resume=True, progress=progress)
     return model, result.seconds

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
 
 from slimvl.bench import matmul_gflops, profile_model  # noqa: E402
+from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import evaluate  # noqa: E402
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--drop", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=TRAIN.steps)
     p.add_argument("--gallery", type=int, default=400, help="test videos retrieved against")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="instead of training each from scratch, fine-tune the model trained without LayerDrop "
+                        "for this many steps, with and without LayerDrop (the paper's pre-train/fine-tune set-up)")
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per latency measurement")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
@@ -53,11 +58,19 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(TRAIN, steps=a.steps)
     matmul_ref = matmul_gflops()
     rows = []
+    base_run = out / "layerdrop" / "drop0"
     for drop in (0.0, a.drop):
         overrides = {"layers": a.layers, "cross_attn_drop": drop, "vocab_size": tok.vocab_size,
                      "max_text_len": TEXT_LEN}
-        model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
-                                       out / "layerdrop" / f"drop{drop:g}", prog)
+        if a.finetune_steps:
+            train_or_load("perceiver_vl_tiny", {**overrides, "cross_attn_drop": 0.0}, train_data, cfg, base_run, prog)
+            ft_cfg = replace(cfg, steps=a.finetune_steps, lr=a.finetune_lr, warmup_steps=20, seed=cfg.seed + 1)
+            model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, ft_cfg,
+                                           out / "layerdrop" / f"finetune{a.finetune_steps}_drop{drop:g}", prog,
+                                           init_from=latest_checkpoint(base_run))
+        else:
+            model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
+                                           out / "layerdrop" / f"drop{drop:g}", prog)
         n_cross = model.config.num_cross_layers
         for keep in range(n_cross, 0, -1):
             model.cross_attn_keep = keep
@@ -78,7 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("t2v_r1", "t2v R@1", ".3f"), ("t2v_r1_points_vs_all", "R@1 pts vs all", "+.1f"),
             ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("latency_ms_per_pair", "ms/pair (b64)", ".3f"),
             ("latency_cut", "latency cut", ".1%"), ("latency_ms_batch1", "ms (b1)", ".2f")]
-    md = (f"Perceiver-VL tiny, `layers={a.layers!r}`, {cfg.steps} steps; t2v R@1 over {a.gallery} test videos "
+    how = (f"{cfg.steps} steps without LayerDrop, then fine-tuned {a.finetune_steps} steps with and without it"
+           if a.finetune_steps else f"{cfg.steps} steps")
+    md = (f"Perceiver-VL tiny, `layers={a.layers!r}`, {how}; t2v R@1 over {a.gallery} test videos "
           f"({len(test.caption_item)} captions).\n\n" + markdown_table(rows, cols))
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for drop in sorted({r["train_drop"] for r in rows}):
@@ -92,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     fig.tight_layout()
     payload = {"rows": rows, "train": asdict(cfg), "layers": a.layers, "gallery": a.gallery, "data": str(root),
                "machine": machine_info()}
-    write_report(out, "layerdrop", payload, md, fig)
+    payload["finetune_steps"] = a.finetune_steps
+    write_report(out, "layerdrop" + (f"_finetune{a.finetune_steps}" if a.finetune_steps else ""), payload, md, fig)
     print(md)
     return payload
 

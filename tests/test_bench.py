@@ -103,15 +103,18 @@ def test_peak_memory_freed_tensors_do_not_accumulate():
 
 PROFILE_KEYS = {"gflops_per_pair", "gflops_per_pair_analytic", "latency_ms_batch1", "latency_ms_per_pair",
                 "throughput_pairs_per_s", "peak_activation_mb", "achieved_gflops_per_s", "matmul_gflops_per_s",
-                "fraction_of_matmul", "batch", "params"}
+                "fraction_of_matmul", "batch", "params", "retrieval_gflops"}
 
 
 def test_profile_model_keys_and_values():
     m = tiny("perceiver_vl_tiny")
     r = profile_model(m, frames=2, text_len=6, batch=4, min_run_time=0.05, matmul_ref=1.0)
     assert set(r) == PROFILE_KEYS
+    split = r.pop("retrieval_gflops")
     for k, v in r.items():
         assert v > 0, k
+    # A joint encoder caches nothing: all its cost is per pair.
+    assert split == {"video": 0.0, "text": 0.0, "pair": pytest.approx(r["gflops_per_pair_analytic"])}
     assert r["batch"] == 4
     assert r["params"] == m.num_params()
     assert r["matmul_gflops_per_s"] == 1.0

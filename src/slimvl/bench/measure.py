@@ -91,7 +91,9 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
                   matmul_ref: float | None = None) -> dict[str, float]:
     """Cost of scoring (video, text) pairs with ``model``.
 
-    Returns GFLOPs per pair (torch's counter and the analytic formula),
+    Returns GFLOPs per pair (torch's counter and the analytic formula; for
+    models that cache per-item encodings, ``retrieval_gflops`` splits the
+    analytic cost into per video, per caption and per pair),
     latency at batch 1 and per pair at a throughput batch of ``batch``,
     peak activation memory, achieved GFLOP/s and its fraction of a same-dtype
     matmul (``matmul_ref`` GFLOP/s; measured here when not given).
@@ -134,4 +136,6 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
         "fraction_of_matmul": achieved / ref,
         "batch": batch,
         "params": sum(p.numel() for p in model.parameters()),
+        # Cached retrieval (multi/mixed streams): per video, per caption and per pair from the caches.
+        "retrieval_gflops": {k: v / 1e9 for k, v in model.retrieval_flops(frames, text_len).items()},
     }
