@@ -32,7 +32,7 @@ from slimvl.bench.flops import count_flops, dummy_inputs, model_flops_per_pair  
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
-from slimvl.models.streams import decoder_kv  # noqa: E402
+from slimvl.models.streams import cached_decoder_scores, decoder_kv  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
 from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
 
@@ -49,7 +49,6 @@ def counted_flops(model, frames: int, text_len: int) -> dict[str, float]:
     kv = (lambda x: [decoder_kv(b, x) for b in model.decoder]) if mixed else (lambda x: x)
     vc, tc = model.cache_videos(video), model.cache_texts(ids, mask)
     if mixed:
-        from slimvl.models.streams import cached_decoder_scores
         kv_t, kv_v = kv(tc), kv(vc)
         pair = count_flops(lambda: cached_decoder_scores(model.decoder, model.vtm_query, model.vtm_head, kv_t, kv_v),
                            model)
