@@ -7,7 +7,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .tasks.retrieval import recall_metrics
-from .train import RetrievalData, autocast_for, resolve_device, to_float_video
+from .runtime import autocast_for, resolve_device, to_float_video
+from .tasks.vtm import RetrievalData
 
 
 @torch.inference_mode()

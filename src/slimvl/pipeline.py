@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Tokenizer, VideoTextDataset
-from .train import RetrievalData
+from .tasks.vtm import RetrievalData
 
 
 def load_tokenizer(root: str | Path, vocab: str | Path | None = None) -> Tokenizer:

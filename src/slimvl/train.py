@@ -1,11 +1,12 @@
-"""One training loop for every slimvl model, readable top to bottom.
+"""One training loop for every slimvl model and task, readable top to bottom.
 
-    data  ->  units of near-duplicate groups  ->  model scores pairs
-          ->  VTM hard-negative loss  ->  AdamW step  ->  checkpoint
+    task batch for (seed, step)  ->  task objective  ->  AdamW step  ->  checkpoint
 
-Batches are a pure function of ``(seed, step)``, so a resumed run sees the
-same batches as an uninterrupted one, and each DDP rank takes its share of
-the same global batch.
+The task (``slimvl.tasks``: retrieval, QA, MLM, or several at once) says
+what a step's examples are and what the loss is; batches are a pure function
+of ``(seed, step)``, so a resumed run sees the same batches as an
+uninterrupted one, and each DDP rank takes its share of the same global
+batch.
 """
 from __future__ import annotations
 
@@ -13,18 +14,22 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, save_checkpoint
-from .tasks.retrieval import (contrastive_loss, gumbel_noise, mined_negatives, pair_layout, random_negatives,
-                             similarity_logits, vtm_group_loss)
+from .runtime import autocast_for, resolve_device, to_float_video
+from .tasks.base import Task
+from .tasks.vtm import (RetrievalData, RetrievalObjective, RetrievalTask, UnitBatch, sample_units, step_batch,
+                        unit_batch)
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "lr_at", "RetrievalData", "RetrievalObjective",
+           "RetrievalTask", "UnitBatch", "sample_units", "step_batch", "unit_batch", "autocast_for",
+           "resolve_device", "to_float_video"]
 
 log = logging.getLogger("slimvl")
 
@@ -52,6 +57,7 @@ class TrainConfig:
     """
 
     steps: int = 500
+    batch_size: int = 64  # examples per step of the QA and MLM tasks (retrieval counts groups_per_step)
     groups_per_step: int = 8
     groups_per_unit: int = 4
     vtm_groups_per_unit: int = 0  # groups of a unit scored by VTM (0: all); the rest serve ITC and as negatives
@@ -94,6 +100,8 @@ class TrainConfig:
         if self.negatives_per_item < 0 or (self.negatives_per_item and self.groups_per_unit < 2):
             raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: must be >= 0, and 0 "
                              f"when a unit has a single group (groups_per_unit=1)")
+        if self.batch_size < 1:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size}: must be >= 1")
         if self.steps <= 0:
             raise ValueError(f"TrainConfig.steps={self.steps}: must be positive")
         if self.frozen_pretrained_steps < 0:
@@ -101,202 +109,6 @@ class TrainConfig:
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"TrainConfig.amp={self.amp!r}: must be 'auto', 'bf16' or 'off'")
 
-
-@dataclass
-class RetrievalData:
-    """Training/evaluation data in tensor form.
-
-    Attributes:
-        videos: uint8 ``[n_items, T, 3, H, W]``.
-        caption_ids / caption_mask: ``[n_captions, L]`` token ids and bool mask.
-        caption_item: ``[n_captions]`` the item each caption describes.
-        groups: list of item-index lists (near-duplicate groups, equal size).
-        heldout: optional bool per item (compositional held-out scene).
-        scenes: optional synthetic scene description per item (for error analysis).
-        skipped: media files left out as unreadable (``skip_bad``), for the run's log.
-    """
-
-    videos: torch.Tensor
-    caption_ids: torch.Tensor
-    caption_mask: torch.Tensor
-    caption_item: torch.Tensor
-    groups: list[list[int]]
-    heldout: list[bool] | None = None
-    scenes: list[dict] | None = None
-    skipped: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_dataset(cls, dataset, tokenizer, max_len: int, group_size: int = 4) -> "RetrievalData":
-        """Tokenise a ``VideoTextDataset``'s captions and index its groups.
-
-        Items without a recorded group (real data) are put in consecutive
-        groups of ``group_size``: they are then ordinary in-batch negatives.
-        """
-        texts, owner = [], []
-        for i, rec in enumerate(dataset.records):
-            for cap in rec.captions:
-                texts.append(cap)
-                owner.append(i)
-        ids, mask = tokenizer.encode(texts, max_len)
-        by_group: dict[int, list[int]] = {}
-        gids = dataset.groups if dataset.groups is not None else [None] * len(dataset.records)
-        for i, g in enumerate(gids):
-            by_group.setdefault(g if g is not None else -1 - i // group_size, []).append(i)
-        sizes = {len(v) for v in by_group.values()}
-        k = max(sizes, key=lambda s: sum(len(v) == s for v in by_group.values()))
-        groups = [v for v in by_group.values() if len(v) == k]
-        heldout = getattr(dataset, "heldout", None)
-        scenes = getattr(dataset, "scenes", None)
-        return cls(dataset.videos, ids, mask, torch.tensor(owner), groups,
-                   list(heldout) if heldout is not None and None not in heldout else None,
-                   list(scenes) if scenes is not None and None not in scenes else None,
-                   [str(path) for path, _ in getattr(dataset, "skipped", [])])
-
-    @property
-    def group_size(self) -> int:
-        return len(self.groups[0])
-
-
-def to_float_video(video_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 frames ``[..., 3, H, W]`` -> float in [-1, 1]."""
-    return video_uint8.float().div_(127.5).sub_(1.0)
-
-
-def sample_units(data: RetrievalData, n_units: int, groups_per_unit: int, seed: int, step: int) -> np.ndarray:
-    """Caption indices ``[n_units, groups_per_unit * k]``: distinct groups, one
-    caption per item (a caption identifies its item), chosen
-    deterministically from ``(seed, step)``."""
-    rng = np.random.default_rng([seed, step])
-    need = n_units * groups_per_unit
-    if need > len(data.groups):
-        raise ValueError(f"need {need} near-duplicate groups per step, the data has {len(data.groups)}")
-    chosen = rng.choice(len(data.groups), size=need, replace=False)
-    items = np.array([data.groups[g] for g in chosen]).reshape(n_units, -1)
-    caption_item = data.caption_item.numpy()
-    out = np.empty_like(items)
-    for idx, item in np.ndenumerate(items):
-        own = np.flatnonzero(caption_item == item)
-        out[idx] = own[rng.integers(len(own))]
-    return out
-
-
-@dataclass
-class UnitBatch:
-    """One step's tensors for ``U`` units of ``P`` items (one caption each).
-
-    ``video`` is float ``[U*P, T, 3, H, W]``, ``ids``/``mask`` the items'
-    captions ``[U*P, L]``. The other-group negatives are drawn from the
-    step's seed, so a resumed or data-parallel run draws the same ones:
-    ``negatives`` ``[U, P, E]`` (``"shared"``) or ``noise`` ``[U, 2, P, P]``
-    (Gumbel noise that draws random or similarity-mined negatives).
-    """
-
-    video: torch.Tensor
-    ids: torch.Tensor
-    mask: torch.Tensor
-    units: int
-    negatives: torch.Tensor | None = None
-    noise: torch.Tensor | None = None
-
-
-def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
-               negatives: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> UnitBatch:
-    """Gather the tensors of the given units (caption indices ``[U, P]``)."""
-    caps = torch.as_tensor(captions).flatten()
-    # Trim text padding that no caption of this step uses: masked keys do not
-    # change the result, they only cost time.
-    width = int(data.caption_mask[caps].any(0).nonzero().max()) + 1
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return UnitBatch(to_float_video(data.videos[data.caption_item[caps]]).to(device),
-                     data.caption_ids[caps, :width].to(device), data.caption_mask[caps, :width].to(device),
-                     len(captions), move(negatives), move(noise))
-
-
-def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, world: int,
-               device: torch.device) -> UnitBatch:
-    """This rank's share (every ``world``-th unit) of step ``step``'s global batch."""
-    n_units = cfg.groups_per_step // cfg.groups_per_unit
-    captions = sample_units(data, n_units, cfg.groups_per_unit, cfg.seed, step)
-    p, e = captions.shape[1], cfg.negatives_per_item
-    rng = np.random.default_rng([cfg.seed, step, 1])
-    negatives = noise = None
-    if cfg.negatives == "shared":
-        negatives = random_negatives(rng, n_units, cfg.groups_per_unit, data.group_size, e)[rank::world]
-    else:
-        noise = gumbel_noise(rng, (n_units, 2, p, p))[rank::world]
-    return unit_batch(data, captions[rank::world], device, negatives, noise)
-
-
-class RetrievalObjective(torch.nn.Module):
-    """The training loss as a module (so that DDP sees a single forward):
-    VTM over in-batch hard negatives, plus ``itc_weight`` times a contrastive
-    term between videos and texts encoded alone by the same network.
-
-    The contrastive term is there because it teaches the shared embeddings
-    and layers what each word and patch means from ``P*P`` comparisons per
-    unit at the cost of ``2P`` unimodal passes, while VTM alone learns from a
-    single logit per pair. With ``negatives="mined"`` its similarities also
-    pick the other-group negatives that VTM is trained on.
-
-    Perceiver-VL's streams (``config.stream``) change what runs: ``"multi"``
-    scores pairs by the embeddings' dot product, so its loss is the
-    contrastive term alone; ``"mixed"`` encodes each video and caption of the
-    unit once and decodes every scored pair from those latents.
-    """
-
-    def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
-        super().__init__()
-        self.model, self.group_size = model, group_size
-        self.stream = getattr(model.config, "stream", "single")
-        self.itc_weight, self.n_neg, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
-        if self.stream == "multi" and not self.itc_weight:
-            raise ValueError("TrainConfig.itc_weight=0: stream='multi' is trained by the contrastive term alone")
-        self.vtm_items = cfg.vtm_groups_per_unit * group_size  # 0: every item of the unit is a VTM query
-
-    def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.model.config.embed_dim
-        v = self.model.embed_video(b.video).float().view(b.units, -1, e)
-        t = self.model.embed_text(b.ids, b.mask).float().view(b.units, -1, e)
-        return v, t
-
-    def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        u, p = b.units, b.video.shape[0] // b.units
-        parts: dict[str, float] = {}
-        itc = v = t = v_lat = t_lat = None
-        if self.stream == "mixed":  # one encoding per item serves the contrastive term and every pair
-            v_lat, t_lat = self.model.video_latents(b.video), self.model.text_latents(b.ids, b.mask)
-            e = self.model.config.embed_dim
-            v, t = self.model.pool(v_lat).float().view(u, -1, e), self.model.pool(t_lat).float().view(u, -1, e)
-        if self.itc_weight:
-            if v is None:
-                v, t = self._embed(b)
-            itc = contrastive_loss(v, t, self.model.logit_scale)
-            parts["itc"] = itc.item()
-        if self.stream == "multi":
-            return itc, parts
-        with torch.no_grad():
-            if b.negatives is not None:
-                layout = pair_layout(self.group_size, b.negatives)
-            else:
-                sim = b.noise.new_zeros(u, p, p)  # flat: Gumbel-top-k of noise alone is uniform sampling
-                if self.mined:
-                    if v is None:
-                        v, t = self._embed(b)
-                    sim = similarity_logits(v, t, self.model.logit_scale)
-                q = self.vtm_items or p
-                t2v_neg, v2t_neg = mined_negatives(sim, self.group_size, self.n_neg, b.noise)
-                # Only the first q items are VTM queries; their negatives may be any other-group item.
-                layout = pair_layout(self.group_size, t2v_neg[:, :q], v2t_neg[:, :q])
-            offset = (torch.arange(u, device=b.video.device) * p)[:, None]
-            cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
-        if v_lat is not None:
-            logits = self.model.score_latents(v_lat[vid], t_lat[cap]).float()
-        else:
-            logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
-        vtm = vtm_group_loss(logits.view(u, -1), layout)
-        parts["vtm"] = vtm.item()
-        loss = vtm if itc is None else vtm + self.itc_weight * itc
-        return loss, parts
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -306,20 +118,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast_for(device: torch.device, amp: str):
-    """bf16 autocast where asked for (``"bf16"``) or, with ``"auto"``, on GPUs
-    that support it; on CPU ``"auto"`` stays fp32 (bf16 matmuls are slower on
-    most CPUs without AMX)."""
-    use = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 
 @dataclass
@@ -341,24 +139,28 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          val_data: RetrievalData | None = None) -> TrainResult:
-    """Train ``model`` on ``data`` with the in-batch hard-negative VTM objective.
+def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig,
+          run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None, val_data=None) -> TrainResult:
+    """Train ``model`` on a task.
 
     Args:
-        val_data: evaluated (Recall@K, see ``slimvl.evaluate``) every
-            ``cfg.eval_every`` steps and at the end; the learning curve goes
-            to ``TrainResult.evals`` and the run's log. Evaluation time is not
-            counted in the training seconds.
+        data: a ``slimvl.tasks`` task (``QATask``, ``MLMTask``, ``MultiTask``...)
+            or ``RetrievalData``, which trains retrieval (the in-batch
+            hard-negative VTM objective).
+        val_data: held-out data of the task's kind, evaluated (``task.evaluate``)
+            every ``cfg.eval_every`` steps and at the end; the learning curve
+            goes to ``TrainResult.evals`` and the run's log. Evaluation time is
+            not counted in the training seconds.
         run_dir: where checkpoints (``run_dir/checkpoints/step_*``) and the log
             (``run_dir/train_log.json``) go; None keeps nothing on disk.
         resume: continue from the newest checkpoint in ``run_dir``.
         stop_after: end after this many steps (for tests of resuming).
 
     Runs data-parallel when launched by ``torchrun`` (gloo on CPU, nccl on
-    GPU): each rank scores its share of the units of the same global batch.
+    GPU): each rank takes its share of the same global batch.
     """
+    task = data if isinstance(data, Task) else RetrievalTask(data)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(cfg.device)
     rank, world = 0, 1
@@ -368,10 +170,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    n_units = cfg.groups_per_step // cfg.groups_per_unit
-    if n_units % world:
-        raise ValueError(f"groups_per_step={cfg.groups_per_step} gives {n_units} units, "
-                         f"not divisible by {world} processes")
+    task.check(cfg, world)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
@@ -382,7 +181,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         start, history, evals = meta["step"], meta.get("history", []), meta.get("evals", [])
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
-    objective = RetrievalObjective(model, data.group_size, cfg)
+    objective = task.objective(model, cfg)
     frozen = [p for n, p in model.named_parameters() if n in getattr(model, "pretrained_names", ())]
     if cfg.frozen_pretrained_steps and not frozen:
         raise ValueError(f"TrainConfig.frozen_pretrained_steps={cfg.frozen_pretrained_steps}: nothing was loaded "
@@ -392,10 +191,10 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
-               desc=f"train {model.config.model_type}", dynamic_ncols=True)
+               desc=f"train {model.config.model_type} ({task.name})", dynamic_ncols=True)
     last_ckpt, t0, seen, eval_seconds = None, time.perf_counter(), 0, 0.0
     for step in bar:
-        batch = step_batch(data, cfg, step, rank, world, device)
+        batch = task.batch(cfg, step, rank, world, device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
         with autocast_for(device, cfg.amp):
@@ -412,7 +211,7 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
 
-        seen += batch.video.shape[0] * world
+        seen += task.samples(batch) * world
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             rate = seen / (time.perf_counter() - t0 - eval_seconds)
             history.append({"step": step + 1, "loss": round(loss.item(), 5),
@@ -422,33 +221,29 @@ def train(model: torch.nn.Module, data: RetrievalData, cfg: TrainConfig, run_dir
         if val_data is not None and cfg.eval_every and rank == 0 and \
                 ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
             t_eval = time.perf_counter()
-            evals.append(_validate(model, val_data, device, step + 1, t_eval - t0 - eval_seconds))
+            metrics = task.evaluate(model, val_data, device)
+            evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
             model.train()
             eval_seconds += time.perf_counter() - t_eval
-            bar.write(f"step {step + 1}: val t2v R@1 {evals[-1]['t2v_r1']:.3f}")
+            if task.headline in metrics:
+                bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
         if run_dir is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-            last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals)
+            last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals, task)
     seconds = time.perf_counter() - t0 - eval_seconds
     if run_dir is not None and rank == 0:
-        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "history": history, "evals": evals,
-                                                       "seconds": seconds, "skipped_media": data.skipped})
+        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "task": task.name, "history": history,
+                                                       "evals": evals, "seconds": seconds,
+                                                       "skipped_media": task.skipped})
     return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None,
                        evals=evals)
 
 
-def _validate(model: torch.nn.Module, val_data: RetrievalData, device: torch.device, step: int,
-              train_seconds: float) -> dict:
-    from .evaluate import evaluate  # evaluate builds on this module's data types
-
-    m = evaluate(model, val_data, device=str(device), progress=False)
-    keep = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "heldout_t2v_r1")
-    return {"step": step, "train_seconds": round(train_seconds, 2), **{k: m[k] for k in keep if k in m}}
-
-
-def _checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, history: list, evals: list) -> Path:
+def _checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, history: list, evals: list,
+                task: Task) -> Path:
     root = run_dir / "checkpoints"
     path = save_checkpoint(root / f"step_{step:07d}", model, optimizer,
-                           {"step": step, "train_config": asdict(cfg), "history": history, "evals": evals})
+                           {"step": step, "train_config": asdict(cfg), "task": task.name, **task.meta(),
+                            "history": history, "evals": evals})
     for old in sorted(root.glob("step_*"))[: -cfg.keep_checkpoints]:
         for f in old.iterdir():
             f.unlink()

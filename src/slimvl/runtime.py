@@ -1,0 +1,27 @@
+"""Small runtime helpers shared by training and evaluation: device choice,
+mixed precision, and turning stored frames into model input."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """bf16 autocast where asked for (``"bf16"``) or, with ``"auto"``, on GPUs
+    that support it; on CPU ``"auto"`` stays fp32 (bf16 matmuls are slower on
+    most CPUs without AMX)."""
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+def to_float_video(video_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 frames ``[..., 3, H, W]`` -> float in [-1, 1]."""
+    return video_uint8.float().div_(127.5).sub_(1.0)

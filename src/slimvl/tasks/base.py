@@ -1,0 +1,130 @@
+"""What the training loop needs from a task, and several tasks trained as one.
+
+A task owns its data and answers four questions for ``slimvl.train.train``:
+which examples make step ``s`` (a pure function of ``(seed, s)``, so that a
+resumed run and every data-parallel rank see the same global batch), what
+the loss over them is (an ``nn.Module``, so that DDP sees one forward), how
+to evaluate a model on held-out data of the same kind, and what to store in
+checkpoints besides the weights (an answer vocabulary, say).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Task:
+    """Base class of training tasks (retrieval, QA, MLM, several at once).
+
+    Subclasses set ``data`` and implement ``objective``, ``batch`` and
+    ``samples``; ``evaluate`` is needed for ``TrainConfig.eval_every``.
+    """
+
+    name = "task"
+    headline = "loss"  # the evaluation metric shown on the progress bar
+    data: Any = None
+
+    def check(self, cfg, world: int) -> None:
+        """Raise ``ValueError`` when ``cfg`` cannot run on ``world`` processes."""
+
+    def objective(self, model: nn.Module, cfg) -> nn.Module:
+        """A module whose ``forward(batch)`` returns ``(loss, {part: float})``."""
+        raise NotImplementedError
+
+    def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> Any:
+        """This rank's share of step ``step``'s global batch, on ``device``."""
+        raise NotImplementedError
+
+    def samples(self, batch: Any) -> int:
+        """Examples in this rank's share of a batch (for the throughput log)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Any, device: torch.device) -> dict[str, float]:
+        """Metrics of ``model`` on held-out ``data`` of this task's kind."""
+        raise NotImplementedError(f"task {self.name!r} has no evaluation")
+
+    def meta(self) -> dict:
+        """JSON data stored in every checkpoint (e.g. an answer vocabulary)."""
+        return {}
+
+    @property
+    def skipped(self) -> list[str]:
+        """Media files left out as unreadable, for the run's log."""
+        return list(getattr(self.data, "skipped", []) or [])
+
+
+class _WeightedSum(nn.Module):
+    def __init__(self, objectives: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        self.objectives = nn.ModuleDict(objectives)
+        self.weights = weights
+
+    def forward(self, batches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        total, parts = 0.0, {}
+        for name, objective in self.objectives.items():
+            loss, sub = objective(batches[name])
+            total = total + self.weights[name] * loss
+            parts[name] = loss.item()
+            parts.update({f"{name}/{k}": v for k, v in sub.items()})
+        return total, parts
+
+
+class MultiTask(Task):
+    """Several tasks trained together: every step takes one batch of each
+    and the loss is their weighted sum (multi-task pre-training, e.g. VTM and
+    MLM over video-text and image-text at once).
+
+    Each task draws its batches from its own seed (``cfg.seed + 1000 * i``),
+    so two tasks over the same data do not see the same examples in lockstep
+    unless they are meant to share data. ``evaluate`` takes a dict of
+    held-out data per task name (tasks without one are skipped).
+    """
+
+    name = "multi"
+
+    def __init__(self, tasks: dict[str, Task], weights: dict[str, float] | None = None):
+        if not tasks:
+            raise ValueError("MultiTask needs at least one task")
+        unknown = sorted(set(weights or {}) - set(tasks))
+        if unknown:
+            raise ValueError(f"MultiTask weights name unknown tasks {unknown}; tasks: {sorted(tasks)}")
+        self.tasks = dict(tasks)
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in tasks}
+        self.headline = f"{next(iter(tasks))}/{next(iter(tasks.values())).headline}"
+
+    def _cfg(self, cfg, i: int):
+        return replace(cfg, seed=cfg.seed + 1000 * i)
+
+    def check(self, cfg, world: int) -> None:
+        for i, task in enumerate(self.tasks.values()):
+            task.check(self._cfg(cfg, i), world)
+
+    def objective(self, model: nn.Module, cfg) -> nn.Module:
+        return _WeightedSum({k: t.objective(model, self._cfg(cfg, i)) for i, (k, t) in enumerate(self.tasks.items())},
+                            self.weights)
+
+    def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+        return {k: t.batch(self._cfg(cfg, i), step, rank, world, device) for i, (k, t) in enumerate(self.tasks.items())}
+
+    def samples(self, batch: dict[str, Any]) -> int:
+        return sum(t.samples(batch[k]) for k, t in self.tasks.items())
+
+    def evaluate(self, model: nn.Module, data: dict[str, Any], device: torch.device) -> dict[str, float]:
+        out = {}
+        for k, t in self.tasks.items():
+            if data.get(k) is not None:
+                out.update({f"{k}/{m}": v for m, v in t.evaluate(model, data[k], device).items()})
+        return out
+
+    def meta(self) -> dict:
+        out: dict = {}
+        for t in self.tasks.values():
+            out.update(t.meta())
+        return out
+
+    @property
+    def skipped(self) -> list[str]:
+        return [s for t in self.tasks.values() for s in t.skipped]
