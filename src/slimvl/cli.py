@@ -1,4 +1,4 @@
-"""The ``slimvl`` command: ``data make``, ``train``, ``eval``, ``bench``, ``demo``.
+"""The ``slimvl`` command: ``data make``, ``data qa``, ``train``, ``eval``, ``bench``, ``demo``.
 
 Run ``slimvl COMMAND --help`` for each command's options.
 """
@@ -64,6 +64,13 @@ def cmd_data_make(a: argparse.Namespace) -> None:
     print(f"dataset ready at {root}")
 
 
+def cmd_data_qa(a: argparse.Namespace) -> None:
+    from .data import make_qa
+
+    out = make_qa(a.data, questions_per_item=a.questions_per_item, seed=a.seed)
+    print(f"questions ready at {out}")
+
+
 def _train_config(a: argparse.Namespace):
     from .train import TrainConfig
 
@@ -104,27 +111,59 @@ def _initialise(model, a: argparse.Namespace) -> None:
         pretrained.load_text_embeddings(model, a.init_bert)
 
 
+def _task_data(a: argparse.Namespace, tok, c, split: str, answers=None):
+    """One split of ``--data`` in the form ``--task`` trains on."""
+    from .pipeline import load_qa_split, load_split
+
+    if a.task == "qa":
+        return load_qa_split(a.data, split, tok, a.frames, c.image_size, c.max_text_len, answers,
+                             skip_bad=a.skip_bad, progress=not a.quiet)
+    return load_split(a.data, split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
+                      progress=not a.quiet)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
+    from .data.qa import answer_vocab
     from .models import create_model
     from .pipeline import load_split, load_tokenizer
+    from .tasks import MLMTask, MultiTask, QATask, RetrievalTask
     from .train import train
 
     spec = yaml.safe_load(Path(a.config).read_text()) if a.config else {}
     model_name = a.model or spec.get("model", "perceiver_vl_tiny")
     overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
-    tok = load_tokenizer(a.data, a.vocab)
+    tok = load_tokenizer(a.data, a.vocab, qa=a.task == "qa")
     overrides.setdefault("vocab_size", tok.vocab_size)
+    answers = None
+    if a.task == "qa":
+        answers = answer_vocab(a.data)
+        overrides.setdefault("num_answers", len(answers))
+    if a.task in ("mlm", "pretrain"):
+        overrides.setdefault("mlm", True)
+    if a.image_data and a.task != "pretrain":
+        raise ValueError("--image-data: only --task pretrain mixes image-text data in")
     model = create_model(model_name, **overrides)
     _initialise(model, a)
     c = model.config
-    data = load_split(a.data, "train", tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
-                      progress=not a.quiet)
+    data = _task_data(a, tok, c, "train", answers)
     cfg = _train_config(a)
-    val = None
-    if cfg.eval_every:
-        val = load_split(a.data, a.val_split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
-                         progress=not a.quiet)
-    result = train(model, data, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet, val_data=val)
+    val = _task_data(a, tok, c, a.val_split, answers) if cfg.eval_every else None
+    if a.task == "qa":
+        task = QATask(data)
+    elif a.task == "mlm":
+        task = MLMTask(data, tok)
+    elif a.task == "pretrain":
+        # VTM and MLM summed, over video-text and (with --image-data) image-text together.
+        tasks = {"video_vtm": RetrievalTask(data), "video_mlm": MLMTask(data, tok)}
+        if a.image_data:
+            images = load_split(a.image_data, "train", tok, 1, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
+                                progress=not a.quiet)
+            tasks.update(image_vtm=RetrievalTask(images), image_mlm=MLMTask(images, tok))
+        task = MultiTask(tasks)
+        val = {"video_vtm": val} if val is not None else None
+    else:
+        task = RetrievalTask(data)
+    result = train(model, task, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet, val_data=val)
     print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
                       "final_loss": result.history[-1]["loss"] if result.history else None,
                       "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint}))
@@ -139,6 +178,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     if not (ckpt / "meta.json").exists() and (found := latest_checkpoint(ckpt)) is not None:
         ckpt = found
     model = load_model(ckpt)
+    if a.task != "retrieval":
+        return _eval_task(a, ckpt, model)
     if a.cross_attn_keep is not None:
         if not hasattr(model, "cross_attn_keep"):
             raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
@@ -150,6 +191,25 @@ def cmd_eval(a: argparse.Namespace) -> None:
     metrics = evaluate(model, data, batch_size=a.batch_size, progress=not a.quiet)
     print(json.dumps({"checkpoint": str(ckpt), "cross_attn_keep": getattr(c, "cross_attn_keep", None), **metrics},
                      indent=2))
+
+
+def _eval_task(a: argparse.Namespace, ckpt: Path, model) -> None:
+    """``slimvl eval --task qa|mlm``."""
+    from .checkpoint import read_meta
+    from .pipeline import load_tokenizer
+    from .tasks import MLMTask, evaluate_mlm, evaluate_qa
+
+    tok = load_tokenizer(a.data, a.vocab, qa=a.task == "qa")
+    if a.task == "qa":
+        # The classifier's answers are the ones it was trained with (stored in
+        # the checkpoint); data answers outside them count as wrong.
+        answers = read_meta(ckpt).get("answers")
+        data = _task_data(a, tok, model.config, a.split, answers)
+        metrics = evaluate_qa(model, data, a.batch_size)
+    else:
+        data = _task_data(a, tok, model.config, a.split)
+        metrics = evaluate_mlm(model, data, MLMTask(data, tok), batch_size=a.batch_size)
+    print(json.dumps({"checkpoint": str(ckpt), "task": a.task, **metrics}, indent=2))
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -193,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--size", type=int, default=64, help="canvas side in pixels")
     mk.add_argument("--captions-per-item", type=int, default=2)
     mk.set_defaults(func=cmd_data_make)
+    qa = data.add_parser("qa", help="add questions and answers (VQA-like layout, DATA/qa/) to a synthetic dataset")
+    qa.add_argument("--data", required=True, help="dataset folder made by `slimvl data make`")
+    qa.add_argument("--questions-per-item", type=int, default=4)
+    qa.add_argument("--seed", type=int, default=0)
+    qa.set_defaults(func=cmd_data_qa)
 
     def data_args(sp, with_out: bool = True):
         sp.add_argument("--data", required=True, help="dataset folder (MSR-VTT or Karpathy layout)")
@@ -202,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model")
     data_args(tr)
+    tr.add_argument("--task", choices=["retrieval", "qa", "mlm", "pretrain"], default="retrieval",
+                    help="retrieval (VTM + contrastive), qa (answer classifier), mlm, or pretrain (VTM + MLM)")
+    tr.add_argument("--image-data", help="--task pretrain: an image-text dataset trained on together with --data")
     tr.add_argument("--model", help="preset name (see slimvl.list_models())")
     tr.add_argument("--config", help="YAML with model, model_overrides and train sections")
     tr.add_argument("--set", action="append", help="model config override key=value (repeatable)")
@@ -223,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-bert", help="HF BERT folder or safetensors file: text embeddings")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="retrieval Recall@K of a checkpoint")
+    ev = sub.add_parser("eval", help="retrieval Recall@K (or QA / MLM accuracy) of a checkpoint")
     data_args(ev)
+    ev.add_argument("--task", choices=["retrieval", "qa", "mlm"], default="retrieval")
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (newest is used)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--batch-size", type=int, default=256)

@@ -27,6 +27,7 @@ class VLConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     embed_dim: int = 64
+    num_answers: int = 0  # > 0: a question-answering head over this many answers (slimvl.tasks.qa)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,6 +49,8 @@ class VLConfig:
             self._fail("mlp_ratio", "must be positive")
         if not 0.0 <= self.dropout < 1.0:
             self._fail("dropout", "must be in [0, 1)")
+        if isinstance(self.num_answers, bool) or not isinstance(self.num_answers, int) or self.num_answers < 0:
+            self._fail("num_answers", "must be a non-negative integer (0: no question-answering head)")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, tagged with ``model_type``."""
@@ -96,6 +99,12 @@ class PerceiverVLConfig(VLConfig):
             multi and mixed streams (False: a second one for text).
         decoder_layers: cross-attention layers of the VTM decoder (0: none,
             for the multi stream only).
+
+    Task heads (besides VTM):
+        num_answers: QA as classification, a [CLS]-query decoder over the
+            jointly encoded latents and an answer classifier.
+        mlm: masked language modelling through decoder queries (one per
+            text position: position embedding + masked/unmasked embedding).
     """
 
     model_type: ClassVar[str] = "perceiver_vl"
@@ -106,6 +115,7 @@ class PerceiverVLConfig(VLConfig):
     stream: str = "single"
     share_encoder: bool = True
     decoder_layers: int = 1
+    mlm: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -125,6 +135,8 @@ class PerceiverVLConfig(VLConfig):
         if self.decoder_layers == 0 and self.stream != "multi":
             self._fail("decoder_layers", f"stream={self.stream!r} scores pairs with the VTM decoder; it needs "
                                          "decoder_layers >= 1 (only stream='multi' works without a decoder)")
+        if not isinstance(self.mlm, bool):
+            self._fail("mlm", "must be true or false")
         if not isinstance(self.share_encoder, bool):
             self._fail("share_encoder", "must be true or false")
         if not self.share_encoder and self.stream == "single":

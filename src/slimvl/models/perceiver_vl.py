@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
-from ..nn import TEXT, VIDEO, Block, CrossBlock, ModalityEmbed
+from ..nn import TEXT, VIDEO, AnswerHead, Block, CrossBlock, ModalityEmbed, QueryDecoder
 from .base import VLModel, VLOutput, block_flops, linear_flops
 from .config import PerceiverVLConfig
 from .streams import cached_decoder_scores, decoder_kv
@@ -85,6 +85,20 @@ class PerceiverVL(VLModel):
         # side; a tag per stream tells it which is which.
         self.stream_tag = ModalityEmbed(2, c.dim) if c.stream == "mixed" else None
         self.proj = nn.Linear(c.dim, c.embed_dim)
+        # Task heads are created last and only when asked for, so that a
+        # retrieval model draws the same initial weights with or without them.
+        if c.num_answers:
+            self.qa_query = nn.Parameter(torch.randn(1, c.dim) * 0.02)
+            self.qa_decoder = QueryDecoder(c.dim, c.heads, c.mlp_ratio, max(1, c.decoder_layers), c.dropout)
+            self.qa_head = AnswerHead(c.dim, c.num_answers)
+        if c.mlm:
+            # The MLM decoder's queries carry no token content: a position
+            # embedding plus whether that position is masked. Everything the
+            # decoder knows about the words must come through the latents.
+            self.mlm_pos = nn.Parameter(torch.randn(c.max_text_len, c.dim) * 0.02)
+            self.mlm_state = nn.Parameter(torch.randn(2, c.dim) * 0.02)  # [unmasked, masked]
+            self.mlm_decoder = QueryDecoder(c.dim, c.heads, c.mlp_ratio, 1, c.dropout)
+            self.mlm_head = nn.Linear(c.dim, c.vocab_size)
 
     # -- options ----------------------------------------------------------
     @property
@@ -152,6 +166,42 @@ class PerceiverVL(VLModel):
             return VLOutput(logits=self.score_latents(self.video_latents(video), self.text_latents(text_ids, text_mask)))
         latents = self.encode(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=self.decode(latents), pooled=self.pool(latents))
+
+    # -- task heads: QA and MLM read the joint encoding ----------------------
+    def joint_latents(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """Latents ``[B, N, D]`` of ``[video; text]`` encoded together (what
+        QA and MLM read, whatever the retrieval stream)."""
+        self.check_inputs(video, text_ids, text_mask)
+        return self.encode(*self.embed_inputs(video, text_ids, text_mask))
+
+    def answer(self, video: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+        """Answer logits ``[B, num_answers]``: a [CLS] query reads the joint
+        latents of the video and the question, then the answer classifier."""
+        self._need_head("qa_head", "num_answers")
+        lat = self.joint_latents(video, question_ids, question_mask)
+        cls = self.qa_decoder(repeat(self.qa_query, "q d -> b q d", b=lat.shape[0]), lat)
+        return self.qa_head(cls[:, 0])
+
+    def mlm_logits(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, masked: Tensor) -> Tensor:
+        """Token logits ``[B, L, vocab]`` at every text position.
+
+        ``text_ids`` are the corrupted ids (masked positions already replaced,
+        see ``slimvl.tasks.mlm.mask_tokens``); ``masked`` ``[B, L]`` bool says
+        which positions were chosen. Each decoder query is the position's
+        embedding plus the masked/unmasked embedding.
+        """
+        self._need_head("mlm_head", "mlm")
+        if masked.shape != text_ids.shape or masked.dtype != torch.bool:
+            raise ValueError(f"masked: expected bool of shape {tuple(text_ids.shape)}, "
+                             f"got {masked.dtype} {tuple(masked.shape)}")
+        lat = self.joint_latents(video, text_ids, text_mask)
+        queries = self.mlm_pos[: text_ids.shape[1]] + self.mlm_state[masked.long()]
+        return self.mlm_head(self.mlm_decoder(queries, lat))
+
+    def _need_head(self, head: str, option: str) -> None:
+        if getattr(self, head, None) is None:
+            raise ValueError(f"this {self.config.model_type} has no {head}: build it with {option} set "
+                             f"(e.g. create_model(..., {option}={'True' if option == 'mlm' else 'N'}))")
 
     # -- cached retrieval (multi and mixed streams) -------------------------
     def _need_cache(self) -> None:

@@ -213,7 +213,10 @@ def resize_latents(latents: Tensor, n: int, mode: str = "interpolate", generator
 
 
 # Config fields that may differ between a checkpoint and the model it initialises.
-_FREE_FIELDS = {"num_latents", "cross_attn_drop", "cross_attn_keep", "dropout"}
+_FREE_FIELDS = {"num_latents", "cross_attn_drop", "cross_attn_keep", "dropout", "num_answers", "mlm"}
+# Task heads: a pre-trained model's MLM head is left behind when fine-tuning
+# for retrieval, and a new QA head starts from random weights.
+_HEADS = ("qa_", "mlm_")
 
 
 def init_from_checkpoint(model: torch.nn.Module, folder: str | Path, latent_resize: str = "interpolate"
@@ -221,7 +224,10 @@ def init_from_checkpoint(model: torch.nn.Module, folder: str | Path, latent_resi
     """Initialise ``model`` from a slimvl checkpoint of the same architecture
     whose ``num_latents`` may differ (fine-tuning with another N): the latent
     arrays are resized by ``latent_resize`` (see ``resize_latents``), every
-    other tensor is copied. Any other config difference (width, depth,
+    other tensor is copied. Task heads may differ too (fine-tuning a
+    pre-trained model): the checkpoint's heads the model lacks are left out
+    (``InitReport.unused``), the model's heads the checkpoint lacks keep their
+    initial weights. Any other config difference (width, depth,
     vocabulary...) fails naming the fields."""
     from ..checkpoint import _load_tensors, read_meta
 
@@ -240,10 +246,13 @@ def init_from_checkpoint(model: torch.nn.Module, folder: str | Path, latent_resi
         if k.endswith(("encoder.latents", "encoder.latent_pos")):
             weights[k] = resize_latents(weights[k], n, latent_resize)
     own = model.state_dict()
-    bad = sorted(k for k in set(own) | set(weights) if k not in own or k not in weights)
+    head = lambda k: k.startswith(_HEADS)  # noqa: E731
+    bad = sorted(k for k in set(own) | set(weights) if (k not in own or k not in weights) and not head(k))
     if bad:
         raise ValueError(f"{folder}: weights do not fit the model; offending keys: {bad[:20]}")
-    report = InitReport()
-    _assign(model, weights, str(folder), report)
+    if theirs.get("num_answers") != ours.get("num_answers"):  # another answer vocabulary: a new classifier
+        weights = {k: v for k, v in weights.items() if not k.startswith("qa_")}
+    report = InitReport(unused=sorted(k for k in weights if k not in own))
+    _assign(model, {k: v for k, v in weights.items() if k in own}, str(folder), report)
     model.pretrained_names = set()  # a whole-model initialisation is not a frozen stage's business
     return report

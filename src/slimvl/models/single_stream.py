@@ -7,7 +7,7 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
-from ..nn import Block
+from ..nn import AnswerHead, Block
 from .base import VLModel, VLOutput, block_flops, linear_flops
 from .config import SingleStreamConfig
 
@@ -24,6 +24,7 @@ class SingleStream(VLModel):
         self.norm = nn.LayerNorm(c.dim)
         self.vtm_head = nn.Linear(c.dim, 1)
         self.proj = nn.Linear(c.dim, c.embed_dim)
+        self.qa_head = AnswerHead(c.dim, c.num_answers) if c.num_answers else None
 
     def encode_cls(self, x: Tensor, mask: Tensor) -> Tensor:
         """Full self-attention over ``[CLS; x]``; returns the final [CLS] ``[B, D]``."""
@@ -39,6 +40,14 @@ class SingleStream(VLModel):
         self.check_inputs(video, text_ids, text_mask)
         cls = self.encode_cls(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=self.vtm_head(cls).squeeze(-1), pooled=self.proj(cls))
+
+    def answer(self, video: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+        """Answer logits ``[B, num_answers]`` from the final [CLS] (ViLT's VQA head)."""
+        if self.qa_head is None:
+            raise ValueError("this single_stream model has no qa_head: build it with num_answers set "
+                             "(e.g. create_model(..., num_answers=N))")
+        self.check_inputs(video, question_ids, question_mask)
+        return self.qa_head(self.encode_cls(*self.embed_inputs(video, question_ids, question_mask)))
 
     def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
         return self.proj(self.encode_cls(inputs, mask))

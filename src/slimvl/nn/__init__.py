@@ -2,6 +2,7 @@
 from .attention import Attention, attention_bias
 from .blocks import MLP, Block, CrossBlock
 from .embed import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
+from .heads import AnswerHead, QueryDecoder
 
 __all__ = ["Attention", "attention_bias", "MLP", "Block", "CrossBlock", "PatchEmbed", "TextEmbed",
-           "ModalityEmbed", "VIDEO", "TEXT"]
+           "ModalityEmbed", "VIDEO", "TEXT", "QueryDecoder", "AnswerHead"]

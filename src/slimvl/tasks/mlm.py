@@ -1,0 +1,136 @@
+"""Masked language modelling through Perceiver-VL's decoder queries.
+
+BERT's recipe: ``prob`` (15%) of the caption's word pieces are chosen; of
+those, 80% become ``[MASK]``, 10% a random word piece and 10% stay as they
+are, and the model predicts the original piece at every chosen position.
+The video and the corrupted caption are encoded jointly; the decoder's
+queries carry only positions and the masked/unmasked flag
+(``PerceiverVL.mlm_logits``), so the words must be recovered from the
+latents, with the video's help.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..runtime import autocast_for, resolve_device, to_float_video
+from .base import Task
+
+
+def mask_tokens(ids: Tensor, mask: Tensor, rng: np.random.Generator, mask_id: int, vocab_size: int,
+                special_ids: tuple[int, ...], prob: float = 0.15) -> tuple[Tensor, Tensor]:
+    """Corrupt ``ids`` ``[B, L]`` for MLM; returns ``(corrupted ids, chosen [B, L] bool)``.
+
+    Only real, non-special tokens can be chosen, and every caption with one
+    gets at least one chosen position (a short caption would otherwise often
+    teach nothing). Random replacements never draw a special token.
+    """
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"prob={prob}: the masking probability must be in (0, 1)")
+    ids_np, real = ids.numpy(), mask.numpy().copy()
+    real &= ~np.isin(ids_np, np.array(special_ids))
+    u = rng.random(ids_np.shape)
+    chosen = real & (u < prob)
+    for b in np.flatnonzero(real.any(1) & ~chosen.any(1)):
+        pos = np.flatnonzero(real[b])
+        chosen[b, pos[rng.integers(len(pos))]] = True
+    action = rng.random(ids_np.shape)
+    normal = np.setdiff1d(np.arange(vocab_size), np.array(special_ids))
+    random_ids = normal[rng.integers(len(normal), size=ids_np.shape)]
+    out = ids_np.copy()
+    out[chosen & (action < 0.8)] = mask_id
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    out[swap] = random_ids[swap]
+    return torch.from_numpy(out), torch.from_numpy(chosen)
+
+
+class MLMBatch:
+    """Videos, corrupted captions, the chosen positions and their original ids."""
+
+    def __init__(self, video: Tensor, ids: Tensor, mask: Tensor, masked: Tensor, target: Tensor):
+        self.video, self.ids, self.mask, self.masked, self.target = video, ids, mask, masked, target
+
+
+class MLMObjective(nn.Module):
+    """Cross-entropy of the original word piece at each chosen position."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, b: MLMBatch) -> tuple[Tensor, dict[str, float]]:
+        logits = self.model.mlm_logits(b.video, b.ids, b.mask, b.masked).float()[b.masked]
+        target = b.target[b.masked]
+        loss = F.cross_entropy(logits, target)
+        return loss, {"mlm": loss.item(), "acc": (logits.argmax(-1) == target).float().mean().item()}
+
+
+class MLMTask(Task):
+    """MLM over the captions of ``RetrievalData`` (video-text or image-text):
+    ``cfg.batch_size`` (video, caption) pairs per step, masks drawn from
+    ``(seed, step)``."""
+
+    name = "mlm"
+    headline = "mlm_accuracy"
+
+    def __init__(self, data, tokenizer, prob: float = 0.15):
+        self.data, self.prob = data, prob
+        self.mask_id, self.vocab_size = tokenizer.mask_id, tokenizer.vocab_size
+        self.special = (tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id)
+
+    def check(self, cfg, world: int) -> None:
+        if cfg.batch_size % world:
+            raise ValueError(f"TrainConfig.batch_size={cfg.batch_size}: not divisible by {world} processes")
+
+    def objective(self, model: nn.Module, cfg) -> nn.Module:
+        if getattr(model, "mlm_head", None) is None:
+            raise ValueError(f"task 'mlm' needs a model built with mlm=True ({model.config.model_type} has no MLM head)")
+        if model.config.vocab_size != self.vocab_size:
+            raise ValueError(f"model vocab_size={model.config.vocab_size}, tokenizer has {self.vocab_size} ids")
+        return MLMObjective(model)
+
+    def make_batch(self, rows: np.ndarray, rng: np.random.Generator, device: torch.device, data=None) -> MLMBatch:
+        """The given captions (of ``data``, default the task's), masked with ``rng``."""
+        d = self.data if data is None else data
+        rows = torch.as_tensor(rows)
+        width = int(d.caption_mask[rows].any(0).nonzero().max()) + 1
+        ids, mask = d.caption_ids[rows, :width], d.caption_mask[rows, :width]
+        corrupted, masked = mask_tokens(ids, mask, rng, self.mask_id, self.vocab_size, self.special, self.prob)
+        return MLMBatch(to_float_video(d.videos[d.caption_item[rows]]).to(device), corrupted.to(device),
+                        mask.to(device), masked.to(device), ids.to(device))
+
+    def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> MLMBatch:
+        rng = np.random.default_rng([cfg.seed, step, 2])
+        n = len(self.data.caption_item)
+        rows = rng.choice(n, size=cfg.batch_size, replace=cfg.batch_size > n)
+        # Every rank draws the whole step's masks, then keeps its rows: the
+        # global batch is the same whatever the number of processes.
+        b = self.make_batch(rows, rng, device)
+        keep = slice(rank, None, world)
+        return MLMBatch(b.video[keep], b.ids[keep], b.mask[keep], b.masked[keep], b.target[keep])
+
+    def samples(self, batch: MLMBatch) -> int:
+        return batch.video.shape[0]
+
+    def evaluate(self, model: nn.Module, data, device: torch.device) -> dict[str, float]:
+        return evaluate_mlm(model, data, self, device)
+
+
+@torch.inference_mode()
+def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.device = "auto", batch_size: int = 256,
+                 seed: int = 0) -> dict[str, float]:
+    """MLM accuracy (top-1 over the chosen positions) on every caption of
+    ``data``, with masks drawn from ``seed`` (the same for every model)."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    model = model.to(dev).eval()
+    rng = np.random.default_rng([seed, 17])
+    right = total = 0
+    for start in range(0, len(data.caption_item), batch_size):
+        b = task.make_batch(np.arange(start, min(start + batch_size, len(data.caption_item))), rng, dev, data)
+        with autocast_for(dev, "auto"):
+            logits = model.mlm_logits(b.video, b.ids, b.mask, b.masked)
+        right += int((logits.argmax(-1)[b.masked] == b.target[b.masked]).sum())
+        total += int(b.masked.sum())
+    return {"mlm_accuracy": right / max(total, 1), "mlm_positions": total}

@@ -1,0 +1,223 @@
+"""Question answering as classification over an answer vocabulary.
+
+The model encodes ``[video; question]`` jointly and a [CLS]-query decoder
+feeds an answer classifier (``model.answer``); training is cross-entropy
+against the annotated answer. Questions whose answer is not in the
+vocabulary are never trained on and always count as wrong at evaluation.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..runtime import autocast_for, resolve_device, to_float_video
+from .base import Task
+
+
+@dataclass
+class QAData:
+    """One split of questions in tensor form.
+
+    Attributes:
+        videos: uint8 ``[n_items, T, 3, H, W]`` (images are one-frame videos).
+        question_ids / question_mask: ``[n_questions, L]`` token ids and bool mask.
+        question_item: ``[n_questions]`` the item each question is about.
+        answer: ``[n_questions]`` index of the annotated answer in ``answers``,
+            -1 when it is not in the vocabulary (or not annotated).
+        answers: the answer vocabulary (the classifier's classes, in order).
+        answer_text: the annotated answer of each question (None if none).
+        question_type: the type of each question ("" if unknown).
+        heldout: per question, whether its scene holds a held-out
+            combination (synthetic compositional split), or None.
+        skipped: questions dropped because their media was unreadable.
+    """
+
+    videos: Tensor
+    question_ids: Tensor
+    question_mask: Tensor
+    question_item: Tensor
+    answer: Tensor
+    answers: list[str]
+    answer_text: list[str | None]
+    question_type: list[str]
+    heldout: list[bool] | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.question_ids.shape[0]
+        for name in ("question_mask", "question_item", "answer"):
+            if getattr(self, name).shape[0] != n:
+                raise ValueError(f"QAData.{name}: expected {n} rows (one per question), "
+                                 f"got {tuple(getattr(self, name).shape)}")
+        if len(self.answer_text) != n or len(self.question_type) != n:
+            raise ValueError(f"QAData: answer_text and question_type need {n} entries (one per question)")
+
+    @property
+    def n_questions(self) -> int:
+        return self.question_ids.shape[0]
+
+    @classmethod
+    def from_dataset(cls, dataset, records, tokenizer, max_len: int, answers: list[str]) -> "QAData":
+        """Pair VQA-style ``records`` (``slimvl.data.qa.read_vqa``) with a
+        split's media (``VideoTextDataset``) and tokenise the questions.
+
+        A question's ``video_id``/``image_id`` matches an item id, or the
+        number at the end of one (``image_id`` 42 is ``img42`` or
+        ``COCO_val2014_000000000042``). Questions about media left out as
+        unreadable (``skip_bad``) are dropped and counted; a question about
+        media the split does not have is an error naming it.
+        """
+        index: dict[str, int] = {}
+        for i, r in enumerate(dataset.records):
+            index[r.item_id] = i
+            m = re.search(r"(\d+)$", r.item_id)
+            if m:
+                index.setdefault(str(int(m.group(1))), i)
+        bad = {Path(p).stem for p, _ in getattr(dataset, "skipped", [])}
+        keep, dropped, unknown = [], [], []
+        for r in records:
+            key = r.media if r.media in index else str(int(r.media)) if r.media.isdigit() else r.media
+            if key in index:
+                keep.append((r, index[key]))
+            elif r.media in bad or key in bad:
+                dropped.append(f"question {r.question_id} ({r.media})")
+            else:
+                unknown.append(r.media)
+        if unknown:
+            raise ValueError(f"{dataset.root}/{dataset.split}: {len(unknown)} questions are about media the split "
+                             f"does not have, e.g. {sorted(set(unknown))[:5]}")
+        if not keep:
+            raise ValueError(f"{dataset.root}/{dataset.split}: no question has readable media")
+        ids, mask = tokenizer.encode([r.question for r, _ in keep], max_len)
+        lookup = {a: i for i, a in enumerate(answers)}
+        held = getattr(dataset, "heldout", None)
+        heldout = [bool(held[i]) for _, i in keep] if held is not None and None not in held else None
+        return cls(dataset.videos, ids, mask, torch.tensor([i for _, i in keep]),
+                   torch.tensor([lookup.get(r.answer, -1) if r.answer is not None else -1 for r, _ in keep]),
+                   list(answers), [r.answer for r, _ in keep], [r.question_type for r, _ in keep], heldout, dropped)
+
+
+@dataclass
+class QABatch:
+    """One step's questions: ``video`` float ``[B, T, 3, H, W]``, ``ids``/``mask``
+    ``[B, L]``, ``answer`` ``[B]``."""
+
+    video: Tensor
+    ids: Tensor
+    mask: Tensor
+    answer: Tensor
+
+
+def qa_batch(data: QAData, rows: np.ndarray | Tensor, device: torch.device) -> QABatch:
+    """Gather the tensors of the given questions."""
+    rows = torch.as_tensor(rows)
+    # Trim question padding no question of the batch uses (it costs time, not accuracy).
+    width = int(data.question_mask[rows].any(0).nonzero().max()) + 1
+    return QABatch(to_float_video(data.videos[data.question_item[rows]]).to(device),
+                   data.question_ids[rows, :width].to(device), data.question_mask[rows, :width].to(device),
+                   data.answer[rows].to(device))
+
+
+class QAObjective(nn.Module):
+    """Cross-entropy of the answer classifier against the annotated answer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, b: QABatch) -> tuple[Tensor, dict[str, float]]:
+        logits = self.model.answer(b.video, b.ids, b.mask).float()
+        loss = F.cross_entropy(logits, b.answer)
+        return loss, {"qa": loss.item(), "acc": (logits.argmax(-1) == b.answer).float().mean().item()}
+
+
+class QATask(Task):
+    """QA as classification: ``cfg.batch_size`` questions per step, drawn
+    from ``(seed, step)`` among those with an in-vocabulary answer."""
+
+    name = "qa"
+    headline = "accuracy"
+
+    def __init__(self, data: QAData):
+        self.data = data
+        self.trainable = torch.nonzero(data.answer >= 0).flatten().numpy()
+        if len(self.trainable) == 0:
+            raise ValueError("QATask: no question has an answer in the vocabulary")
+
+    def check(self, cfg, world: int) -> None:
+        if cfg.batch_size % world:
+            raise ValueError(f"TrainConfig.batch_size={cfg.batch_size}: not divisible by {world} processes")
+
+    def objective(self, model: nn.Module, cfg) -> nn.Module:
+        n = getattr(model.config, "num_answers", 0)
+        if n != len(self.data.answers):
+            raise ValueError(f"model num_answers={n}, but the data's answer vocabulary has "
+                             f"{len(self.data.answers)} answers: build the model with "
+                             f"num_answers={len(self.data.answers)}")
+        return QAObjective(model)
+
+    def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> QABatch:
+        rng = np.random.default_rng([cfg.seed, step])
+        rows = rng.choice(self.trainable, size=cfg.batch_size, replace=cfg.batch_size > len(self.trainable))
+        return qa_batch(self.data, rows[rank::world], device)
+
+    def samples(self, batch: QABatch) -> int:
+        return batch.video.shape[0]
+
+    def evaluate(self, model: nn.Module, data: QAData, device: torch.device) -> dict[str, float]:
+        return evaluate_qa(model, data, device=device)
+
+    def meta(self) -> dict:
+        return {"answers": self.data.answers}
+
+
+@torch.inference_mode()
+def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256, device: str | torch.device = "auto",
+                    amp: str = "auto") -> Tensor:
+    """Predicted answer index ``[n_questions]`` for every question."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    model = model.to(dev).eval()
+    out = []
+    for start in range(0, data.n_questions, batch_size):
+        b = qa_batch(data, torch.arange(start, min(start + batch_size, data.n_questions)), dev)
+        with autocast_for(dev, amp):
+            out.append(model.answer(b.video, b.ids, b.mask).argmax(-1).cpu())
+    return torch.cat(out)
+
+
+def qa_metrics(pred: Tensor, data: QAData) -> dict[str, float]:
+    """Accuracy overall, per question type, and (synthetic data) on scenes
+    with and without held-out combinations. An annotated answer outside the
+    vocabulary (index -1) never matches a prediction: it counts as wrong."""
+    correct = (pred == data.answer) & (data.answer >= 0)
+    out = {"accuracy": correct.float().mean().item(), "n_questions": data.n_questions,
+           "out_of_vocab": int((data.answer < 0).sum())}
+    types = np.array(data.question_type)
+    for t in sorted(set(data.question_type) - {""}):
+        rows = torch.from_numpy(types == t)
+        out[f"accuracy_{t}"] = correct[rows].float().mean().item()
+    if data.heldout is not None:
+        held = torch.tensor(data.heldout)
+        for name, rows in (("seen", ~held), ("heldout", held)):
+            if rows.any():
+                out[f"accuracy_{name}"] = correct[rows].float().mean().item()
+                for t in sorted(set(data.question_type) - {""}):
+                    sel = rows & torch.from_numpy(types == t)
+                    if sel.any():
+                        out[f"accuracy_{name}_{t}"] = correct[sel].float().mean().item()
+    return out
+
+
+def evaluate_qa(model: nn.Module, data: QAData, batch_size: int = 256, device: str | torch.device = "auto"
+                ) -> dict[str, float]:
+    """``qa_metrics`` of ``model``'s predictions over ``data``."""
+    n = getattr(model.config, "num_answers", 0)
+    if n != len(data.answers):
+        raise ValueError(f"model num_answers={n}, but the data's answer vocabulary has {len(data.answers)} answers")
+    return qa_metrics(predict_answers(model, data, batch_size, device), data)
