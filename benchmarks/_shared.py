@@ -12,7 +12,7 @@ from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
 from slimvl.data import make_dataset
 from slimvl.demo import DATA
 from slimvl.models.pretrained import init_from_checkpoint
-from slimvl.train import RetrievalData, TrainConfig, train
+from slimvl.train import RetrievalData, TrainConfig, train  # noqa: F401  (RetrievalData: subset)
 
 
 def gallery_dataset(root: str | Path, n_test: int, progress: bool = True) -> Path:
@@ -38,11 +38,12 @@ def subset(data: RetrievalData, n_items: int) -> RetrievalData:
         [data.scenes[i] for i in items.tolist()] if data.scenes is not None else None)
 
 
-def train_or_load(preset: str, overrides: dict, data: RetrievalData, cfg: TrainConfig, run_dir: Path,
+def train_or_load(preset: str, overrides: dict, data, cfg: TrainConfig, run_dir: Path,
                   progress: bool = True, init_from: Path | None = None) -> tuple[torch.nn.Module, float]:
-    """Train ``preset`` (resuming an interrupted run; starting from the
-    checkpoint ``init_from`` when given), or load the run's final checkpoint
-    when it already finished; returns the model and its training seconds."""
+    """Train ``preset`` on ``data`` (``RetrievalData`` or any ``slimvl.tasks``
+    task), resuming an interrupted run and starting from the checkpoint
+    ``init_from`` when given, or load the run's final checkpoint when it
+    already finished; returns the model and its training seconds."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
         log = run_dir / "train_log.json"
