@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_data, tiny_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from slimvl.checkpoint import latest_checkpoint, load_model
 from slimvl.train import TrainConfig, TrainingDiverged, lr_at, sample_units, train

@@ -2,13 +2,10 @@
 synthetic video-text retrieval, trained and measured side by side."""
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from .bench import matmul_gflops, profile_model
 from .checkpoint import atomic_write_json, atomic_write_text

@@ -86,9 +86,8 @@ def _count_question(rng: np.random.Generator, scene: W.Scene, with_motion: bool)
     kinds = ["shape", "colour", "all"] + (["motion"] if with_motion else [])
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "all":
-        target, n = "objects", len(scene.objects)
         q = ("how many objects are there?", "what is the number of objects?")[int(rng.integers(2))]
-        return Question(q, str(n), "count")
+        return Question(q, str(len(scene.objects)), "count")
     present = [getattr(o, kind) for o in scene.objects]
     values = {"shape": W.SHAPES, "colour": W.COLOURS, "motion": W.MOTIONS}[kind]
     # About a third of the questions ask about something absent: "0" must be learnt too.

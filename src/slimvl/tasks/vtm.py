@@ -11,6 +11,7 @@ the same global batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from ..runtime import to_float_video
 from .base import Task
 from .retrieval import (contrastive_loss, gumbel_noise, mined_negatives, pair_layout, random_negatives,
                         similarity_logits, vtm_group_loss)
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
 
 
 @dataclass
