@@ -3,8 +3,10 @@ GFLOPs and latency per question.
 
     python benchmarks/qa.py --out benchmarks/out
 
-Adds questions to the 1,000-test-video world (``slimvl data qa``: four per
-item, one of each type: colour, shape, count, motion), trains each model as
+Makes the demo's world with ``--n-train`` training videos (default 24,000:
+with the demo's 4,000 both models stay data-starved on shape questions) and
+1,000 test videos, adds questions (``slimvl data qa``: four per item, one of
+each type: colour, shape, count, motion), trains each model as
 an answer classifier (a finished run is reused, an interrupted one resumed)
 and answers every test question. "seen" is the in-distribution part of the
 test split; "heldout" are scenes with a (shape, colour, motion) combination
@@ -26,13 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shared import gallery_dataset, train_or_load  # noqa: E402
+from _shared import train_or_load  # noqa: E402
 
 from slimvl.bench.flops import count_flops, dummy_inputs  # noqa: E402
 from slimvl.bench.measure import median_seconds  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.data import QUESTION_TYPES, make_qa  # noqa: E402
-from slimvl.demo import FRAMES  # noqa: E402
+from slimvl.data import QUESTION_TYPES, make_dataset, make_qa  # noqa: E402
+from slimvl.demo import DATA, FRAMES  # noqa: E402
 from slimvl.pipeline import load_qa_split, load_tokenizer  # noqa: E402
 from slimvl.tasks import QATask, evaluate_qa  # noqa: E402
 from slimvl.train import TrainConfig  # noqa: E402
@@ -53,16 +55,18 @@ def cost_per_question(model, batch: int = 64) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out")
-    p.add_argument("--data", help="dataset folder (default: OUT/data_gallery1000, made when missing)")
+    p.add_argument("--data", help="dataset folder (default: OUT/data_qa<N_TRAIN>, made when missing)")
+    p.add_argument("--n-train", type=int, default=24000, help="training videos of the generated world")
     p.add_argument("--models", nargs="+", default=["perceiver_vl_tiny", "single_stream_tiny"])
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--questions-per-item", type=int, default=4)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
-    root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", 1000, prog)
+    root = Path(a.data) if a.data else make_dataset(out / f"data_qa{a.n_train}", progress=prog,
+                                                    **{**DATA, "n_train": a.n_train, "n_test": 1000})
     make_qa(root, questions_per_item=a.questions_per_item)
     tok = load_tokenizer(root, qa=True)
     train_data = load_qa_split(root, "train", tok, FRAMES, 64, QUESTION_LEN, progress=prog)
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in a.models:
         overrides = {"vocab_size": tok.vocab_size, "max_text_len": QUESTION_LEN, "num_answers": len(train_data.answers)}
-        model, train_s = train_or_load(name, overrides, QATask(train_data), cfg, out / "qa" / name, prog)
+        run = out / "qa" / f"{name}-{root.name}-{cfg.steps}steps"
+        model, train_s = train_or_load(name, overrides, QATask(train_data), cfg, run, prog)
         m = evaluate_qa(model, test, device="cpu")
         rows.append({"model": name, "train_seconds": train_s, **m, **cost_per_question(model)})
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
@@ -89,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
             ("train_seconds", "train s", ".0f")]
     by_type = [{"type": t, **{f"{r['model']} {split}": r.get(f"accuracy_{split}_{t}") for r in rows
                               for split in ("seen", "heldout")}} for t in types]
-    md = (f"QA on the synthetic world: {test.n_questions} test questions ({a.questions_per_item} per video), "
-          f"models trained {cfg.steps} steps of {cfg.batch_size} questions.\n\n" + markdown_table(rows, cols)
+    md = (f"QA on the synthetic world: {train_data.n_questions} training questions about "
+          f"{train_data.videos.shape[0]} videos, {test.n_questions} test questions ({a.questions_per_item} per "
+          f"video), models trained {cfg.steps} steps of {cfg.batch_size} questions.\n\n" + markdown_table(rows, cols)
           + "\n\nAccuracy by question type:\n\n"
           + markdown_table(by_type, [("type", "type", "")] + [(k, k, ".3f") for k in by_type[0] if k != "type"]))
     fig, ax = plt.subplots(figsize=(8, 4))
