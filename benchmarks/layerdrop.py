@@ -10,7 +10,9 @@ recipe, once with ``cross_attn_drop=0`` and once with ``--drop`` (default
 ``cross_attn_keep`` = the first 1, 2 and 3 cross-attentions: t2v R@1 on a
 test gallery of ``--gallery`` videos, GFLOPs per pair (torch's FLOP counter)
 and latency per pair at batch 64, with its cut against all three measured in
-the same run.
+the same run. The R@1 difference against all three carries a 95% interval
+paired over the same captions (``slimvl.bench.stats``): a gallery of a few
+hundred captions is too small to resolve one point otherwise.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from slimvl.bench import matmul_gflops, profile_model  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
-from slimvl.evaluate import evaluate  # noqa: E402
+from slimvl.bench.stats import paired_difference, t2v_hits  # noqa: E402
+from slimvl.evaluate import score_matrix  # noqa: E402
+from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
 
 
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = replace(TRAIN, steps=a.steps)
     matmul_ref = matmul_gflops()
     rows = []
-    base_run = out / "layerdrop" / "drop0"
+    base_run = out / "layerdrop" / f"drop0-{cfg.steps}steps"
     for drop in (0.0, a.drop):
         overrides = {"layers": a.layers, "cross_attn_drop": drop, "vocab_size": tok.vocab_size,
                      "max_text_len": TEXT_LEN}
@@ -66,35 +70,42 @@ def main(argv: list[str] | None = None) -> dict:
             train_or_load("perceiver_vl_tiny", {**overrides, "cross_attn_drop": 0.0}, train_data, cfg, base_run, prog)
             ft_cfg = replace(cfg, steps=a.finetune_steps, lr=a.finetune_lr, warmup_steps=20, seed=cfg.seed + 1)
             model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, ft_cfg,
-                                           out / "layerdrop" / f"finetune{a.finetune_steps}_drop{drop:g}", prog,
+                                           out / "layerdrop" / f"drop0-{cfg.steps}steps-finetune{a.finetune_steps}_drop{drop:g}", prog,
                                            init_from=latest_checkpoint(base_run))
         else:
             model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
-                                           out / "layerdrop" / f"drop{drop:g}", prog)
+                                           out / "layerdrop" / f"drop{drop:g}-{cfg.steps}steps", prog)
         n_cross = model.config.num_cross_layers
+        hits_all = None
         for keep in range(n_cross, 0, -1):
             model.cross_attn_keep = keep
-            m = evaluate(model, test, progress=prog)
+            scores = score_matrix(model, test, progress=prog)
+            m = recall_metrics(scores, test.caption_item)
+            hits = t2v_hits(scores, test.caption_item)
+            hits_all = hits if hits_all is None else hits_all
+            diff, ci = paired_difference(hits_all, hits)
             cost = profile_model(model, FRAMES, TEXT_LEN, batch=64, min_run_time=a.min_run_time,
                                  matmul_ref=matmul_ref)
             rows.append({"train_drop": drop, "cross_attentions": keep, "of": n_cross, "t2v_r1": m["t2v_r1"],
                          "t2v_r5": m["t2v_r5"], "v2t_r1": m["v2t_r1"], "gflops_per_pair": cost["gflops_per_pair"],
                          "latency_ms_per_pair": cost["latency_ms_per_pair"],
-                         "latency_ms_batch1": cost["latency_ms_batch1"], "train_seconds": train_s})
+                         "latency_ms_batch1": cost["latency_ms_batch1"], "train_seconds": train_s,
+                         "t2v_r1_points_vs_all": 100 * diff, "t2v_r1_points_ci95": 100 * ci})
             print(rows[-1], flush=True)
     for r in rows:
         full = next(b for b in rows if b["train_drop"] == r["train_drop"] and b["cross_attentions"] == r["of"])
         r["latency_cut"] = 1 - r["latency_ms_per_pair"] / full["latency_ms_per_pair"]
         r["gflops_cut"] = 1 - r["gflops_per_pair"] / full["gflops_per_pair"]
-        r["t2v_r1_points_vs_all"] = 100 * (r["t2v_r1"] - full["t2v_r1"])
+        r["points_vs_all"] = f"{r['t2v_r1_points_vs_all']:+.1f} ± {r['t2v_r1_points_ci95']:.1f}"
     cols = [("train_drop", "LayerDrop p (train)", "g"), ("cross_attentions", "cross-attn run", "d"),
-            ("t2v_r1", "t2v R@1", ".3f"), ("t2v_r1_points_vs_all", "R@1 pts vs all", "+.1f"),
+            ("t2v_r1", "t2v R@1", ".3f"), ("points_vs_all", "R@1 pts vs all (95% CI)", "s"),
             ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("latency_ms_per_pair", "ms/pair (b64)", ".3f"),
             ("latency_cut", "latency cut", ".1%"), ("latency_ms_batch1", "ms (b1)", ".2f")]
     how = (f"{cfg.steps} steps without LayerDrop, then fine-tuned {a.finetune_steps} steps with and without it"
            if a.finetune_steps else f"{cfg.steps} steps")
     md = (f"Perceiver-VL tiny, `layers={a.layers!r}`, {how}; t2v R@1 over {a.gallery} test videos "
-          f"({len(test.caption_item)} captions).\n\n" + markdown_table(rows, cols))
+          f"({len(test.caption_item)} captions); the interval of each difference is paired over the "
+          f"same captions.\n\n" + markdown_table(rows, cols))
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for drop in sorted({r["train_drop"] for r in rows}):
         rs = [r for r in rows if r["train_drop"] == drop]
@@ -108,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"rows": rows, "train": asdict(cfg), "layers": a.layers, "gallery": a.gallery, "data": str(root),
                "machine": machine_info()}
     payload["finetune_steps"] = a.finetune_steps
-    write_report(out, "layerdrop" + (f"_finetune{a.finetune_steps}" if a.finetune_steps else ""), payload, md, fig)
+    name = "layerdrop" + (f"_{cfg.steps}steps" if cfg.steps != TRAIN.steps else "")
+    write_report(out, name + (f"_finetune{a.finetune_steps}" if a.finetune_steps else ""), payload, md, fig)
     print(md)
     return payload
 

@@ -285,3 +285,22 @@ def test_layout_of_a_subset_of_queries():
     assert int(lay.caption.max()) < p and int(lay.video.max()) < p
     assert lay.video[0, q * k] == 7
     _check_layout(lay, q // k, k, e)
+
+
+def test_t2v_hits_and_paired_difference():
+    from slimvl.bench.stats import paired_difference, t2v_hits
+    from slimvl.tasks.retrieval import recall_metrics
+
+    torch.manual_seed(0)
+    scores, cap_item = torch.randn(50, 20), torch.randint(0, 20, (50,))
+    hits = t2v_hits(scores, cap_item)
+    assert float(hits.double().mean()) == pytest.approx(recall_metrics(scores, cap_item)["t2v_r1"])
+    assert paired_difference(hits, hits) == (0.0, 0.0)
+    a = torch.tensor([1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    mean, half = paired_difference(a, b)
+    d = torch.tensor([0, -1, 0, 0, 0, 0, 0, -1], dtype=torch.float64)
+    assert mean == pytest.approx(-0.25)
+    assert half == pytest.approx(1.96 * d.std().item() / 8 ** 0.5)
+    with pytest.raises(ValueError, match="paired"):
+        paired_difference(a, b[:4])
