@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
+
+from ..tasks.retrieval import t2v_ranks
 
 
 def t2v_hits(scores: Tensor, caption_item: Tensor, k: int = 1) -> Tensor:
     """Per caption, whether its item ranks in the top ``k`` (ties count
     against it, as in ``recall_metrics``): bool ``[n_captions]``."""
-    if scores.dim() != 2 or caption_item.shape != (scores.shape[0],):
-        raise ValueError(f"scores: expected [n_captions, n_items] with caption_item [n_captions], "
-                         f"got {tuple(scores.shape)} and {tuple(caption_item.shape)}")
-    s = scores.double()
-    pos = s[torch.arange(s.shape[0]), caption_item.long()]
-    return (s >= pos[:, None]).sum(1) <= k
+    return t2v_ranks(scores, caption_item) <= k
 
 
 def paired_difference(a: Tensor, b: Tensor, z: float = 1.96) -> tuple[float, float]:

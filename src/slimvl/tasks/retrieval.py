@@ -151,6 +151,20 @@ def vtm_group_loss(logits: Tensor, layout: PairLayout) -> Tensor:
     return 0.5 * (F.cross_entropy(t2v, target) + F.cross_entropy(v2t, target))
 
 
+def t2v_ranks(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray) -> Tensor:
+    """1-based rank of each caption's item among all items: ``[n_captions]``.
+
+    Ties count against the query (strictly greater or equal, minus itself),
+    so a constant scorer cannot look good."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    cap_item = torch.as_tensor(caption_item, dtype=torch.long)
+    if s.dim() != 2 or cap_item.shape != (s.shape[0],):
+        raise ValueError(f"scores: expected [n_captions, n_items] with caption_item [n_captions], "
+                         f"got {tuple(s.shape)} and {tuple(cap_item.shape)}")
+    pos = s[torch.arange(s.shape[0]), cap_item]
+    return (s >= pos[:, None]).sum(1)
+
+
 def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray,
                    ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Recall@K and median rank in both directions from a score matrix.
@@ -170,9 +184,7 @@ def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarra
     if cap_item.shape != (n_caps,):
         raise ValueError(f"caption_item: expected shape [{n_caps}], got {tuple(cap_item.shape)}")
     pos = s[torch.arange(n_caps), cap_item]
-    # Ties count against the query (strictly greater or equal, minus itself),
-    # so a constant scorer cannot look good.
-    t2v_rank = (s >= pos[:, None]).sum(1)
+    t2v_rank = t2v_ranks(s, cap_item)
     # Video -> text: an item's best-scored own caption, ranked among the
     # captions of *other* items (its other captions do not push it down).
     best = torch.full((n_items,), float("-inf"), dtype=s.dtype).scatter_reduce(0, cap_item, pos, "amax")
