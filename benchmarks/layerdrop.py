@@ -69,20 +69,21 @@ def main(argv: list[str] | None = None) -> dict:
         if a.finetune_steps:
             train_or_load("perceiver_vl_tiny", {**overrides, "cross_attn_drop": 0.0}, train_data, cfg, base_run, prog)
             ft_cfg = replace(cfg, steps=a.finetune_steps, lr=a.finetune_lr, warmup_steps=20, seed=cfg.seed + 1)
-            model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, ft_cfg,
-                                           out / "layerdrop" / f"drop0-{cfg.steps}steps-finetune{a.finetune_steps}_drop{drop:g}", prog,
+            ft_run = out / "layerdrop" / f"{base_run.name}-finetune{a.finetune_steps}_drop{drop:g}"
+            model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, ft_cfg, ft_run, prog,
                                            init_from=latest_checkpoint(base_run))
         else:
             model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
                                            out / "layerdrop" / f"drop{drop:g}-{cfg.steps}steps", prog)
         n_cross = model.config.num_cross_layers
-        hits_all = None
+        hits_all = None  # per-caption hits with every cross-attention: the first keep evaluated
         for keep in range(n_cross, 0, -1):
             model.cross_attn_keep = keep
             scores = score_matrix(model, test, progress=prog)
             m = recall_metrics(scores, test.caption_item)
             hits = t2v_hits(scores, test.caption_item)
-            hits_all = hits if hits_all is None else hits_all
+            if hits_all is None:
+                hits_all = hits
             diff, ci = paired_difference(hits_all, hits)
             cost = profile_model(model, FRAMES, TEXT_LEN, batch=64, min_run_time=a.min_run_time,
                                  matmul_ref=matmul_ref)
