@@ -15,9 +15,10 @@ from slimvl.models.pretrained import init_from_checkpoint
 from slimvl.train import RetrievalData, TrainConfig, train  # noqa: F401  (RetrievalData: subset)
 
 
-def gallery_dataset(root: str | Path, n_test: int, progress: bool = True) -> Path:
-    """The demo's synthetic video-text data with a test gallery of ``n_test`` videos."""
-    return make_dataset(root, progress=progress, **{**DATA, "n_test": n_test})
+def gallery_dataset(root: str | Path, n_test: int, progress: bool = True, n_train: int | None = None) -> Path:
+    """The demo's synthetic video-text data with a test gallery of ``n_test``
+    videos (and ``n_train`` training videos instead of the demo's, if given)."""
+    return make_dataset(root, progress=progress, **{**DATA, "n_test": n_test, "n_train": n_train or DATA["n_train"]})
 
 
 def subset(data: RetrievalData, n_items: int) -> RetrievalData:

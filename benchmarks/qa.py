@@ -28,13 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _shared import train_or_load  # noqa: E402
+from _shared import gallery_dataset, train_or_load  # noqa: E402
 
 from slimvl.bench.flops import count_flops, dummy_inputs  # noqa: E402
 from slimvl.bench.measure import median_seconds  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.data import QUESTION_TYPES, make_dataset, make_qa  # noqa: E402
-from slimvl.demo import DATA, FRAMES  # noqa: E402
+from slimvl.data import QUESTION_TYPES, make_qa  # noqa: E402
+from slimvl.demo import FRAMES  # noqa: E402
 from slimvl.pipeline import load_qa_split, load_tokenizer  # noqa: E402
 from slimvl.tasks import QATask, evaluate_qa  # noqa: E402
 from slimvl.train import TrainConfig  # noqa: E402
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
-    root = Path(a.data) if a.data else make_dataset(out / f"data_qa{a.n_train}", progress=prog,
-                                                    **{**DATA, "n_train": a.n_train, "n_test": 1000})
+    root = Path(a.data) if a.data else gallery_dataset(out / f"data_qa{a.n_train}", 1000, prog, a.n_train)
     make_qa(root, questions_per_item=a.questions_per_item)
     tok = load_tokenizer(root, qa=True)
     train_data = load_qa_split(root, "train", tok, FRAMES, 64, QUESTION_LEN, progress=prog)
