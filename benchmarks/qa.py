@@ -13,12 +13,17 @@ test split; "heldout" are scenes with a (shape, colour, motion) combination
 never seen in training. GFLOPs per question come from torch's FLOP counter,
 latency per question is the median over repeated batches, with the first
 model as the baseline of the ratios.
+
+``--first-types shape`` makes it a curriculum: each model first trains
+``--first-steps`` steps on shape questions only, then ``--steps`` steps on
+every type from there (shape is the type that stays near chance longest
+when all are mixed from the start).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _shared import gallery_dataset, train_or_load  # noqa: E402
 
+from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.flops import count_flops, dummy_inputs  # noqa: E402
 from slimvl.bench.measure import median_seconds  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
@@ -62,6 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--questions-per-item", type=int, default=4)
+    p.add_argument("--first-types", nargs="+", metavar="TYPE",
+                   help="a curriculum: first train --first-steps steps on these question types only, then "
+                        "--steps steps on all types from there")
+    p.add_argument("--first-steps", type=int, default=3000)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
@@ -75,10 +85,18 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in a.models:
         overrides = {"vocab_size": tok.vocab_size, "max_text_len": QUESTION_LEN, "num_answers": len(train_data.answers)}
-        run = out / "qa" / f"{name}-{root.name}-{cfg.steps}steps"
-        model, train_s = train_or_load(name, overrides, QATask(train_data), cfg, run, prog)
+        run, init, first_s, label = out / "qa" / f"{name}-{root.name}-{cfg.steps}steps", None, 0.0, name
+        if a.first_types:
+            stage = f"{'+'.join(a.first_types)}{a.first_steps}"
+            first = out / "qa" / f"{name}-{root.name}-{stage}steps"
+            _, first_s = train_or_load(name, overrides, QATask(train_data, a.first_types),
+                                       replace(cfg, steps=a.first_steps), first, prog)
+            init = latest_checkpoint(first)
+            run = run.with_name(f"{run.name}-after-{stage}")
+            label = f"{name} ({' + '.join(a.first_types)} first)"
+        model, train_s = train_or_load(name, overrides, QATask(train_data), cfg, run, prog, init_from=init)
         m = evaluate_qa(model, test, device="cpu")
-        rows.append({"model": name, "train_seconds": train_s, **m, **cost_per_question(model)})
+        rows.append({"model": label, "train_seconds": first_s + train_s, **m, **cost_per_question(model)})
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     base = rows[0]
     for r in rows:
@@ -95,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                               for split in ("seen", "heldout")}} for t in types]
     md = (f"QA on the synthetic world: {train_data.n_questions} training questions about "
           f"{train_data.videos.shape[0]} videos, {test.n_questions} test questions ({a.questions_per_item} per "
-          f"video), models trained {cfg.steps} steps of {cfg.batch_size} questions.\n\n" + markdown_table(rows, cols)
+          f"video), models trained {cfg.steps} steps of {cfg.batch_size} questions"
+          + (f" after {a.first_steps} steps on {', '.join(a.first_types)} questions only" if a.first_types else "")
+          + ".\n\n" + markdown_table(rows, cols)
           + "\n\nAccuracy by question type:\n\n"
           + markdown_table(by_type, [("type", "type", "")] + [(k, k, ".3f") for k in by_type[0] if k != "type"]))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -110,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     ax.set(ylabel="accuracy", ylim=(0, 1), title="QA accuracy by question type")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    payload = {"rows": rows, "train": asdict(cfg), "data": str(root), "machine": machine_info()}
+    payload = {"rows": rows, "train": asdict(cfg), "data": str(root), "machine": machine_info(),
+               "first_stage": {"types": a.first_types, "steps": a.first_steps} if a.first_types else None}
     write_report(out, "qa", payload, md, fig)
     print(md)
     return payload

@@ -173,6 +173,23 @@ def _predict(model, data):
     return predict_answers(model, data, device="cpu")
 
 
+def test_qa_task_trains_on_the_chosen_question_types_only():
+    data = _qa_data()
+    task = QATask(data, question_types=["count"])
+    picked = set(task.trainable.tolist())
+    assert picked and all(data.question_type[i] == "count" and data.answer[i] >= 0 for i in picked)
+    # Find each sampled question among the data's (random, hence distinct) question rows.
+    b = task.batch(TrainConfig(batch_size=64, seed=3), 0, 0, 1, torch.device("cpu"))
+    same = (b.ids[:, None, :] == data.question_ids[None, :, : b.ids.shape[1]]).all(-1)
+    assert (same.sum(1) == 1).all()
+    assert {data.question_type[int(i)] for i in same.float().argmax(1)} == {"count"}
+    assert len(QATask(data).trainable) == int((data.answer >= 0).sum())
+    with pytest.raises(ValueError, match="unknown types \\['shape'\\]"):
+        QATask(data, question_types=["count", "shape"])
+    with pytest.raises(ValueError, match="unknown types"):
+        QATask(data, question_types=[])
+
+
 def test_qa_task_checks_the_model():
     data = _qa_data()
     with pytest.raises(ValueError, match="num_answers=5"):
@@ -248,9 +265,13 @@ def test_multitask_pretraining_then_fine_tuning(tmp_path):
 
 def test_cli_qa_end_to_end(qa_root, tmp_path, capsys):
     model = ["--set", "dim=32", "--set", "heads=2", "--set", "image_size=32"]
-    run = tmp_path / "run"
+    run, first = tmp_path / "run", tmp_path / "shape_first"
+    # A curriculum: shape questions first, then every type from that checkpoint.
+    main(["-q", "train", "--task", "qa", "--data", str(qa_root), "--frames", "2", *model, "--out", str(first),
+          "--steps", "2", "--train-set", "batch_size=4", "--question-types", "shape"])
+    capsys.readouterr()
     main(["-q", "train", "--task", "qa", "--data", str(qa_root), "--frames", "2", *model, "--out", str(run),
-          "--steps", "2", "--train-set", "batch_size=4", "--eval-every", "2"])
+          "--steps", "2", "--train-set", "batch_size=4", "--eval-every", "2", "--init-from", str(first)])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["steps"] == 2 and 0 <= out["val"]["accuracy"] <= 1
     main(["-q", "eval", "--task", "qa", "--data", str(qa_root), "--frames", "2", "--checkpoint", str(run)])
@@ -260,3 +281,8 @@ def test_cli_qa_end_to_end(qa_root, tmp_path, capsys):
         main(["-q", "train", "--task", "qa", "--data", str(qa_root), "--image-data", str(qa_root),
               "--out", str(tmp_path / "x"), "--steps", "1"])
     assert e.value.code == 2 and "--image-data" in capsys.readouterr().err
+    for wrong, message in ((["--task", "retrieval"], "only --task qa"), (["--task", "qa"], "unknown types")):
+        with pytest.raises(SystemExit) as e:
+            main(["-q", "train", *wrong, "--data", str(qa_root), "--question-types", "size", "--out",
+                  str(tmp_path / "y"), "--steps", "1"])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -142,6 +142,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         overrides.setdefault("mlm", True)
     if a.image_data and a.task != "pretrain":
         raise ValueError("--image-data: only --task pretrain mixes image-text data in")
+    if a.question_types and a.task != "qa":
+        raise ValueError(f"--question-types: only --task qa has question types (got --task {a.task})")
     model = create_model(model_name, **overrides)
     _initialise(model, a)
     c = model.config
@@ -149,7 +151,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     cfg = _train_config(a)
     val = _task_data(a, tok, c, a.val_split, answers) if cfg.eval_every else None
     if a.task == "qa":
-        task = QATask(data)
+        task = QATask(data, a.question_types)
     elif a.task == "mlm":
         task = MLMTask(data, tok)
     elif a.task == "pretrain":
@@ -270,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task", choices=["retrieval", "qa", "mlm", "pretrain"], default="retrieval",
                     help="retrieval (VTM + contrastive), qa (answer classifier), mlm, or pretrain (VTM + MLM)")
     tr.add_argument("--image-data", help="--task pretrain: an image-text dataset trained on together with --data")
+    tr.add_argument("--question-types", nargs="+", help="--task qa: train on questions of these types only "
+                    "(a curriculum's first stage; continue on all types with --init-from)")
     tr.add_argument("--model", help="preset name (see slimvl.list_models())")
     tr.add_argument("--config", help="YAML with model, model_overrides and train sections")
     tr.add_argument("--set", action="append", help="model config override key=value (repeatable)")
