@@ -35,10 +35,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _shared import gallery_dataset, train_or_load  # noqa: E402
 
-from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.flops import count_flops, dummy_inputs  # noqa: E402
 from slimvl.bench.measure import median_seconds  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
+from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.data import QUESTION_TYPES, make_qa  # noqa: E402
 from slimvl.demo import FRAMES  # noqa: E402
 from slimvl.pipeline import load_qa_split, load_tokenizer  # noqa: E402
