@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in a.models:
         overrides = {"vocab_size": tok.vocab_size, "max_text_len": QUESTION_LEN, "num_answers": len(train_data.answers)}
-        run, init, first_s, label = out / "qa" / f"{name}-{root.name}-{cfg.steps}steps", None, 0.0, name
+        run = out / "qa" / f"{name}-{root.name}-{cfg.steps}steps"
+        init, first_s, label = None, 0.0, name  # what the curriculum's first stage changes
         if a.first_types:
             stage = f"{'+'.join(a.first_types)}{a.first_steps}"
             first = out / "qa" / f"{name}-{root.name}-{stage}steps"
