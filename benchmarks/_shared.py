@@ -46,11 +46,13 @@ def train_or_load(preset: str, overrides: dict, data, cfg: TrainConfig, run_dir:
     ``init_from`` when given, or load the run's final checkpoint when it
     already finished; returns the model and its training seconds."""
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
+    if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps and "seconds" not in read_meta(ckpt):
+        # Runs finished before checkpoints recorded their training time.
         log = run_dir / "train_log.json"
         return load_model(ckpt), json.loads(log.read_text())["seconds"] if log.is_file() else float("nan")
+    torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too
     model = create_model(preset, **overrides)
-    if init_from is not None:
+    if init_from is not None and ckpt is None:
         init_from_checkpoint(model, init_from)
-    result = train(model, data, cfg, run_dir=run_dir, resume=True, progress=progress)
+    result = train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
     return model, result.seconds

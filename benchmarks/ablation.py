@@ -16,6 +16,7 @@ import sys
 from dataclasses import asdict
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         name, train_over, model_over = parse_variant(spec)
         cfg = TrainConfig(**{"steps": a.steps, "groups_per_step": a.groups_per_step, "warmup_steps": 50,
                              "log_every": max(1, a.steps // 40), "eval_every": a.eval_every, **train_over})
+        torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too
         model = create_model(a.model, vocab_size=tok.vocab_size, max_text_len=a.text_len, **model_over)
         result = train(model, train_data, cfg, val_data=test_data)
         m = evaluate(model, test_data)

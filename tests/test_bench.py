@@ -103,13 +103,14 @@ def test_peak_memory_freed_tensors_do_not_accumulate():
 
 PROFILE_KEYS = {"gflops_per_pair", "gflops_per_pair_analytic", "latency_ms_batch1", "latency_ms_per_pair",
                 "throughput_pairs_per_s", "peak_activation_mb", "achieved_gflops_per_s", "matmul_gflops_per_s",
-                "fraction_of_matmul", "batch", "params", "retrieval_gflops"}
+                "fraction_of_matmul", "batch", "params", "retrieval_gflops", "device", "dtype", "compiled"}
 
 
 def test_profile_model_keys_and_values():
     m = tiny("perceiver_vl_tiny")
     r = profile_model(m, frames=2, text_len=6, batch=4, min_run_time=0.05, matmul_ref=1.0)
     assert set(r) == PROFILE_KEYS
+    assert (r.pop("device"), r.pop("dtype"), r.pop("compiled")) == ("cpu", "float32", False)
     split = r.pop("retrieval_gflops")
     for k, v in r.items():
         assert v > 0, k

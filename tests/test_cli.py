@@ -120,7 +120,8 @@ def test_parser_requires_command():
 def test_parser_bench_defaults():
     a = build_parser().parse_args(["bench"])
     assert a.model == ["single_stream_tiny", "perceiver_vl_tiny"]
-    assert a.frames == 4 and a.text_len == 36 and a.batch == 64 and a.min_run_time == 1.0
+    assert a.frames == 4 and a.text_len is None and a.batch == 64 and a.min_run_time == 1.0
+    assert (a.device, a.dtype, a.compile) == ("cpu", "fp32", False)
 
 
 def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):

@@ -166,7 +166,12 @@ def test_dataset_cache_validity(tmp_path):
     assert not list(tmp_path.glob("ds.tmp-*"))
     (root / "DONE").unlink()
     assert not dataset_is_valid(root)
-    make_dataset(root, seed=1, **params)
+    # A folder that is not a finished dataset is never replaced silently...
+    with pytest.raises(ValueError, match="not a finished slimvl dataset"):
+        make_dataset(root, seed=1, **params)
+    assert (root / "annotations.json").stat().st_mtime_ns == mtime
+    # ...only when asked to.
+    make_dataset(root, seed=1, overwrite=True, **params)
     assert dataset_is_valid(root, seed=1)
 
 

@@ -5,11 +5,15 @@ A checkpoint is a folder::
     step_0000200/
       model.safetensors      weights
       optimizer.safetensors  optimiser tensors (flattened state) + RNG state
+      tokenizer.json         the tokenizer the model was trained with (when known)
       meta.json              format tag, model config, train config, step,
-                             optimiser hyper-parameters, file sizes
+                             optimiser hyper-parameters, tokenizer and data
+                             fingerprints, file sizes
 
 The folder is written under a temporary name and renamed into place, so a
-run killed mid-write leaves the previous checkpoint intact.
+run killed mid-write leaves the previous checkpoint intact (and the next run
+removes the temporary). A checkpoint whose weights are not finite is refused
+at load: it could only produce NaN scores.
 """
 from __future__ import annotations
 
@@ -17,12 +21,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .files import atomic_write_json, atomic_write_text, remove_stale_temporaries  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .data.tokenizer import Tokenizer
 
 FORMAT = "slimvl-checkpoint"
 # 2: Perceiver-VL's encoder and decoder became submodules (parameter names changed).
@@ -33,20 +42,6 @@ _INFERENCE_ONLY = {"cross_attn_keep"}
 
 class CheckpointError(ValueError):
     """A checkpoint that is not ours, is damaged, or does not fit the model."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (indent 2)."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -73,27 +68,37 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, tokenizer: "Tokenizer | None" = None) -> Path:
     """Save ``model`` (and optionally the optimiser and RNG state) to ``folder`` atomically.
 
-    ``extra`` is JSON data stored in meta.json (step, configs, ...).
+    ``extra`` is JSON data stored in meta.json (step, configs, ...);
+    ``tokenizer``, the tokenizer the model's token ids come from, is kept
+    beside the weights so that evaluation uses the same one.
     """
     folder = Path(folder)
+    remove_stale_temporaries(folder.parent, "step_*")
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
-                            **(extra or {})}
-    if optimizer is not None:
-        tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta["optimizer"] = opt_meta
-    meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    atomic_write_json(tmp / "meta.json", meta)
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
+                                **(extra or {})}
+        if optimizer is not None:
+            tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            meta["optimizer"] = opt_meta
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+            meta["tokenizer"] = {"vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
+        meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        atomic_write_json(tmp / "meta.json", meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves nothing half-written
+        raise
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -128,6 +133,16 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
 
 
+def check_finite(weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise ``CheckpointError`` if any floating-point tensor holds NaN or
+    infinity: such weights can only give non-finite scores, which would
+    rank arbitrarily (and used to look like perfect recall)."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} weight tensors hold NaN or infinite values, e.g. {bad[:5]}; "
+                              "the checkpoint is damaged or was saved after training diverged")
+
+
 def load_weights(folder: Path, model: nn.Module) -> dict:
     """Load a checkpoint's weights into ``model``; refuse one from another config.
 
@@ -146,6 +161,7 @@ def load_weights(folder: Path, model: nn.Module) -> dict:
     if diff:
         raise CheckpointError(f"{folder}: checkpoint was saved from another config (differs in {diff})")
     weights = _load_tensors(folder / "model.safetensors")
+    check_finite(weights, folder)
     own = model.state_dict()
     bad = sorted(k for k in set(own) | set(weights)
                  if k not in own or k not in weights or own[k].shape != weights[k].shape)
@@ -177,6 +193,21 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> nn.Module:
         raise CheckpointError(f"{folder}: invalid model config ({e})") from None
     load_weights(folder, model)
     return model.to(device)
+
+
+def load_tokenizer_of(folder: Path) -> "Tokenizer | None":
+    """The tokenizer a checkpoint was trained with, or None if it kept none
+    (checkpoints written by ``train`` without a tokenizer, or older ones)."""
+    from .data.tokenizer import Tokenizer
+
+    meta = read_meta(folder)
+    path = Path(folder) / "tokenizer.json"
+    if "tokenizer" not in meta:
+        return None
+    tok = Tokenizer.load(path)
+    if tok.fingerprint != meta["tokenizer"].get("fingerprint"):
+        raise CheckpointError(f"{path}: does not match the fingerprint recorded in meta.json (the file was changed)")
+    return tok
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

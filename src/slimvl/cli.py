@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -60,14 +62,14 @@ def cmd_data_make(a: argparse.Namespace) -> None:
 
     root = make_dataset(a.out, kind=a.kind, seed=a.seed, n_train=a.n_train, n_val=a.n_val, n_test=a.n_test,
                         group_size=a.group_size, frames=a.frames, size=a.size,
-                        captions_per_item=a.captions_per_item, progress=not a.quiet)
+                        captions_per_item=a.captions_per_item, progress=not a.quiet, overwrite=a.overwrite)
     print(f"dataset ready at {root}")
 
 
 def cmd_data_qa(a: argparse.Namespace) -> None:
     from .data import make_qa
 
-    out = make_qa(a.data, questions_per_item=a.questions_per_item, seed=a.seed)
+    out = make_qa(a.data, questions_per_item=a.questions_per_item, seed=a.seed, overwrite=a.overwrite)
     print(f"questions ready at {out}")
 
 
@@ -89,20 +91,15 @@ def _train_config(a: argparse.Namespace):
     return TrainConfig(**cfg)
 
 
-def _initialise(model, a: argparse.Namespace) -> None:
+def _initialise(model, a: argparse.Namespace, init: Path | None) -> None:
     """``--init-from`` / ``--init-vit`` / ``--init-bert``: weights from local checkpoints."""
     from .models import pretrained
 
     if (a.init_vit or a.init_bert or a.init_from) and not hasattr(model, "encoder"):
         raise ValueError(f"--init-*: only Perceiver-VL models are initialised this way, not "
                          f"{model.config.model_type}")
-    if a.init_from:
-        from .checkpoint import latest_checkpoint
-
-        src = Path(a.init_from)
-        if not (src / "meta.json").exists() and (found := latest_checkpoint(src)) is not None:
-            src = found  # a run folder: its newest checkpoint
-        pretrained.init_from_checkpoint(model, src, a.latent_resize)
+    if init is not None:
+        pretrained.init_from_checkpoint(model, init, a.latent_resize)
     if a.init_vit:
         r = pretrained.load_vision_layers(model, a.init_vit)
         logging.getLogger("slimvl").info("%s: loaded %d tensors (unused layers: %s)", a.init_vit, len(r.loaded),
@@ -122,17 +119,39 @@ def _task_data(a: argparse.Namespace, tok, c, split: str, answers=None):
                       progress=not a.quiet)
 
 
+def _init_checkpoint(a: argparse.Namespace) -> Path | None:
+    """The checkpoint folder ``--init-from`` names (a run folder: its newest)."""
+    from .checkpoint import latest_checkpoint
+
+    if not a.init_from:
+        return None
+    src = Path(a.init_from)
+    if not (src / "meta.json").exists() and (found := latest_checkpoint(src)) is not None:
+        src = found
+    return src
+
+
 def cmd_train(a: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import read_meta
     from .data.qa import answer_vocab
     from .models import create_model
-    from .pipeline import load_split, load_tokenizer
+    from .pipeline import checkpoint_tokenizer, load_split, load_tokenizer
     from .tasks import MLMTask, MultiTask, QATask, RetrievalTask
-    from .train import train
+    from .train import open_run_dir, train
 
+    # Fail on a bad run folder (unwritable, mistyped --resume, a run already
+    # there) before minutes of data loading, not after.
+    open_run_dir(Path(a.out), a.resume)
     spec = yaml.safe_load(Path(a.config).read_text()) if a.config else {}
     model_name = a.model or spec.get("model", "perceiver_vl_tiny")
     overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
-    tok = load_tokenizer(a.data, a.vocab, qa=a.task == "qa")
+    init = _init_checkpoint(a)
+    if init is not None:  # token ids must mean what they meant to the weights being loaded
+        tok = checkpoint_tokenizer(init, read_meta(init)["config"]["vocab_size"], a.data, a.vocab, qa=a.task == "qa")
+    else:
+        tok = load_tokenizer(a.data, a.vocab, qa=a.task == "qa")
     overrides.setdefault("vocab_size", tok.vocab_size)
     answers = None
     if a.task == "qa":
@@ -144,11 +163,12 @@ def cmd_train(a: argparse.Namespace) -> None:
         raise ValueError("--image-data: only --task pretrain mixes image-text data in")
     if a.question_types and a.task != "qa":
         raise ValueError(f"--question-types: only --task qa has question types (got --task {a.task})")
+    cfg = _train_config(a)
+    torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too
     model = create_model(model_name, **overrides)
-    _initialise(model, a)
+    _initialise(model, a, init)
     c = model.config
     data = _task_data(a, tok, c, "train", answers)
-    cfg = _train_config(a)
     val = _task_data(a, tok, c, a.val_split, answers) if cfg.eval_every else None
     if a.task == "qa":
         task = QATask(data, a.question_types)
@@ -166,63 +186,75 @@ def cmd_train(a: argparse.Namespace) -> None:
     else:
         task = RetrievalTask(data)
     result = train(model, task, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet, val_data=val)
-    print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
-                      "final_loss": result.history[-1]["loss"] if result.history else None,
-                      "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint}))
+    if int(os.environ.get("RANK", "0")) == 0:  # one result line, not one per data-parallel process
+        print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
+                          "final_loss": result.history[-1]["loss"] if result.history else None,
+                          "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint,
+                          "already_finished": result.already_finished}))
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
     from .checkpoint import latest_checkpoint, load_model
-    from .evaluate import evaluate
-    from .pipeline import load_split, load_tokenizer
+    from .evaluate import NonFiniteScores, evaluate
+    from .pipeline import checkpoint_tokenizer, load_split
+    from .runtime import resolve_device
 
     ckpt = Path(a.checkpoint)
     if not (ckpt / "meta.json").exists() and (found := latest_checkpoint(ckpt)) is not None:
         ckpt = found
+    device = resolve_device(a.device)
     model = load_model(ckpt)
-    if a.task != "retrieval":
-        return _eval_task(a, ckpt, model)
-    if a.cross_attn_keep is not None:
-        if not hasattr(model, "cross_attn_keep"):
-            raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
-        model.cross_attn_keep = parse_keep(a.cross_attn_keep)
-    c = model.config
-    tok = load_tokenizer(a.data, a.vocab)
-    data = load_split(a.data, a.split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
-                      progress=not a.quiet)
-    metrics = evaluate(model, data, batch_size=a.batch_size, progress=not a.quiet)
+    tok = checkpoint_tokenizer(ckpt, model.config.vocab_size, a.data, a.vocab, qa=a.task == "qa")
+    try:
+        if a.task != "retrieval":
+            return _eval_task(a, ckpt, model, tok, device)
+        if a.cross_attn_keep is not None:
+            if not hasattr(model, "cross_attn_keep"):
+                raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
+            model.cross_attn_keep = parse_keep(a.cross_attn_keep)
+        c = model.config
+        data = load_split(a.data, a.split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
+                          progress=not a.quiet)
+        metrics = evaluate(model, data, batch_size=a.batch_size, device=device, progress=not a.quiet)
+    except NonFiniteScores as e:
+        raise ValueError(f"{ckpt}: {e}") from None
     print(json.dumps({"checkpoint": str(ckpt), "cross_attn_keep": getattr(c, "cross_attn_keep", None), **metrics},
                      indent=2))
 
 
-def _eval_task(a: argparse.Namespace, ckpt: Path, model) -> None:
+def _eval_task(a: argparse.Namespace, ckpt: Path, model, tok, device) -> None:
     """``slimvl eval --task qa|mlm``."""
     from .checkpoint import read_meta
-    from .pipeline import load_tokenizer
     from .tasks import MLMTask, evaluate_mlm, evaluate_qa
 
-    tok = load_tokenizer(a.data, a.vocab, qa=a.task == "qa")
     if a.task == "qa":
         # The classifier's answers are the ones it was trained with (stored in
         # the checkpoint); data answers outside them count as wrong.
         answers = read_meta(ckpt).get("answers")
         data = _task_data(a, tok, model.config, a.split, answers)
-        metrics = evaluate_qa(model, data, a.batch_size)
+        metrics = evaluate_qa(model, data, a.batch_size, device=device)
     else:
         data = _task_data(a, tok, model.config, a.split)
-        metrics = evaluate_mlm(model, data, MLMTask(data, tok), batch_size=a.batch_size)
-    print(json.dumps({"checkpoint": str(ckpt), "task": a.task, **metrics}, indent=2))
+        metrics = evaluate_mlm(model, data, MLMTask(data, tok), device=device, batch_size=a.batch_size)
+    print(json.dumps({"checkpoint": str(ckpt), "task": a.task, "device": str(device), **metrics}, indent=2))
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from .bench import profile_model
+    from .bench import matmul_gflops, profile_model
+    from .bench.measure import parse_dtype
     from .models import create_model
+    from .runtime import resolve_device
 
+    device, dtype = resolve_device(a.device), parse_dtype(a.dtype)
+    models = [create_model(name, **parse_overrides(a.set)) for name in a.model]
+    # One text length for all, so that the ratios compare like with like.
+    text_len = a.text_len or min(m.config.max_text_len for m in models)
+    ref = matmul_gflops(device, dtype, min_run_time=a.min_run_time)
     rows = []
-    for name in a.model:
-        model = create_model(name, **parse_overrides(a.set))
-        rows.append({"model": name, **profile_model(model, a.frames, a.text_len, batch=a.batch,
-                                                    min_run_time=a.min_run_time)})
+    for name, model in zip(a.model, models):
+        rows.append({"model": name, "text_len": text_len,
+                     **profile_model(model, a.frames, text_len, batch=a.batch, device=device, dtype=dtype,
+                                     min_run_time=a.min_run_time, matmul_ref=ref, compile=a.compile)})
     base = rows[0]
     for r in rows:
         r["gflops_ratio"] = r["gflops_per_pair"] / base["gflops_per_pair"]
@@ -233,61 +265,90 @@ def cmd_bench(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(a.out, steps=a.steps, progress=not a.quiet)
+    run_demo(a.out, steps=a.steps, progress=not a.quiet, seed=a.seed, device=a.device)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except where there is none
+    to show (the help then says what happens without the option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``slimvl`` command."""
-    p = argparse.ArgumentParser(prog="slimvl", description="Efficient multimodal transformers.")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True)
+    from .data.make import KINDS
+    from .train import TrainConfig
 
-    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    mk = data.add_parser("make", help="write the synthetic shapes world to disk in a standard layout")
-    mk.add_argument("--kind", choices=["video-text", "image-text"], default="video-text")
-    mk.add_argument("--out", required=True, help="dataset folder (reused when present and valid)")
-    mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--n-train", type=int, default=4000)
-    mk.add_argument("--n-val", type=int, default=200)
-    mk.add_argument("--n-test", type=int, default=100)
+    d = TrainConfig()
+    fmt = {"formatter_class": _HelpFormatter}
+    p = argparse.ArgumentParser(prog="slimvl", description="Efficient multimodal transformers.", **fmt)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make datasets", description="Make the synthetic world's datasets.", **fmt)
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    mk = data_sub.add_parser("make", help="write the synthetic shapes world to disk in a standard layout", **fmt)
+    mk.add_argument("--kind", choices=KINDS, default="video-text",
+                    help="video-text: MSR-VTT layout with MP4s; image-text: Karpathy JSON with PNGs")
+    mk.add_argument("--out", required=True, help="dataset folder (reused when made with the same parameters)")
+    mk.add_argument("--overwrite", action="store_true",
+                    help="replace a dataset already at --out that was made with other parameters")
+    mk.add_argument("--seed", type=int, default=0, help="seed of the scenes, captions and splits")
+    mk.add_argument("--n-train", type=int, default=4000, help="training items")
+    mk.add_argument("--n-val", type=int, default=200, help="validation items")
+    mk.add_argument("--n-test", type=int, default=100, help="test items (the retrieval gallery)")
     mk.add_argument("--group-size", type=int, default=4, help="near-duplicate variants per group")
     mk.add_argument("--frames", type=int, default=8, help="frames per video on disk")
-    mk.add_argument("--size", type=int, default=64, help="canvas side in pixels")
-    mk.add_argument("--captions-per-item", type=int, default=2)
+    mk.add_argument("--size", type=int, default=64, help="canvas side in pixels (even, >= 16)")
+    mk.add_argument("--captions-per-item", type=int, default=2, help="captions per training item")
     mk.set_defaults(func=cmd_data_make)
-    qa = data.add_parser("qa", help="add questions and answers (VQA-like layout, DATA/qa/) to a synthetic dataset")
+    qa = data_sub.add_parser("qa", help="add questions and answers (VQA-like layout, DATA/qa/) to a synthetic "
+                                        "dataset", **fmt)
     qa.add_argument("--data", required=True, help="dataset folder made by `slimvl data make`")
-    qa.add_argument("--questions-per-item", type=int, default=4)
-    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--questions-per-item", type=int, default=4, help="questions generated per item")
+    qa.add_argument("--seed", type=int, default=0, help="seed of the questions")
+    qa.add_argument("--overwrite", action="store_true", help="replace questions made with other options")
     qa.set_defaults(func=cmd_data_qa)
 
-    def data_args(sp, with_out: bool = True):
+    def data_args(sp, device: str | None) -> None:
         sp.add_argument("--data", required=True, help="dataset folder (MSR-VTT or Karpathy layout)")
-        sp.add_argument("--vocab", help="tokenizer.json or BERT vocab.txt (default: DATA/tokenizer.json)")
+        sp.add_argument("--vocab", help="tokenizer.json or BERT vocab.txt (default: the checkpoint's own when it "
+                                        "has one, else DATA/tokenizer.json)")
         sp.add_argument("--frames", type=int, default=4, help="frames sampled uniformly per video")
         sp.add_argument("--skip-bad", action="store_true", help="skip unreadable media (counted in the log)")
+        sp.add_argument("--device", default=device, help="auto (CUDA when available), cpu, cuda or cuda:N" +
+                        ("" if device else " (default: the --config file's, else auto)"))
 
-    tr = sub.add_parser("train", help="train a model")
-    data_args(tr)
+    tr = sub.add_parser("train", help="train a model", **fmt)
+    data_args(tr, None)
     tr.add_argument("--task", choices=["retrieval", "qa", "mlm", "pretrain"], default="retrieval",
                     help="retrieval (VTM + contrastive), qa (answer classifier), mlm, or pretrain (VTM + MLM)")
     tr.add_argument("--image-data", help="--task pretrain: an image-text dataset trained on together with --data")
     tr.add_argument("--question-types", nargs="+", help="--task qa: train on questions of these types only "
                     "(a curriculum's first stage; continue on all types with --init-from)")
-    tr.add_argument("--model", help="preset name (see slimvl.list_models())")
+    tr.add_argument("--model", help="preset name, see slimvl.list_models() (default: the --config file's, "
+                                    "else perceiver_vl_tiny)")
     tr.add_argument("--config", help="YAML with model, model_overrides and train sections")
-    tr.add_argument("--set", action="append", help="model config override key=value (repeatable)")
-    tr.add_argument("--train-set", action="append", help="train config override key=value (repeatable)")
-    tr.add_argument("--out", required=True, help="run folder (checkpoints, train_log.json)")
-    tr.add_argument("--steps", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--device")
-    tr.add_argument("--eval-every", type=int, help="evaluate on --val-split every N steps (learning curve)")
-    tr.add_argument("--val-split", default="val", help="split evaluated with --eval-every")
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    tr.add_argument("--init-from", help="slimvl checkpoint to start from (num_latents may differ, see "
-                                        "--latent-resize)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    tr.add_argument("--train-set", action="append", metavar="KEY=VALUE",
+                    help="train config override, a TrainConfig field (repeatable)")
+    tr.add_argument("--out", required=True, help="run folder (checkpoints, train_log.json); must not hold a run "
+                                                 "unless --resume")
+    tr.add_argument("--steps", type=int, help=f"training steps (default: the --config file's, else {d.steps})")
+    tr.add_argument("--lr", type=float, help=f"peak learning rate (default: the --config file's, else {d.lr})")
+    tr.add_argument("--seed", type=int, help="seed of the initial weights and of the batches (default: the "
+                                             f"--config file's, else {d.seed})")
+    tr.add_argument("--eval-every", type=int, help="evaluate on --val-split every N steps (learning curve; "
+                                                   "default: never)")
+    tr.add_argument("--val-split", default="val", help="split evaluated with --eval-every: train, val, test "
+                                                       "(or another split the dataset defines)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    tr.add_argument("--init-from", help="slimvl checkpoint or run folder to start from (num_latents may differ, "
+                                        "see --latent-resize)")
     tr.add_argument("--latent-resize", choices=["interpolate", "reinit"], default="interpolate",
                     help="how --init-from fits its latents to another num_latents")
     tr.add_argument("--init-vit", help="HF ViT/CLIP-vision folder or safetensors file: latent self-attention "
@@ -295,41 +356,63 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-bert", help="HF BERT folder or safetensors file: text embeddings")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="retrieval Recall@K (or QA / MLM accuracy) of a checkpoint")
-    data_args(ev)
-    ev.add_argument("--task", choices=["retrieval", "qa", "mlm"], default="retrieval")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (newest is used)")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev = sub.add_parser("eval", help="retrieval Recall@K (or QA / MLM accuracy) of a checkpoint", **fmt)
+    data_args(ev, "auto")
+    ev.add_argument("--task", choices=["retrieval", "qa", "mlm"], default="retrieval", help="what to measure")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest is used)")
+    ev.add_argument("--split", default="test", help="split to evaluate: train, val, test (or another split the "
+                                                    "dataset defines)")
+    ev.add_argument("--batch-size", type=int, default=256, help="pairs (or questions) per forward pass")
     ev.add_argument("--cross-attn-keep", help="Perceiver-VL: cross-attentions that run: 'all', a count "
-                                              "(1 = the first) or indices '0,2'")
+                                              "(1 = the first) or indices '0,2' (default: as trained, all)")
     ev.set_defaults(func=cmd_eval)
 
-    be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair")
+    be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair", **fmt)
     be.add_argument("--model", nargs="+", default=["single_stream_tiny", "perceiver_vl_tiny"],
                     help="presets; the first is the baseline of the ratios")
-    be.add_argument("--set", action="append", help="config override for all models key=value")
-    be.add_argument("--frames", type=int, default=4)
-    be.add_argument("--text-len", type=int, default=36)
-    be.add_argument("--batch", type=int, default=64)
-    be.add_argument("--min-run-time", type=float, default=1.0)
+    be.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for all models")
+    be.add_argument("--frames", type=int, default=4, help="frames per clip")
+    be.add_argument("--text-len", type=int, help="text tokens per pair (default: the models' smallest "
+                                                 "max_text_len)")
+    be.add_argument("--batch", type=int, default=64, help="throughput batch (latency is also measured at 1)")
+    be.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    be.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    be.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="fp32, or bf16/fp16 autocast")
+    be.add_argument("--compile", action="store_true",
+                    help="time torch.compile'd models (CUDA graphs at batch 1 on a GPU)")
     be.set_defaults(func=cmd_bench)
 
-    de = sub.add_parser("demo", help="Perceiver-VL vs single-stream on synthetic video-text retrieval")
-    de.add_argument("--out", default="runs/demo")
-    de.add_argument("--steps", type=int, help="training steps per model (default: the demo's)")
+    de = sub.add_parser("demo", help="Perceiver-VL vs single-stream on synthetic video-text retrieval", **fmt)
+    de.add_argument("--out", default="runs/demo", help="folder of the data, runs and report")
+    de.add_argument("--steps", type=int, help="training steps per model (default: the demo's 850)")
+    de.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the batches")
+    de.add_argument("--device", default="auto", help="where to train, evaluate and time: auto, cpu or cuda")
     de.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``slimvl`` command."""
+    from .train import TrainingInterrupted
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input is reported as one line naming what is wrong, not a traceback.
+    except TrainingInterrupted as e:
+        # One line: where the run stands and how to go on (no traceback).
+        if e.checkpoint is not None:
+            again = [a for a in argv if a != "--resume"] + ["--resume"]
+            print(f"slimvl: {e.signal_name} at step {e.step}: checkpoint saved at {e.checkpoint}; resume with: "
+                  f"slimvl {shlex.join(again)}", file=sys.stderr)
+        elif int(os.environ.get("RANK", "0")) == 0:
+            print(f"slimvl: {e.signal_name} at step {e.step}: stopped (no run folder, nothing saved)", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError) as e:
+        # Bad input (and a full disk, a missing file) is reported as one line
+        # naming what is wrong, not a traceback.
         print(f"slimvl: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

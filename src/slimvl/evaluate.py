@@ -1,4 +1,10 @@
-"""Retrieval evaluation of cross-encoders: score every (caption, video) pair."""
+"""Retrieval evaluation: score every (caption, video) pair, then rank.
+
+Scores are computed and compared in float32 whatever the autocast (the
+models' scoring heads run in fp32, see ``slimvl.models.base.score_in_fp32``),
+and non-finite scores stop the evaluation: NaN compares false with
+everything, so a broken model would otherwise rank its positives first.
+"""
 from __future__ import annotations
 
 import time
@@ -6,15 +12,22 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .tasks.base import NonFiniteScores, check_scores  # noqa: F401  (NonFiniteScores: part of this API)
 from .tasks.retrieval import recall_metrics
-from .runtime import autocast_for, resolve_device, to_float_video
+from .runtime import autocast_for, device_for, to_float_video
 from .tasks.vtm import RetrievalData
 
 
 @torch.inference_mode()
-def score_matrix(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256, device: str = "auto",
-                 amp: str = "auto", progress: bool = True, timings: dict | None = None) -> torch.Tensor:
-    """VTM logits for every caption against every item: ``[n_captions, n_items]``.
+def score_matrix(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256,
+                 device: str | torch.device | None = None, amp: str = "auto", progress: bool = True,
+                 timings: dict | None = None) -> torch.Tensor:
+    """VTM logits for every caption against every item: ``[n_captions, n_items]``,
+    float32 on the CPU.
+
+    ``device``: where to run (``"auto"``, ``"cpu"``, ``"cuda"``...; None:
+    where the model is). ``amp``: ``"auto"`` is bf16 autocast on GPUs that
+    support it; the scores themselves are fp32 either way.
 
     A cross-encoder has nothing to cache between pairs, so all
     ``n_captions * n_items`` pairs go through the model, ``batch_size`` at a
@@ -23,7 +36,7 @@ def score_matrix(model: torch.nn.Module, data: RetrievalData, batch_size: int = 
     the pairs from the caches. ``timings``, when given, receives
     ``encode_seconds`` (per-item work) and ``score_seconds`` (per-pair work).
     """
-    dev = resolve_device(device)
+    dev = device_for(model, device)
     model = model.to(dev).eval()
     if getattr(model, "cacheable", False):
         return _cached_score_matrix(model, data, batch_size, dev, amp, progress, timings)
@@ -70,17 +83,32 @@ def _cached_score_matrix(model, data: RetrievalData, batch_size: int, dev: torch
     return scores
 
 
-def evaluate(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256, device: str = "auto",
-             progress: bool = True) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256,
+             device: str | torch.device | None = None, progress: bool = True, amp: str = "auto") -> dict[str, float]:
     """Text->video and video->text Recall@1/5/10 and median rank over ``data``.
 
     With held-out flags (synthetic compositional split), also
     ``heldout_t2v_r1`` / ``seen_t2v_r1``: t2v R@1 of the captions whose scene
     holds a held-out (shape, colour, motion) combination, and of the others.
+    ``device`` as in ``score_matrix`` (None: where the model is). A tie between a caption's own item and another counts against it (see
+    ``slimvl.tasks.retrieval.t2v_ranks``). Raises ``NonFiniteScores`` when
+    any score is NaN or infinite.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    scores = score_matrix(model, data, batch_size, device, progress=progress, timings=timings)
+    scores = score_matrix(model, data, batch_size, device, amp=amp, progress=progress, timings=timings)
+    out = retrieval_metrics(scores, data)
+    out.update(n_items=int(data.videos.shape[0]), n_captions=int(len(data.caption_item)),
+               skipped_media=len(data.skipped), truncated_captions=data.truncated, padded_videos=data.padded,
+               device=str(device_for(model, device)), **timings, eval_seconds=time.perf_counter() - t0)
+    return out
+
+
+def retrieval_metrics(scores: torch.Tensor, data: RetrievalData) -> dict:
+    """``recall_metrics`` of a ``[n_captions, n_items]`` score matrix over
+    ``data``, with the held-out split and near-duplicate error analysis when
+    the data has them. Raises ``NonFiniteScores`` on NaN or infinite scores."""
+    check_scores(scores)
     out = recall_metrics(scores, data.caption_item)
     if data.heldout is not None:
         flag = torch.tensor(data.heldout)[data.caption_item]
@@ -89,9 +117,6 @@ def evaluate(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256,
                 out[f"{name}_t2v_r1"] = recall_metrics(scores[rows], data.caption_item[rows])["t2v_r1"]
     if data.scenes is not None:
         out["near_duplicate_errors"] = near_duplicate_errors(scores, data)
-    out.update(n_items=int(data.videos.shape[0]), n_captions=int(len(data.caption_item)),
-               skipped_media=len(data.skipped), **timings,
-               eval_seconds=time.perf_counter() - t0)
     return out
 
 

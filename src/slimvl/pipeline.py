@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Tokenizer, VideoTextDataset
+from .data.readers import available_splits
 from .data.qa import answer_vocab, read_vqa
 from .tasks.qa import QAData
 from .tasks.vtm import RetrievalData
@@ -21,13 +22,48 @@ def load_tokenizer(root: str | Path, vocab: str | Path | None = None, qa: bool =
     return Tokenizer.load(path)
 
 
+def checkpoint_tokenizer(checkpoint: str | Path, vocab_size: int, root: str | Path | None = None,
+                         vocab: str | Path | None = None, qa: bool = False) -> Tokenizer:
+    """The tokenizer to use with a checkpoint's model: the one it was trained
+    with (kept in the checkpoint) unless ``vocab`` names another, which must
+    then be the same; for a checkpoint that kept none, the dataset's
+    (``load_tokenizer``), which must at least have the model's
+    ``vocab_size``. A mismatch is a ``ValueError``: ids from another
+    tokenizer would be silently wrong, or out of range."""
+    from .checkpoint import load_tokenizer_of
+
+    ckpt = Path(checkpoint)
+    own = load_tokenizer_of(ckpt)
+    if vocab is not None:
+        tok = Tokenizer.load(vocab)
+        if own is not None and own.fingerprint != tok.fingerprint:
+            raise ValueError(f"{vocab} is not the tokenizer {ckpt} was trained with (fingerprints {tok.fingerprint} "
+                             f"and {own.fingerprint}); leave out --vocab to use the checkpoint's own")
+    elif own is not None:
+        return own
+    else:
+        if root is None:
+            raise ValueError(f"{ckpt} keeps no tokenizer: name the one it was trained with (--vocab)")
+        tok = load_tokenizer(root, qa=qa)
+    if tok.vocab_size != vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but {ckpt} was trained with vocab_size={vocab_size}: "
+                         "pass the tokenizer it was trained with (--vocab)")
+    return tok
+
+
 def load_split(root: str | Path, split: str, tokenizer: Tokenizer, frames: int, size: int, max_len: int,
                skip_bad: bool = False, progress: bool = True) -> RetrievalData:
     """Read one split of a dataset (any supported layout) into ``RetrievalData``."""
     ds = VideoTextDataset(root, split, frames=frames, size=size, skip_bad=skip_bad, progress=progress)
-    if len(ds) == 0:
-        raise ValueError(f"{root}: split {split!r} has no readable items")
+    _need_items(ds, root, split)
     return RetrievalData.from_dataset(ds, tokenizer, max_len)
+
+
+def _need_items(ds: VideoTextDataset, root, split: str) -> None:
+    if len(ds) == 0:
+        known = available_splits(root)
+        why = "no readable items" if split in known else f"no items; the dataset's splits are {known}"
+        raise ValueError(f"{root}: split {split!r} has {why}")
 
 
 def load_qa_split(root: str | Path, split: str, tokenizer: Tokenizer, frames: int, size: int, max_len: int,
@@ -39,6 +75,5 @@ def load_qa_split(root: str | Path, split: str, tokenizer: Tokenizer, frames: in
     if answers is None:
         answers = answer_vocab(root)
     ds = VideoTextDataset(root, split, frames=frames, size=size, skip_bad=skip_bad, progress=progress)
-    if len(ds) == 0:
-        raise ValueError(f"{root}: split {split!r} has no readable items")
+    _need_items(ds, root, split)
     return QAData.from_dataset(ds, records, tokenizer, max_len, answers)

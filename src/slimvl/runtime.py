@@ -7,11 +7,28 @@ from contextlib import nullcontext
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; a ``torch.device`` or
+    another name as it is (an unknown name is a ``ValueError``)."""
+    if isinstance(name, torch.device):
+        return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
+    return dev
+
+
+def device_for(model: torch.nn.Module, device: str | torch.device | None) -> torch.device:
+    """Where to run ``model``: ``device`` if given (``"auto"`` allowed), else
+    where its parameters already are (e.g. where it was trained)."""
+    if device is None:
+        return next(model.parameters()).device
+    return resolve_device(device)
 
 
 def autocast_for(device: torch.device, amp: str):

@@ -13,21 +13,26 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, read_meta, save_checkpoint
+from .files import ensure_writable_dir, remove_stale_temporaries
 from .runtime import autocast_for, resolve_device, to_float_video
 from .tasks.base import Task
 from .tasks.vtm import (RetrievalData, RetrievalObjective, RetrievalTask, UnitBatch, sample_units, step_batch,
                         unit_batch)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "lr_at", "RetrievalData", "RetrievalObjective",
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at", "RetrievalData", "RetrievalObjective",
            "RetrievalTask", "UnitBatch", "sample_units", "step_batch", "unit_batch", "autocast_for",
            "resolve_device", "to_float_video"]
 
@@ -36,6 +41,16 @@ log = logging.getLogger("slimvl")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by SIGINT (Ctrl-C) or SIGTERM. The step under way
+    was finished and, with a run folder, checkpointed: ``checkpoint`` is
+    where, ``step`` how far it got; ``train(..., resume=True)`` continues."""
+
+    def __init__(self, step: int, checkpoint: Path | None, signal_name: str):
+        super().__init__(f"{signal_name} at step {step}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
 
 
 @dataclass
@@ -122,13 +137,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the loss curve and timing."""
+    """What ``train`` returns: the loss curve and timing (``seconds``: the
+    run's training time, the part before a resume included)."""
 
     steps: int
     seconds: float
     history: list[dict] = field(default_factory=list)
     checkpoint: str | None = None
     evals: list[dict] = field(default_factory=list)
+    already_finished: bool = False  # resumed a run that had reached cfg.steps: nothing was trained
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -152,13 +169,20 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
             every ``cfg.eval_every`` steps and at the end; the learning curve
             goes to ``TrainResult.evals`` and the run's log. Evaluation time is
             not counted in the training seconds.
-        run_dir: where checkpoints (``run_dir/checkpoints/step_*``) and the log
-            (``run_dir/train_log.json``) go; None keeps nothing on disk.
-        resume: continue from the newest checkpoint in ``run_dir``.
+        run_dir: where checkpoints (``run_dir/checkpoints/step_*``, each with
+            the data's tokenizer) and the log (``run_dir/train_log.json``) go;
+            None keeps nothing on disk. Checked for writing before the first
+            step; a folder that already holds a run is refused unless resuming.
+        resume: continue from the newest checkpoint in ``run_dir`` (an error
+            if there is none: a mistyped folder must not restart a run from
+            step 0). A run that already reached ``cfg.steps`` is loaded and
+            returned with ``already_finished=True``.
         stop_after: end after this many steps (for tests of resuming).
 
-    Runs data-parallel when launched by ``torchrun`` (gloo on CPU, nccl on
-    GPU): each rank takes its share of the same global batch.
+    SIGINT (Ctrl-C) and SIGTERM finish the current step, write a checkpoint
+    there and raise ``TrainingInterrupted``. Runs data-parallel when
+    launched by ``torchrun`` (gloo on CPU, nccl on GPU): each rank takes its
+    share of the same global batch.
     """
     task = data if isinstance(data, Task) else RetrievalTask(data)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -171,14 +195,23 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     task.check(cfg, world)
+    _check_tokenizer(task, model)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt = open_run_dir(run_dir, resume, rank)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
-    run_dir = Path(run_dir) if run_dir is not None else None
-    start, history, evals = 0, [], []
-    if resume and run_dir is not None and (ckpt := latest_checkpoint(run_dir)) is not None:
+    start, history, evals, before = 0, [], [], 0.0
+    if ckpt is not None:
+        _check_same_data(ckpt, task)
         meta = load_training_state(ckpt, model, optimizer)
         start, history, evals = meta["step"], meta.get("history", []), meta.get("evals", [])
+        before = meta.get("seconds", 0.0)  # training time before the interruption
+        if start >= cfg.steps:
+            if rank == 0:
+                log.info("%s already finished at step %d (steps=%d): nothing to train", run_dir, start, cfg.steps)
+            return TrainResult(steps=start, seconds=before, history=history, checkpoint=str(ckpt), evals=evals,
+                               already_finished=True)
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
     objective = task.objective(model, cfg)
@@ -193,60 +226,163 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc=f"train {model.config.model_type} ({task.name})", dynamic_ncols=True)
     last_ckpt, t0, seen, eval_seconds = None, time.perf_counter(), 0, 0.0
-    for step in bar:
-        batch = task.batch(cfg, step, rank, world, device)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        with autocast_for(device, cfg.amp):
-            loss, parts = net(batch)
-        if not torch.isfinite(loss):
-            good = latest_checkpoint(run_dir) if run_dir is not None else None
-            raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping. "
-                                   f"Last good checkpoint: {good or 'none'}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step < cfg.frozen_pretrained_steps:
-            for p in frozen:  # no gradient: AdamW leaves the parameter and its moments alone
-                p.grad = None
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+    with _stop_requests() as stop:
+        for step in bar:
+            batch = task.batch(cfg, step, rank, world, device)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            with autocast_for(device, cfg.amp):
+                loss, parts = net(batch)
+            if not torch.isfinite(loss):
+                good = latest_checkpoint(run_dir) if run_dir is not None else None
+                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping. "
+                                       f"Last good checkpoint: {good or 'none'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step < cfg.frozen_pretrained_steps:
+                for p in frozen:  # no gradient: AdamW leaves the parameter and its moments alone
+                    p.grad = None
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
 
-        seen += task.samples(batch) * world
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            rate = seen / (time.perf_counter() - t0 - eval_seconds)
-            history.append({"step": step + 1, "loss": round(loss.item(), 5),
-                            **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
-                            "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1)})
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-        if val_data is not None and cfg.eval_every and rank == 0 and \
-                ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
-            t_eval = time.perf_counter()
-            metrics = task.evaluate(model, val_data, device)
-            evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
-            model.train()
-            eval_seconds += time.perf_counter() - t_eval
-            if task.headline in metrics:
-                bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
-        if run_dir is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end):
-            last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals, task)
-    seconds = time.perf_counter() - t0 - eval_seconds
-    if run_dir is not None and rank == 0:
-        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "task": task.name, "history": history,
-                                                       "evals": evals, "seconds": seconds,
-                                                       "skipped_media": task.skipped})
+            seen += task.samples(batch) * world
+            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+                rate = seen / (time.perf_counter() - t0 - eval_seconds)
+                history.append({"step": step + 1, "loss": round(loss.item(), 5),
+                                **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
+                                "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1)})
+                bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
+            if val_data is not None and cfg.eval_every and rank == 0 and \
+                    ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
+                t_eval = time.perf_counter()
+                metrics = task.evaluate(model, val_data, device)
+                evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
+                model.train()
+                eval_seconds += time.perf_counter() - t_eval
+                if task.headline in metrics:
+                    bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
+            # Ctrl-C or SIGTERM: keep the step just finished, then stop.
+            stopping = stop.requested(distributed)
+            if run_dir is not None and rank == 0 and \
+                    ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stopping):
+                last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals, task,
+                                        before + time.perf_counter() - t0 - eval_seconds)
+            if stopping:
+                bar.close()
+                _write_log(run_dir, rank, cfg, task, history, evals, before + time.perf_counter() - t0 - eval_seconds)
+                raise TrainingInterrupted(step + 1, last_ckpt if rank == 0 else None, stop.name)
+    seconds = before + time.perf_counter() - t0 - eval_seconds
+    _write_log(run_dir, rank, cfg, task, history, evals, seconds)
     return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None,
                        evals=evals)
 
 
+def _write_log(run_dir: Path | None, rank: int, cfg: TrainConfig, task: Task, history: list, evals: list,
+               seconds: float) -> None:
+    if run_dir is not None and rank == 0:
+        atomic_write_json(run_dir / "train_log.json", {"config": asdict(cfg), "task": task.name, "history": history,
+                                                       "evals": evals, "seconds": seconds,
+                                                       "skipped_media": task.skipped})
+
+
 def _checkpoint(run_dir: Path, model, optimizer, cfg: TrainConfig, step: int, history: list, evals: list,
-                task: Task) -> Path:
+                task: Task, seconds: float) -> Path:
     root = run_dir / "checkpoints"
     path = save_checkpoint(root / f"step_{step:07d}", model, optimizer,
                            {"step": step, "train_config": asdict(cfg), "task": task.name, **task.meta(),
-                            "history": history, "evals": evals})
+                            "data_fingerprint": task.fingerprint, "seconds": seconds, "history": history,
+                            "evals": evals},
+                           tokenizer=task.tokenizer)
     for old in sorted(root.glob("step_*"))[: -cfg.keep_checkpoints]:
         for f in old.iterdir():
             f.unlink()
         old.rmdir()
     return path
 
+
+def open_run_dir(run_dir: Path | None, resume: bool, rank: int = 0) -> Path | None:
+    """Check a run folder before any work: writable (created if missing), no
+    run there unless resuming, a checkpoint there when resuming; temporaries
+    of killed writes removed. Returns the checkpoint to resume from (None:
+    a fresh run). Raises ``ValueError`` naming the folder."""
+    if run_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the run_dir to resume from")
+        return None
+    if rank == 0:
+        ensure_writable_dir(run_dir, "run folder")
+        remove_stale_temporaries(run_dir, "*")
+        remove_stale_temporaries(run_dir / "checkpoints", "step_*")
+    ckpt = latest_checkpoint(run_dir)
+    if resume and ckpt is None:
+        raise ValueError(f"--resume: {run_dir} holds no checkpoint to resume from (a mistyped or empty run "
+                         "folder?); to start a new run there, leave out --resume")
+    if not resume and ckpt is not None:
+        raise ValueError(f"{run_dir} already holds a run (newest checkpoint: {ckpt.name}); continue it with "
+                         "--resume (resume=True), or choose another run folder")
+    return ckpt
+
+
+def _check_tokenizer(task: Task, model: torch.nn.Module) -> None:
+    tok = task.tokenizer
+    n = getattr(model.config, "vocab_size", None)
+    if tok is not None and n is not None and tok.vocab_size > n:
+        raise ValueError(f"the data's tokenizer has {tok.vocab_size} ids but the model's vocab_size={n}: build the "
+                         f"model with vocab_size={tok.vocab_size}")
+
+
+def _check_same_data(ckpt: Path, task: Task) -> None:
+    """A resumed run must see the data and tokenizer it started with, or its
+    batches (and token ids) would silently change under it."""
+    meta = read_meta(ckpt)
+    saved, now = meta.get("data_fingerprint"), task.fingerprint
+    if saved is not None and now is not None and saved != now:
+        raise ValueError(f"{ckpt}: the run was trained on data with fingerprint {saved}, the data given now has "
+                         f"{now}; resume with the same dataset, or start a new run")
+    saved_tok = (meta.get("tokenizer") or {}).get("fingerprint")
+    if saved_tok is not None and task.tokenizer is not None and saved_tok != task.tokenizer.fingerprint:
+        raise ValueError(f"{ckpt}: the run was trained with another tokenizer (fingerprint {saved_tok}) than the "
+                         f"one given now ({task.tokenizer.fingerprint})")
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; read between steps."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    def requested(self, distributed: bool) -> bool:
+        if not distributed:
+            return self.name is not None
+        # Every rank must stop after the same step: a stop seen by any rank stops all.
+        flag = torch.tensor([float(self.name is not None)])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag)
+        if flag.item() and self.name is None:
+            self.name = "a stop request on another process"
+        return bool(flag.item())
+
+
+@contextmanager
+def _stop_requests() -> Iterator[_StopFlag]:
+    """Turn SIGINT and SIGTERM into a flag that the loop checks after each
+    step, so that an interrupted run keeps its progress; a second signal
+    stops at once. Outside the main thread (no signal handlers) the flag
+    never sets."""
+    stop = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.name is not None:
+            raise KeyboardInterrupt
+        stop.name = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

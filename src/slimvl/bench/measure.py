@@ -86,10 +86,30 @@ def peak_memory_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu")
     return mode.peak
 
 
-def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, min_run_time: float = 1.0,
-                  matmul_ref: float | None = None) -> dict[str, float]:
-    """Cost of scoring (video, text) pairs with ``model``.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``, ``"bf16"``, ``"fp16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def compile_for_inference(model: nn.Module, device: torch.device | str, batch: int):
+    """``torch.compile`` for timing: shapes are static (one graph per batch
+    size), and on CUDA at small batches ``reduce-overhead`` replays the whole
+    forward as a CUDA graph, so that launch overhead does not hide the model."""
+    cuda_graphs = torch.device(device).type == "cuda" and batch <= 8
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+
+
+def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype = torch.float32, min_run_time: float = 1.0,
+                  matmul_ref: float | None = None, compile: bool = False) -> dict[str, float]:
+    """Cost of scoring (video, text) pairs with ``model`` on ``device``.
 
     Returns GFLOPs per pair (torch's counter and the analytic formula; for
     models that cache per-item encodings, ``retrieval_gflops`` splits the
@@ -97,33 +117,36 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
     latency at batch 1 and per pair at a throughput batch of ``batch``,
     peak activation memory, achieved GFLOP/s and its fraction of a same-dtype
     matmul (``matmul_ref`` GFLOP/s; measured here when not given).
+
+    ``dtype`` other than fp32 runs under autocast (``"bf16"``, ``"fp16"``);
+    ``compile`` times ``torch.compile``'d forwards (``compile_for_inference``;
+    the first, compiling call is a warm-up and not timed). FLOPs and peak
+    memory are measured on the eager model either way.
     """
+    device = torch.device(device)
+    dtype = parse_dtype(dtype)
     model = model.to(device).eval()
     flops = model_flops_per_pair(model, frames, text_len)
     analytic = model.analytic_flops(frames, text_len)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    autocast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def runner(b: int):
+    def runner(b: int, compiled: bool = compile):
         v, ids, mask = dummy_inputs(model, frames, text_len, b, device)
+        net = compile_for_inference(model, device, b) if compiled else model
 
         @torch.inference_mode()
         def run():
-            if autocast is not None:
-                with torch.autocast(torch.device(device).type, dtype=dtype):
-                    model(v, ids, mask)
-            else:
-                model(v, ids, mask)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                net(v, ids, mask)
             sync()
 
         return run
 
     t1 = median_seconds(runner(1), min_run_time)
     tb = median_seconds(runner(batch), min_run_time)
-    peak = peak_memory_bytes(runner(batch), device)
+    peak = peak_memory_bytes(runner(batch, compiled=False), device)
     ref = matmul_ref if matmul_ref is not None else matmul_gflops(device, dtype, min_run_time=min_run_time)
     achieved = flops * batch / tb / 1e9
-    del autocast
     return {
         "gflops_per_pair": flops / 1e9,
         "gflops_per_pair_analytic": analytic / 1e9,
@@ -135,6 +158,9 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
         "matmul_gflops_per_s": ref,
         "fraction_of_matmul": achieved / ref,
         "batch": batch,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compiled": bool(compile),
         "params": sum(p.numel() for p in model.parameters()),
         # Cached retrieval (multi/mixed streams): per video, per caption and per pair from the caches.
         "retrieval_gflops": {k: v / 1e9 for k, v in model.retrieval_flops(frames, text_len).items()},

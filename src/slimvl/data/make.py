@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..files import ensure_writable_dir, remove_stale_temporaries
 from . import world as W
 from .media import write_video
 from .tokenizer import Tokenizer
@@ -34,6 +35,47 @@ def _params(kind, seed, n_train, n_val, n_test, group_size, frames, size, captio
             "size": int(size), "captions_per_item": int(captions_per_item),
             "test_captions": int(test_captions), "heldout_fraction_test": float(heldout_fraction_test),
             "version": FORMAT_VERSION}
+
+
+def check_params(params: dict) -> None:
+    """Raise ``ValueError`` naming the first parameter ``make_dataset`` cannot
+    honour, before anything is written."""
+    def fail(name: str, why: str) -> None:
+        raise ValueError(f"{name}={params[name]!r}: {why}")
+
+    for name in ("n_train", "n_val", "n_test", "group_size", "frames", "size", "captions_per_item",
+                 "test_captions"):
+        if isinstance(params[name], bool) or not isinstance(params[name], int):
+            fail(name, "must be an integer")
+    if params["group_size"] < 1:
+        fail("group_size", "must be >= 1 (items per near-duplicate group)")
+    if params["n_train"] < params["group_size"]:
+        fail("n_train", f"must be at least one near-duplicate group (group_size={params['group_size']}) "
+                        "to train on")
+    for name in ("n_val", "n_test"):
+        if params[name] < 0:
+            fail(name, "must be >= 0")
+    if params["frames"] < 1:
+        fail("frames", "must be >= 1 (frames per video on disk)")
+    if params["size"] < 16:
+        fail("size", "must be >= 16 pixels (objects are drawn at 17% and 30% of the canvas)")
+    if params["kind"] == "video-text" and params["size"] % 2:
+        fail("size", "must be even for video (H.264 with 4:2:0 chroma needs even sides)")
+    for name in ("captions_per_item", "test_captions"):
+        if params[name] < 1:
+            fail(name, "must be >= 1")
+    if not 0.0 <= params["heldout_fraction_test"] <= 1.0:
+        fail("heldout_fraction_test", "must be in [0, 1]")
+
+
+def recorded_params(root) -> dict | None:
+    """The parameters a finished dataset at ``root`` was made with, or None
+    when ``root`` holds no finished slimvl dataset."""
+    try:
+        recorded = json.loads((Path(root) / "DONE").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def dataset_is_valid(root, **params) -> bool:
@@ -120,7 +162,7 @@ def _word_tokens(text: str) -> list[str]:
 def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4000, n_val: int = 200,
                  n_test: int = 100, group_size: int = 4, frames: int = 8, size: int = 64,
                  captions_per_item: int = 2, heldout_fraction_test: float = 0.4, test_captions: int = 1,
-                 progress: bool = True, workers: int | None = None, fps: int = 8) -> Path:
+                 progress: bool = True, workers: int | None = None, fps: int = 8, overwrite: bool = False) -> Path:
     """Generate (or reuse) a synthetic dataset at ``root`` and return ``root``.
 
     ``kind="video-text"`` writes the MSR-VTT layout (``annotations.json``,
@@ -129,21 +171,67 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
     ``tokenizer.json`` trained on the train captions. All splits are made of
     near-duplicate groups of ``group_size``; train never contains held-out
     (shape, colour, motion) triples, about ``heldout_fraction_test`` of
-    val/test groups do. A valid existing dataset with equal params is reused;
-    otherwise it is rebuilt in ``root.tmp-<pid>`` and renamed into place.
+    val/test groups do. A valid existing dataset with equal params is reused.
+    Anything else already at ``root`` is refused, naming the parameters that
+    differ, unless ``overwrite``: a dataset (and its tokenizer) is never
+    replaced silently. The new one is built in ``root.tmp-<pid>`` and renamed
+    into place; temporaries that a killed run left are removed first.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     root = Path(root)
+    check_params(dict(kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, group_size=group_size, frames=frames,
+                      size=size, captions_per_item=captions_per_item, test_captions=test_captions,
+                      heldout_fraction_test=heldout_fraction_test))
     params = _params(kind, seed, n_train, n_val, n_test, group_size, frames, size, captions_per_item,
                      test_captions, heldout_fraction_test)
     if dataset_is_valid(root, **params):
         return root
-    video = kind == "video-text"
+    if root.exists() and not overwrite:
+        _refuse_to_replace(root, params)
+    ensure_writable_dir(root.parent, "folder of the dataset")
+    remove_stale_temporaries(root.parent, root.name)
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write(tmp, params, progress, workers, fps, root.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed or interrupted build leaves nothing behind
+        raise
+    try:
+        if root.exists():
+            old = root.with_name(f"{root.name}.old-{os.getpid()}")
+            root.rename(old)
+            tmp.rename(root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(root)
+    except OSError:
+        # Another process finished the same dataset first: use theirs.
+        if not dataset_is_valid(root, **params):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _refuse_to_replace(root: Path, params: dict) -> None:
+    if root.is_dir() and not any(root.iterdir()):
+        return  # an empty folder holds nothing to lose
+    recorded = recorded_params(root)
+    if recorded is None:
+        raise ValueError(f"{root} exists and is not a finished slimvl dataset; refusing to replace it (remove it, "
+                         "choose another folder, or pass --overwrite / overwrite=True)")
+    diff = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in params.items() if recorded.get(k) != v]
+    raise ValueError(f"{root} holds a dataset made with other parameters ({', '.join(diff)}); refusing to replace "
+                     "it and its tokenizer: pass --overwrite (overwrite=True) to rebuild it, or choose another folder")
+
+
+def _write(tmp: Path, params: dict, progress: bool, workers: int, fps: int, name: str) -> None:
+    """Generate the whole dataset that ``params`` describe into the folder ``tmp``."""
+    kind, seed, group_size, frames, size = (params[k] for k in ("kind", "seed", "group_size", "frames", "size"))
+    video = kind == "video-text"
     media_dir = tmp / ("videos" if video else "images")
     media_dir.mkdir(parents=True)
 
@@ -151,9 +239,9 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
     items = []  # (item_id, index, split, scene, global group, heldout, captions)
     group_offset = 0
     for s_idx, (split, n, frac, n_caps) in enumerate((
-            ("train", n_train, 0.0, captions_per_item),
-            ("val", n_val, heldout_fraction_test, test_captions),
-            ("test", n_test, heldout_fraction_test, test_captions))):
+            ("train", params["n_train"], 0.0, params["captions_per_item"]),
+            ("val", params["n_val"], params["heldout_fraction_test"], params["test_captions"]),
+            ("test", params["n_test"], params["heldout_fraction_test"], params["test_captions"]))):
         rng = np.random.default_rng([seed, s_idx, 1234])
         scenes = _split_scenes(rng, n, group_size, heldout, frac, video)
         for scene, g, _ in scenes:
@@ -166,7 +254,7 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
 
     ext = "mp4" if video else "png"
     jobs = [(it[3].to_dict(), str(media_dir / f"{it[0]}.{ext}"), frames, size, kind) for it in items]
-    _run_jobs(jobs, workers, progress, f"writing {kind} to {root.name}")
+    _run_jobs(jobs, workers, progress, f"writing {kind} to {name}")
 
     info = {**params, "format": "msrvtt" if video else "karpathy", "generator": "slimvl.data.world",
             "fps": fps}
@@ -201,18 +289,3 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
     Tokenizer.train(train_caps or [""]).save(tmp / "tokenizer.json")
     # The marker is written last: its presence means everything else is complete.
     (tmp / "DONE").write_text(json.dumps(params))
-
-    try:
-        if root.exists():
-            old = root.with_name(f"{root.name}.old-{os.getpid()}")
-            root.rename(old)
-            tmp.rename(root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(root)
-    except OSError:
-        # Another process finished the same dataset first: use theirs.
-        if not dataset_is_valid(root, **params):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root

@@ -31,6 +31,12 @@ def read_video(path: str | os.PathLike, frames: int, size: int) -> np.ndarray:
     ``frames`` indices are spread uniformly over the whole clip; a clip with
     fewer frames repeats its last frame. Raises :class:`MediaError`.
     """
+    return decode_video(path, frames, size)[0]
+
+
+def decode_video(path: str | os.PathLike, frames: int, size: int) -> tuple[np.ndarray, int]:
+    """``read_video``, plus how many frames the clip really had (fewer than
+    ``frames`` means its last frame was repeated to fill the clip)."""
     import av  # imported lazily: worker processes that only read images skip it
 
     path = Path(path)
@@ -65,7 +71,7 @@ def read_video(path: str | os.PathLike, frames: int, size: int) -> np.ndarray:
         # threads=1: swscale's default spins up a thread pool per frame.
         rgb = f.to_ndarray(format="rgb24", threads=1)
         out.append(rgb if rgb.shape[:2] == (size, size) else _resize(Image.fromarray(rgb), size))
-    return np.stack(out)
+    return np.stack(out), n
 
 
 def read_image(path: str | os.PathLike, size: int) -> np.ndarray:

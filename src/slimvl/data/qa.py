@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import remove_stale_temporaries
 from . import world as W
 from .tokenizer import Tokenizer
 
@@ -136,11 +137,12 @@ def qa_is_valid(root, questions_per_item: int | None = None) -> bool:
     return questions_per_item is None or done.get("questions_per_item") == questions_per_item
 
 
-def make_qa(root, questions_per_item: int = 4, seed: int = 0) -> Path:
+def make_qa(root, questions_per_item: int = 4, seed: int = 0, overwrite: bool = False) -> Path:
     """Write questions and answers for every item of a synthetic dataset at
     ``root`` (made by ``make_dataset``; its ``world.json`` holds the scenes)
     and return ``root/qa``. A complete folder made with the same options is
-    reused; otherwise it is built under a temporary name and renamed."""
+    reused; one made with other options is refused (naming them) unless
+    ``overwrite``; the new one is built under a temporary name and renamed."""
     root = Path(root)
     world_path = root / "world.json"
     if not world_path.is_file():
@@ -151,6 +153,17 @@ def make_qa(root, questions_per_item: int = 4, seed: int = 0) -> Path:
     out = root / "qa"
     if qa_is_valid(root, questions_per_item) and json.loads((out / "DONE").read_text()).get("seed") == seed:
         return out
+    if out.exists() and not overwrite:
+        try:
+            done = json.loads((out / "DONE").read_text())
+        except (OSError, ValueError):
+            done = None
+        ours = {"version": QA_VERSION, "seed": seed, "questions_per_item": questions_per_item}
+        what = "is not a finished question set" if not isinstance(done, dict) else "was made with other options (" + \
+            ", ".join(f"{k} {done.get(k)!r} -> {v!r}" for k, v in ours.items() if done.get(k) != v) + ")"
+        raise ValueError(f"{out} {what}; refusing to replace it and its tokenizer: pass --overwrite "
+                         "(overwrite=True) to rebuild it")
+    remove_stale_temporaries(root, "qa")
     meta = json.loads(world_path.read_text())
     video = (root / "annotations.json").is_file()
     id_key = "video_id" if video else "image_id"
@@ -171,19 +184,26 @@ def make_qa(root, questions_per_item: int = 4, seed: int = 0) -> Path:
     tmp = root / f"qa.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    info = {"generator": "slimvl.data.qa", "version": QA_VERSION, "seed": seed,
-            "questions_per_item": questions_per_item}
-    for split, (questions, annotations) in by_split.items():
-        (tmp / f"{split}_questions.json").write_text(
-            json.dumps({"info": info, "data_subtype": split, "questions": questions}))
-        (tmp / f"{split}_annotations.json").write_text(
-            json.dumps({"info": info, "data_subtype": split, "annotations": annotations}))
-    (tmp / "answers.json").write_text(json.dumps(list(ANSWERS)))
-    texts = [q["question"] for q in by_split.get("train", ([], []))[0]]
-    texts += _train_captions(root)
-    Tokenizer.train(texts or [""]).save(tmp / "tokenizer.json")
-    (tmp / "DONE").write_text(json.dumps(info))
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise ValueError(f"cannot write to the dataset folder {root}: {e.strerror or e}") from None
+    try:
+        info = {"generator": "slimvl.data.qa", "version": QA_VERSION, "seed": seed,
+                "questions_per_item": questions_per_item}
+        for split, (questions, annotations) in by_split.items():
+            (tmp / f"{split}_questions.json").write_text(
+                json.dumps({"info": info, "data_subtype": split, "questions": questions}))
+            (tmp / f"{split}_annotations.json").write_text(
+                json.dumps({"info": info, "data_subtype": split, "annotations": annotations}))
+        (tmp / "answers.json").write_text(json.dumps(list(ANSWERS)))
+        texts = [q["question"] for q in by_split.get("train", ([], []))[0]]
+        texts += _train_captions(root)
+        Tokenizer.train(texts or [""]).save(tmp / "tokenizer.json")
+        (tmp / "DONE").write_text(json.dumps(info))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -6,6 +6,7 @@ synthetic extras (groups, held-out flags) come from an optional ``world.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .media import MediaError, read_image, read_video
+from .media import MediaError, decode_video, read_image
 
 log = logging.getLogger("slimvl")
 _PARALLEL_MIN_ITEMS = 64
@@ -44,10 +45,55 @@ def _load_json(path: Path) -> dict:
         raise ValueError(f"{path}: invalid JSON ({e})") from e
 
 
-def _need(entry: dict, key: str, what: str, path: Path):
-    if not isinstance(entry, dict) or key not in entry:
+def _need(entry: dict, key: str, what: str, path: Path, kind: type | tuple[type, ...] | None = None):
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path.name}: {what} must be an object with '{key}', got {type(entry).__name__} "
+                         f"(file {path})")
+    if key not in entry:
         raise ValueError(f"{path.name}: {what} has no '{key}' (file {path})")
-    return entry[key]
+    value = entry[key]
+    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{path.name}: {what}: '{key}' must be {_A(names)}, got {type(value).__name__} "
+                         f"{_short(value)} (file {path})")
+    return value
+
+
+def _A(name: str) -> str:
+    return {"list": "a list", "str": "a string", "int": "an integer", "dict": "an object"}.get(name, name)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def dataset_fingerprint(root) -> str:
+    """A short hash of a dataset's annotation and split files: what a run
+    records about the data it trained on (media files are not hashed)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for name in ("annotations.json", "dataset.json", *sorted(f"splits/{p.name}" for p in (root / "splits").glob("*.txt"))):
+        if (root / name).is_file():
+            h.update(name.encode())
+            h.update((root / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def available_splits(root) -> list[str]:
+    """The split names a dataset folder defines (split files, or the splits
+    named in its annotations); empty when it has no readable annotations."""
+    root = Path(root)
+    names = {p.stem for p in (root / "splits").glob("*.txt")}
+    for name, key in (("annotations.json", "videos"), ("dataset.json", "images")):
+        try:
+            entries = json.loads((root / name).read_text()).get(key, [])
+            names |= {e["split"] for e in entries if isinstance(e, dict) and isinstance(e.get("split"), str)}
+        except (OSError, ValueError, AttributeError):
+            pass
+    if "restval" in names:
+        names.add("train")  # Karpathy's train includes restval
+    return sorted(names)
 
 
 def read_msrvtt(root, split: str) -> list[Record]:
@@ -60,19 +106,19 @@ def read_msrvtt(root, split: str) -> list[Record]:
     root = Path(root)
     path = root / "annotations.json"
     ann = _load_json(path)
-    videos = _need(ann, "videos", "the top level", path)
-    sentences = _need(ann, "sentences", "the top level", path)
+    videos = _need(ann, "videos", "the top level", path, list)
+    sentences = _need(ann, "sentences", "the top level", path, list)
     caps: dict[str, list[str]] = {}
     for i, s in enumerate(sentences):
-        vid = str(_need(s, "video_id", f"sentence entry {i}", path))
-        caps.setdefault(vid, []).append(str(_need(s, "caption", f"sentence entry {i}", path)))
+        vid = str(_need(s, "video_id", f"sentence entry {i}", path, (str, int)))
+        caps.setdefault(vid, []).append(_need(s, "caption", f"sentence entry {i}", path, str))
     split_file = root / "splits" / f"{split}.txt"
     wanted = None
     if split_file.is_file():
         wanted = {ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()}
     records = []
     for i, v in enumerate(videos):
-        vid = str(_need(v, "video_id", f"video entry {i}", path))
+        vid = str(_need(v, "video_id", f"video entry {i}", path, (str, int)))
         if wanted is not None:
             if vid not in wanted:
                 continue
@@ -96,17 +142,21 @@ def read_karpathy(root, split: str, image_dir=None) -> list[Record]:
     base = Path(image_dir) if image_dir is not None else root
     splits = {"train", "restval"} if split == "train" else {split}
     records = []
-    for i, im in enumerate(_need(data, "images", "the top level", path)):
-        if _need(im, "split", f"image entry {i}", path) not in splits:
+    for i, im in enumerate(_need(data, "images", "the top level", path, list)):
+        if _need(im, "split", f"image entry {i}", path, str) not in splits:
             continue
-        fname = _need(im, "filename", f"image entry {i}", path)
+        fname = _need(im, "filename", f"image entry {i}", path, str)
         caps = []
-        for j, s in enumerate(_need(im, "sentences", f"image entry {i}", path)):
-            raw = s.get("raw") if isinstance(s, dict) else None
-            if raw is None:
+        for j, s in enumerate(_need(im, "sentences", f"image entry {i}", path, list)):
+            where = f"image entry {i} sentence {j}"
+            if isinstance(s, dict) and s.get("raw") is not None:
+                caps.append(_need(s, "raw", where, path, str))
+            else:
                 # Some dumps only keep tokens; rebuild the sentence from them.
-                raw = " ".join(_need(s, "tokens", f"image entry {i} sentence {j}", path))
-            caps.append(str(raw))
+                tokens = _need(s, "tokens", where, path, list)
+                if not all(isinstance(t, str) for t in tokens):
+                    raise ValueError(f"{path.name}: {where}: 'tokens' must be a list of strings (file {path})")
+                caps.append(" ".join(tokens))
         records.append(Record(Path(fname).stem, base / im.get("filepath", "") / fname, caps, split))
     return records
 
@@ -116,16 +166,17 @@ def _is_image(path: Path) -> bool:
 
 
 def _load_media(job: tuple):
-    """(index, frames or None, error or None); never raises, so a pool survives bad files."""
+    """(index, frames or None, error or None, frames in the file); never
+    raises, so a pool survives bad files."""
     i, path, frames, size = job
     try:
         if _is_image(Path(path)):
-            arr = read_image(path, size)[None]
+            arr, n = read_image(path, size)[None], 1
         else:
-            arr = read_video(path, frames, size)
-        return i, np.ascontiguousarray(arr.transpose(0, 3, 1, 2)), None
+            arr, n = decode_video(path, frames, size)
+        return i, np.ascontiguousarray(arr.transpose(0, 3, 1, 2)), None, n
     except MediaError as e:
-        return i, None, str(e)
+        return i, None, str(e), 0
 
 
 class VideoTextDataset(Dataset):
@@ -150,7 +201,9 @@ class VideoTextDataset(Dataset):
         else:
             raise ValueError(f"layout must be 'auto', 'msrvtt' or 'karpathy', got {layout!r}")
         self.layout = layout
+        self.fingerprint = dataset_fingerprint(self.root)
         self.skipped: list[tuple[Path, str]] = []
+        self.padded = 0  # videos with fewer than `frames` frames (their last frame repeated)
         self.videos: torch.Tensor | None = None
         workers = workers if workers is not None else min(2, os.cpu_count() or 1)
         if cache or skip_bad:
@@ -176,10 +229,11 @@ class VideoTextDataset(Dataset):
         bar = tqdm(total=len(jobs), desc=f"decoding {self.split}", disable=not progress, unit="item")
 
         def take(result):
-            i, arr, err = result
+            i, arr, err, n = result
             bar.update()
             if err is None:
                 arrays[i] = arr
+                self.padded += not _is_image(records[i].path) and n < self.frames
             elif self.skip_bad:
                 self.skipped.append((records[i].path, err))
                 log.warning("skipping unreadable media: %s", err)
@@ -218,7 +272,7 @@ class VideoTextDataset(Dataset):
         """uint8 ``[T, 3, H, W]`` of item ``i``, from the cache or decoded now."""
         if self.videos is not None:
             return self.videos[i]
-        _, arr, err = _load_media((i, str(self.records[i].path), self.frames, self.size))
+        _, arr, err, _ = _load_media((i, str(self.records[i].path), self.frames, self.size))
         if err is not None:
             raise MediaError(err)
         return torch.from_numpy(arr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -66,6 +68,13 @@ class Tokenizer:
         """Number of ids, specials included."""
         return self.hf.get_vocab_size()
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the id of every word piece: two tokenizers with the
+        same fingerprint give a model the same ids for the same text."""
+        vocab = sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
     def tokens(self, text: str) -> list[str]:
         """Word pieces of one text (no specials), handy for Karpathy ``tokens`` fields."""
         return self.hf.encode(text, add_special_tokens=False).tokens
@@ -74,18 +83,24 @@ class Tokenizer:
         """Ids back to text, skipping special tokens."""
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
-    def encode(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, texts: list[str], max_len: int, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids ``LongTensor [B, max_len]`` and mask ``BoolTensor [B, max_len]`` (True = real token).
 
-        Overlong texts are cut so that ``[SEP]`` is still the last real token.
+        Overlong texts are cut so that ``[SEP]`` is still the last real token;
+        ``stats``, when given, receives ``truncated``: how many were cut.
         """
         if max_len < 2:
             raise ValueError("max_len must leave room for [CLS] and [SEP]")
         if isinstance(texts, str):
             texts = [texts]
+        bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+        if bad is not None:
+            raise ValueError(f"text {bad}: expected a string, got {type(texts[bad]).__name__} {texts[bad]!r}")
         ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), max_len), dtype=torch.bool)
         encs = self.hf.encode_batch([t or "" for t in texts], add_special_tokens=False)
+        if stats is not None:
+            stats["truncated"] = sum(len(enc.ids) > max_len - 2 for enc in encs)
         for b, enc in enumerate(encs):
             seq = [self.cls_id, *enc.ids[: max_len - 2], self.sep_id]
             ids[b, : len(seq)] = torch.tensor(seq)

@@ -9,7 +9,7 @@ from einops import repeat
 from torch import Tensor, nn
 
 from ..nn import TEXT, VIDEO, AnswerHead, Block, CrossBlock, ModalityEmbed, QueryDecoder
-from .base import VLModel, VLOutput, block_flops, linear_flops
+from .base import VLModel, VLOutput, block_flops, linear_flops, score_in_fp32, without_autocast
 from .config import PerceiverVLConfig
 from .streams import cached_decoder_scores, decoder_kv
 
@@ -19,7 +19,8 @@ class LatentEncoder(nn.Module):
     latents ``[B, N, D]``.
 
     LayerDrop on cross-attention: while training, each cross-attention but
-    the first is skipped with probability ``cross_attn_drop`` (one draw per
+    the first one that runs (the first of ``keep``) is skipped with
+    probability ``cross_attn_drop`` (one draw per
     forward pass, from torch's global generator, so that a resumed run draws
     the same). The skipped layer's residual branch simply does not run: the
     latents go on to the next layer unchanged, as at inference with
@@ -40,7 +41,7 @@ class LatentEncoder(nn.Module):
 
     def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0) -> Tensor:
         lat = repeat(self.latents + self.latent_pos, "n d -> b n d", b=inputs.shape[0])
-        cross = -1
+        cross, read = -1, False
         for kind, layer in zip(self.pattern, self.layers):
             if kind == "s":
                 lat = layer(lat)
@@ -48,9 +49,12 @@ class LatentEncoder(nn.Module):
             cross += 1
             if cross not in keep:
                 continue
-            if self.training and drop and cross > 0 and bool(torch.rand(()) < drop):
+            # The first cross-attention that runs is never dropped: without
+            # it the latents would never read the input at all.
+            if self.training and drop and read and bool(torch.rand(()) < drop):
                 continue
             lat = layer(lat, inputs, key_padding_mask=mask)
+            read = True
         return self.norm(lat)
 
 
@@ -125,11 +129,13 @@ class PerceiverVL(VLModel):
 
     def video_latents(self, video: Tensor) -> Tensor:
         """Latents ``[B, N, D]`` of videos encoded alone."""
+        (video,) = self.to_device(video)
         self.check_video(video)
         return self.encode(*self.embed_inputs(video), modality=VIDEO)
 
     def text_latents(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Latents ``[B, N, D]`` of texts encoded alone."""
+        text_ids, text_mask = self.to_device(text_ids, text_mask)
         self.check_text(text_ids, text_mask)
         return self.encode(*self.embed_inputs(None, text_ids, text_mask), modality=TEXT)
 
@@ -146,7 +152,7 @@ class PerceiverVL(VLModel):
         x = repeat(self.vtm_query, "q d -> b q d", b=context.shape[0])
         for block in self.decoder:
             x = block(x, context)
-        return self.vtm_head(x[:, 0]).squeeze(-1)
+        return score_in_fp32(self.vtm_head, x[:, 0]).squeeze(-1)
 
     def pair_context(self, video_latents: Tensor, text_latents: Tensor) -> Tensor:
         """What the mixed stream's decoder reads: ``[video latents; text latents]``, tagged."""
@@ -156,11 +162,17 @@ class PerceiverVL(VLModel):
         """Pair logits ``[B]`` from separately encoded latents (multi or mixed stream)."""
         if self.config.stream == "mixed":
             return self.decode(self.pair_context(video_latents, text_latents))
-        v, t = F.normalize(self.pool(video_latents), dim=-1), F.normalize(self.pool(text_latents), dim=-1)
-        return self.logit_scale.exp().clamp(max=100) * (v * t).sum(-1)
+        v, t = self.unit_embedding(video_latents), self.unit_embedding(text_latents)
+        return self.logit_scale.float().exp().clamp(max=100) * (v * t).sum(-1)
+
+    def unit_embedding(self, latents: Tensor) -> Tensor:
+        """L2-normalised pooled embedding ``[B, E]`` in float32 (the multi
+        stream's score is their dot product, compared in fp32)."""
+        return F.normalize(self.pool(latents).float(), dim=-1)
 
     def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
         """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``."""
+        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
         self.check_inputs(video, text_ids, text_mask)
         if self.config.stream != "single":
             return VLOutput(logits=self.score_latents(self.video_latents(video), self.text_latents(text_ids, text_mask)))
@@ -171,6 +183,7 @@ class PerceiverVL(VLModel):
     def joint_latents(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Latents ``[B, N, D]`` of ``[video; text]`` encoded together (what
         QA and MLM read, whatever the retrieval stream)."""
+        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
         self.check_inputs(video, text_ids, text_mask)
         return self.encode(*self.embed_inputs(video, text_ids, text_mask))
 
@@ -191,6 +204,7 @@ class PerceiverVL(VLModel):
         embedding plus the masked/unmasked embedding.
         """
         self._need_head("mlm_head", "mlm")
+        (masked,) = self.to_device(masked)
         if masked.shape != text_ids.shape or masked.dtype != torch.bool:
             raise ValueError(f"masked: expected bool of shape {tuple(text_ids.shape)}, "
                              f"got {masked.dtype} {tuple(masked.shape)}")
@@ -215,7 +229,7 @@ class PerceiverVL(VLModel):
         self._need_cache()
         lat = self.video_latents(video)
         if self.config.stream == "multi":
-            return F.normalize(self.pool(lat), dim=-1)
+            return self.unit_embedding(lat)
         return self.stream_tag(lat, VIDEO)
 
     def cache_texts(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
@@ -223,7 +237,7 @@ class PerceiverVL(VLModel):
         self._need_cache()
         lat = self.text_latents(text_ids, text_mask)
         if self.config.stream == "multi":
-            return F.normalize(self.pool(lat), dim=-1)
+            return self.unit_embedding(lat)
         return self.stream_tag(lat, TEXT)
 
     def score_cached(self, text_cache: Tensor, video_cache: Tensor, max_pairs: int = 8192) -> Tensor:
@@ -234,8 +248,10 @@ class PerceiverVL(VLModel):
         ``max_pairs`` bounds the pairs in flight (memory).
         """
         self._need_cache()
+        text_cache, video_cache = self.to_device(text_cache, video_cache)
         if self.config.stream == "multi":
-            return self.logit_scale.exp().clamp(max=100) * text_cache @ video_cache.T
+            with without_autocast(text_cache.device):
+                return self.logit_scale.float().exp().clamp(max=100) * (text_cache.float() @ video_cache.float().T)
         kv_text = [decoder_kv(b, text_cache) for b in self.decoder]
         kv_video = [decoder_kv(b, video_cache) for b in self.decoder]
         return cached_decoder_scores(self.decoder, self.vtm_query, self.vtm_head, kv_text, kv_video, max_pairs)

@@ -8,7 +8,7 @@ from einops import repeat
 from torch import Tensor, nn
 
 from ..nn import AnswerHead, Block
-from .base import VLModel, VLOutput, block_flops, linear_flops
+from .base import VLModel, VLOutput, block_flops, linear_flops, score_in_fp32
 from .config import SingleStreamConfig
 
 
@@ -37,15 +37,17 @@ class SingleStream(VLModel):
 
     def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
         """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``."""
+        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
         self.check_inputs(video, text_ids, text_mask)
         cls = self.encode_cls(*self.embed_inputs(video, text_ids, text_mask))
-        return VLOutput(logits=self.vtm_head(cls).squeeze(-1), pooled=self.proj(cls))
+        return VLOutput(logits=score_in_fp32(self.vtm_head, cls).squeeze(-1), pooled=self.proj(cls))
 
     def answer(self, video: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
         """Answer logits ``[B, num_answers]`` from the final [CLS] (ViLT's VQA head)."""
         if self.qa_head is None:
             raise ValueError("this single_stream model has no qa_head: build it with num_answers set "
                              "(e.g. create_model(..., num_answers=N))")
+        video, question_ids, question_mask = self.to_device(video, question_ids, question_mask)
         self.check_inputs(video, question_ids, question_mask)
         return self.qa_head(self.encode_cls(*self.embed_inputs(video, question_ids, question_mask)))
 

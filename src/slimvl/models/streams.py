@@ -15,6 +15,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .base import score_in_fp32
+
 
 def decoder_kv(block: nn.Module, latents: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values ``[B, H, N, d]`` that a decoder ``CrossBlock`` reads from ``latents [B, N, D]``."""
@@ -48,7 +50,8 @@ def cached_decoder_scores(decoder: nn.ModuleList, query: Tensor, head: nn.Module
     Args:
         decoder: the decoder's ``CrossBlock`` layers.
         query: the [CLS] query ``[1, D]``.
-        head: maps the decoded query ``[..., D]`` to a logit ``[..., 1]``.
+        head: maps the decoded query ``[..., D]`` to a logit ``[..., 1]``
+            (run in float32, see ``score_in_fp32``).
         kv_text / kv_video: per decoder layer, ``decoder_kv`` of the captions'
             and the videos' (tagged) latents.
         max_pairs: pairs scored at once (captions are taken in chunks).
@@ -61,5 +64,5 @@ def cached_decoder_scores(decoder: nn.ModuleList, query: Tensor, head: nn.Module
         x = query.expand(stop - start, n_v, -1)
         for block, (kt, vt), kvv in zip(decoder, kv_text, kv_video):
             x = _cached_block(block, x, (kt[start:stop], vt[start:stop]), kvv)
-        rows.append(head(x).squeeze(-1))
+        rows.append(score_in_fp32(head, x).squeeze(-1))
     return torch.cat(rows, 0)

@@ -16,6 +16,18 @@ import torch
 from torch import nn
 
 
+class NonFiniteScores(ValueError):
+    """A model gave NaN or infinite scores: its weights or inputs are broken."""
+
+
+def check_scores(scores: torch.Tensor, what: str = "scores") -> None:
+    """Raise ``NonFiniteScores`` saying how many of ``scores`` are NaN or infinite."""
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        raise NonFiniteScores(f"{bad} of {scores.numel()} {what} are not finite (NaN or inf): the model's weights "
+                              "or inputs are broken, so no ranking can be trusted")
+
+
 class Task:
     """Base class of training tasks (retrieval, QA, MLM, several at once).
 
@@ -54,6 +66,16 @@ class Task:
     def skipped(self) -> list[str]:
         """Media files left out as unreadable, for the run's log."""
         return list(getattr(self.data, "skipped", []) or [])
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the data's token ids (kept with checkpoints), or None."""
+        return getattr(self.data, "tokenizer", None)
+
+    @property
+    def fingerprint(self):
+        """The fingerprint of the dataset trained on (checked on resume), or None."""
+        return getattr(self.data, "fingerprint", None)
 
 
 class _WeightedSum(nn.Module):
@@ -128,3 +150,12 @@ class MultiTask(Task):
     @property
     def skipped(self) -> list[str]:
         return [s for t in self.tasks.values() for s in t.skipped]
+
+    @property
+    def tokenizer(self):
+        return next((t.tokenizer for t in self.tasks.values() if t.tokenizer is not None), None)
+
+    @property
+    def fingerprint(self):
+        prints = {k: t.fingerprint for k, t in self.tasks.items()}
+        return None if all(v is None for v in prints.values()) else prints

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, resolve_device, to_float_video
-from .base import Task
+from ..runtime import autocast_for, device_for, to_float_video
+from .base import Task, check_scores
 
 
 def mask_tokens(ids: Tensor, mask: Tensor, rng: np.random.Generator, mask_id: int, vocab_size: int,
@@ -119,11 +119,11 @@ class MLMTask(Task):
 
 
 @torch.inference_mode()
-def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.device = "auto", batch_size: int = 256,
-                 seed: int = 0) -> dict[str, float]:
+def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.device | None = None,
+                 batch_size: int = 256, seed: int = 0) -> dict[str, float]:
     """MLM accuracy (top-1 over the chosen positions) on every caption of
     ``data``, with masks drawn from ``seed`` (the same for every model)."""
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dev = device_for(model, device)
     model = model.to(dev).eval()
     rng = np.random.default_rng([seed, 17])
     right = total = 0
@@ -131,6 +131,7 @@ def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.devi
         b = task.make_batch(np.arange(start, min(start + batch_size, len(data.caption_item))), rng, dev, data)
         with autocast_for(dev, "auto"):
             logits = model.mlm_logits(b.video, b.ids, b.mask, b.masked)
+        check_scores(logits[b.masked].float(), "MLM logits")
         right += int((logits.argmax(-1)[b.masked] == b.target[b.masked]).sum())
         total += int(b.masked.sum())
     return {"mlm_accuracy": right / max(total, 1), "mlm_positions": total}

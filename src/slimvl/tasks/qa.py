@@ -10,14 +10,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, resolve_device, to_float_video
-from .base import Task
+from ..runtime import autocast_for, device_for, to_float_video
+from .base import Task, check_scores
+from .vtm import log_fitting
+
+if TYPE_CHECKING:
+    from ..data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -36,6 +41,7 @@ class QAData:
         heldout: per question, whether its scene holds a held-out
             combination (synthetic compositional split), or None.
         skipped: questions dropped because their media was unreadable.
+        tokenizer / fingerprint / truncated / padded: as in ``RetrievalData``.
     """
 
     videos: Tensor
@@ -48,6 +54,10 @@ class QAData:
     question_type: list[str]
     heldout: list[bool] | None = None
     skipped: list[str] = field(default_factory=list)
+    tokenizer: "Tokenizer | None" = None
+    fingerprint: str | None = None
+    truncated: int = 0
+    padded: int = 0
 
     def __post_init__(self) -> None:
         n = self.question_ids.shape[0]
@@ -94,13 +104,17 @@ class QAData:
                              f"does not have, e.g. {sorted(set(unknown))[:5]}")
         if not keep:
             raise ValueError(f"{dataset.root}/{dataset.split}: no question has readable media")
-        ids, mask = tokenizer.encode([r.question for r, _ in keep], max_len)
+        stats: dict = {}
+        ids, mask = tokenizer.encode([r.question for r, _ in keep], max_len, stats)
+        log_fitting(dataset, len(keep), stats["truncated"], max_len, "questions")
         lookup = {a: i for i, a in enumerate(answers)}
         held = getattr(dataset, "heldout", None)
         heldout = [bool(held[i]) for _, i in keep] if held is not None and None not in held else None
         return cls(dataset.videos, ids, mask, torch.tensor([i for _, i in keep]),
                    torch.tensor([lookup.get(r.answer, -1) if r.answer is not None else -1 for r, _ in keep]),
-                   list(answers), [r.answer for r, _ in keep], [r.question_type for r, _ in keep], heldout, dropped)
+                   list(answers), [r.answer for r, _ in keep], [r.question_type for r, _ in keep], heldout, dropped,
+                   tokenizer, getattr(dataset, "fingerprint", None), stats["truncated"],
+                   getattr(dataset, "padded", 0))
 
 
 @dataclass
@@ -195,16 +209,20 @@ class QATask(Task):
 
 
 @torch.inference_mode()
-def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256, device: str | torch.device = "auto",
-                    amp: str = "auto") -> Tensor:
-    """Predicted answer index ``[n_questions]`` for every question."""
-    dev = resolve_device(device) if isinstance(device, str) else device
+def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256,
+                    device: str | torch.device | None = None, amp: str = "auto") -> Tensor:
+    """Predicted answer index ``[n_questions]`` for every question (on
+    ``device``, default where the model is). Non-finite answer logits stop
+    it with ``NonFiniteScores``: their argmax would be an arbitrary answer."""
+    dev = device_for(model, device)
     model = model.to(dev).eval()
     out = []
     for start in range(0, data.n_questions, batch_size):
         b = qa_batch(data, torch.arange(start, min(start + batch_size, data.n_questions)), dev)
         with autocast_for(dev, amp):
-            out.append(model.answer(b.video, b.ids, b.mask).argmax(-1).cpu())
+            logits = model.answer(b.video, b.ids, b.mask).float()
+        check_scores(logits, f"answer logits of questions {start}..{start + len(b.answer) - 1}")
+        out.append(logits.argmax(-1).cpu())
     return torch.cat(out)
 
 
@@ -231,7 +249,7 @@ def qa_metrics(pred: Tensor, data: QAData) -> dict[str, float]:
     return out
 
 
-def evaluate_qa(model: nn.Module, data: QAData, batch_size: int = 256, device: str | torch.device = "auto"
+def evaluate_qa(model: nn.Module, data: QAData, batch_size: int = 256, device: str | torch.device | None = None
                 ) -> dict[str, float]:
     """``qa_metrics`` of ``model``'s predictions over ``data``."""
     n = getattr(model.config, "num_answers", 0)

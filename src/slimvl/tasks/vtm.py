@@ -10,6 +10,7 @@ the same global batch.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,21 @@ from .retrieval import (contrastive_loss, gumbel_noise, mined_negatives, pair_la
                         similarity_logits, vtm_group_loss)
 
 if TYPE_CHECKING:
+    from ..data.tokenizer import Tokenizer
     from ..train import TrainConfig
+
+log = logging.getLogger("slimvl")
+
+
+def log_fitting(dataset, n_texts: int, truncated: int, max_len: int, what: str) -> None:
+    """One log line per split saying how many texts were cut to ``max_len``
+    tokens and how many videos were padded by repeating their last frame
+    (nothing is logged when neither happened)."""
+    padded = getattr(dataset, "padded", 0)
+    if truncated or padded:
+        log.info("%s/%s: %d of %d %s cut to %d tokens; %d of %d videos had fewer than %d frames (last frame "
+                 "repeated)", dataset.root, dataset.split, truncated, n_texts, what, max_len, padded,
+                 len(dataset), dataset.frames)
 
 
 @dataclass
@@ -37,6 +52,10 @@ class RetrievalData:
         heldout: optional bool per item (compositional held-out scene).
         scenes: optional synthetic scene description per item (for error analysis).
         skipped: media files left out as unreadable (``skip_bad``), for the run's log.
+        tokenizer: the tokenizer of ``caption_ids`` (kept in checkpoints), if known.
+        fingerprint: the dataset's fingerprint (``slimvl.data.dataset_fingerprint``), if known.
+        truncated / padded: captions cut to fit ``L``, and videos shorter than
+            ``T`` frames whose last frame was repeated.
     """
 
     videos: torch.Tensor
@@ -47,6 +66,10 @@ class RetrievalData:
     heldout: list[bool] | None = None
     scenes: list[dict] | None = None
     skipped: list[str] = field(default_factory=list)
+    tokenizer: "Tokenizer | None" = None
+    fingerprint: str | None = None
+    truncated: int = 0
+    padded: int = 0
 
     @classmethod
     def from_dataset(cls, dataset, tokenizer, max_len: int, group_size: int = 4) -> "RetrievalData":
@@ -60,7 +83,9 @@ class RetrievalData:
             for cap in rec.captions:
                 texts.append(cap)
                 owner.append(i)
-        ids, mask = tokenizer.encode(texts, max_len)
+        stats: dict = {}
+        ids, mask = tokenizer.encode(texts, max_len, stats)
+        log_fitting(dataset, len(texts), stats["truncated"], max_len, "captions")
         by_group: dict[int, list[int]] = {}
         gids = dataset.groups if dataset.groups is not None else [None] * len(dataset.records)
         for i, g in enumerate(gids):
@@ -73,7 +98,8 @@ class RetrievalData:
         return cls(dataset.videos, ids, mask, torch.tensor(owner), groups,
                    list(heldout) if heldout is not None and None not in heldout else None,
                    list(scenes) if scenes is not None and None not in scenes else None,
-                   [str(path) for path, _ in getattr(dataset, "skipped", [])])
+                   [str(path) for path, _ in getattr(dataset, "skipped", [])], tokenizer,
+                   getattr(dataset, "fingerprint", None), stats["truncated"], getattr(dataset, "padded", 0))
 
     @property
     def group_size(self) -> int:
@@ -245,6 +271,6 @@ class RetrievalTask(Task):
     def evaluate(self, model: torch.nn.Module, data: RetrievalData, device: torch.device) -> dict[str, float]:
         from ..evaluate import evaluate  # evaluation builds on this module's data types
 
-        m = evaluate(model, data, device=str(device), progress=False)
+        m = evaluate(model, data, device=device, progress=False)
         keep = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "heldout_t2v_r1")
         return {k: m[k] for k in keep if k in m}
