@@ -1,18 +1,24 @@
 """Small shared builders for the tests."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from slimvl.models import create_model
 from slimvl.train import RetrievalData
 
+# Where training and evaluation tests run: "cpu" (plain `make test`, CI) or
+# "cuda" (`SLIMVL_TEST_DEVICE=cuda make test` on a GPU machine).
+DEVICE = os.environ.get("SLIMVL_TEST_DEVICE", "cpu")
+
 TINY = dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50, max_text_len=12, embed_dim=16)
 
 
-def tiny_model(name: str = "perceiver_vl_tiny", seed: int = 0, **overrides):
-    """A very small model, initialised from ``seed``."""
+def tiny_model(name: str = "perceiver_vl_tiny", seed: int = 0, device: str = "cpu", **overrides):
+    """A very small model, initialised from ``seed`` (on the CPU, then moved to ``device``)."""
     torch.manual_seed(seed)
-    return create_model(name, **{**TINY, **overrides})
+    return create_model(name, **{**TINY, **overrides}).to(device)
 
 
 def tiny_data(n_groups: int = 6, group_size: int = 2, frames: int = 2, seed: int = 0) -> RetrievalData:

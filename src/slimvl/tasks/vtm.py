@@ -34,10 +34,14 @@ def log_fitting(dataset, n_texts: int, truncated: int, max_len: int, what: str) 
     tokens and how many videos were padded by repeating their last frame
     (nothing is logged when neither happened)."""
     padded = getattr(dataset, "padded", 0)
-    if truncated or padded:
-        log.info("%s/%s: %d of %d %s cut to %d tokens; %d of %d videos had fewer than %d frames (last frame "
-                 "repeated)", dataset.root, dataset.split, truncated, n_texts, what, max_len, padded,
-                 len(dataset), dataset.frames)
+    parts = []
+    if truncated:
+        parts.append(f"{truncated} of {n_texts} {what} cut to {max_len} tokens")
+    if padded:
+        parts.append(f"{padded} of {len(dataset)} videos had fewer than {dataset.frames} frames (last frame "
+                     "repeated)")
+    if parts:
+        log.info("%s/%s: %s", dataset.root, dataset.split, "; ".join(parts))
 
 
 @dataclass
