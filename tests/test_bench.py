@@ -146,3 +146,39 @@ def test_training_flops_same_for_fused_and_math_attention():
     forward = count_flops(lambda: attn(x, key_padding_mask=mask), attn)
     assert fused == math_path
     assert fused > 2 * forward  # the backward pass adds more than another forward
+
+
+@pytest.mark.parametrize("name,extra", [("perceiver_vl_tiny", {"cross_attn_drop": 0.5}), ("single_stream_tiny", {})])
+def test_compiled_model_matches_eager_on_cpu(name, extra):
+    from slimvl.bench.measure import compile_for_inference
+
+    m = tiny(name, **extra)
+    video, ids, mask = dummy_inputs(m, 2, 6, 3)
+    mask[0, 4:] = False
+    compiled = compile_for_inference(m, "cpu", 3)
+    with torch.inference_mode():
+        eager, got = m(video, ids, mask).logits, compiled(video, ids, mask).logits
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_cli_times_compiled_bf16_models(capsys):
+    import json
+
+    from slimvl.cli import main
+
+    main(["bench", "--model", "perceiver_vl_tiny", "--set", "dim=32", "--set", "heads=2", "--frames", "1",
+          "--batch", "1", "--min-run-time", "0.02", "--dtype", "bf16", "--compile", "--device", "cpu"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["device"], row["dtype"], row["compiled"]) == ("cpu", "bfloat16", True)
+    assert row["text_len"] == 32 and row["latency_ms_batch1"] > 0  # the preset's max_text_len
+    # FLOPs are the eager model's: compiling changes speed, not the count.
+    m = create_model("perceiver_vl_tiny", dim=32, heads=2)
+    assert row["gflops_per_pair_analytic"] == pytest.approx(m.analytic_flops(1, 32) / 1e9)
+
+
+def test_bench_refuses_text_longer_than_a_model_takes(capsys):
+    from slimvl.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "single_stream_tiny", "--text-len", "40", "--min-run-time", "0.02"])
+    assert e.value.code == 2 and "L<=32" in capsys.readouterr().err

@@ -189,3 +189,59 @@ def test_shipped_configs_are_valid(path):
     cfg = TrainConfig(**spec["train"])
     for key in spec["train"]:
         assert getattr(cfg, key) == getattr(TRAIN, key), f"{path.name}: train.{key} differs from the demo"
+
+
+def _subparsers(parser, prefix=()):
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, (*prefix, name))
+
+
+def test_help_gives_every_option_a_line_and_its_default():
+    import argparse
+
+    seen = set()
+    for path, parser in _subparsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(path) + " " + action.option_strings[-1]
+            seen.add(name)
+            assert action.help, f"{name}: no help line"
+            if action.default not in (None, False):
+                shown = " ".join(action.default) if isinstance(action.default, list) else action.default
+                assert f"(default: {shown})" in text or f"(default: {action.default})" in text, \
+                    f"{name}: default {action.default!r} not shown"
+    assert {"train --steps", "train --seed", "train --device", "eval --split", "data/make --frames",
+            "bench --dtype"} <= seen
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "(default: the --config file's, else 500)" in help_text
+
+
+def test_torchrun_prints_one_result_line(tmp_path):
+    """Data-parallel training answers once (rank 0), not once per process."""
+    import os
+    import subprocess
+    import sys
+
+    from slimvl.data import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_train=16, n_val=4, n_test=4, frames=2, size=32, progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "slimvl.cli", "-q", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+                          "--set", "dim=32", "--set", "heads=2", "--set", "image_size=32", "--frames", "2",
+                          "--steps", "2", "--device", "cpu", "--train-set", "groups_per_step=4",
+                          "--train-set", "groups_per_unit=2"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2
