@@ -528,3 +528,39 @@ def test_evaluate_runs_where_the_model_is_by_default():
     model = tiny_model()
     out = evaluate(model, tiny_data(), progress=False)
     assert out["device"] == str(next(model.parameters()).device)
+
+
+def test_nan_answer_and_mlm_logits_stop_evaluation():
+    from test_tasks import _qa_data
+
+    from slimvl.tasks import MLMTask, evaluate_mlm, evaluate_qa
+
+    qa = _qa_data()
+    model = tiny_model(num_answers=len(qa.answers), mlm=True)
+    with torch.no_grad():
+        model.qa_head[-1].bias.fill_(float("nan"))
+        model.mlm_head.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteScores, match="answer logits"):
+        evaluate_qa(model, qa)
+    tok = Tokenizer.train(["a red circle moves left"], vocab_size=50)
+    with pytest.raises(NonFiniteScores, match="MLM logits"):
+        evaluate_mlm(model, tiny_data(), MLMTask(tiny_data(), tok))
+
+
+def test_unknown_split_lists_the_splits(shapes):
+    with pytest.raises(ValueError, match=r"split 'tset' has no items; the dataset's splits are \['test', 'train', "
+                                         r"'val'\]"):
+        load_split(shapes, "tset", load_tokenizer(shapes), 2, 32, 24, progress=False)
+
+
+def test_init_from_uses_the_tokenizer_the_weights_were_trained_with(shapes, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    main(_train_args(data, tmp_path / "a"))
+    first = read_meta(latest_checkpoint(tmp_path / "a"))["tokenizer"]
+    Tokenizer.train(["a red circle", "a blue square"], vocab_size=40).save(data / "tokenizer.json")
+    main(_train_args(data, tmp_path / "b", 2, "--init-from", str(tmp_path / "a")))
+    assert read_meta(latest_checkpoint(tmp_path / "b"))["tokenizer"] == first
+    capsys.readouterr()
