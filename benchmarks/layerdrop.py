@@ -13,10 +13,21 @@ and latency per pair at batch 64, with its cut against all three measured in
 the same run. The R@1 difference against all three carries a 95% interval
 paired over the same captions (``slimvl.bench.stats``): a gallery of a few
 hundred captions is too small to resolve one point otherwise.
+
+    python benchmarks/layerdrop.py --out benchmarks/out --latency-only --repeats 7
+
+measures only what running fewer cross-attentions saves: GFLOPs and latency
+do not depend on the weights, so an untrained model of the same shape is
+timed, ``--repeats`` times per configuration, the configurations taking turns
+so that they share the machine's noise. Each repeat's cut is taken against
+all three cross-attentions timed in the same round; the median and the range
+over rounds are reported (one timing of a shared machine can be off by more
+than the effect).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -25,11 +36,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
 
-from slimvl.bench import matmul_gflops, profile_model  # noqa: E402
+from slimvl import create_model  # noqa: E402
+from slimvl.bench import dummy_inputs, matmul_gflops, median_seconds, model_flops_per_pair, profile_model  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
@@ -52,9 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "for this many steps, with and without LayerDrop (the paper's pre-train/fine-tune set-up)")
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--min-run-time", type=float, default=2.0, help="seconds per latency measurement")
+    p.add_argument("--latency-only", action="store_true",
+                   help="only GFLOPs and latency cuts, repeated (untrained model; no training or retrieval)")
+    p.add_argument("--repeats", type=int, default=7, help="--latency-only: timing rounds per configuration")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
+    if a.latency_only:
+        return latency_cuts(a.layers, a.repeats, a.min_run_time, out)
     root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", 1000, prog)
     tok = load_tokenizer(root)
     train_data = load_split(root, "train", tok, FRAMES, 64, TEXT_LEN, progress=prog)
@@ -122,6 +140,50 @@ def main(argv: list[str] | None = None) -> dict:
     payload["finetune_steps"] = a.finetune_steps
     name = "layerdrop" + (f"_{cfg.steps}steps" if cfg.steps != TRAIN.steps else "")
     write_report(out, name + (f"_finetune{a.finetune_steps}" if a.finetune_steps else ""), payload, md, fig)
+    print(md)
+    return payload
+
+
+@torch.inference_mode()
+def latency_cuts(layers: str, repeats: int, min_run_time: float, out: Path) -> dict:
+    """GFLOPs and latency per pair (batch 64 and batch 1) with the first 1..k
+    cross-attentions, timed in ``repeats`` interleaved rounds."""
+    torch.manual_seed(0)
+    model = create_model("perceiver_vl_tiny", layers=layers, max_text_len=TEXT_LEN).eval()
+    n = model.config.num_cross_layers
+    inputs = {b: dummy_inputs(model, FRAMES, TEXT_LEN, b) for b in (1, 64)}
+    times: dict[tuple[int, int], list[float]] = {(k, b): [] for k in range(1, n + 1) for b in (1, 64)}
+    flops = {}
+    for k in range(n, 0, -1):
+        model.cross_attn_keep = k
+        flops[k] = model_flops_per_pair(model, FRAMES, TEXT_LEN)
+    for _ in range(repeats):
+        for k in range(n, 0, -1):
+            model.cross_attn_keep = k
+            for b, x in inputs.items():
+                times[k, b].append(median_seconds(lambda x=x: model(*x), min_run_time) / b)
+    rows = []
+    for k in range(n, 0, -1):
+        row = {"cross_attentions": k, "of": n, "gflops_per_pair": flops[k] / 1e9,
+               "gflops_cut": 1 - flops[k] / flops[n]}
+        for b, tag in ((64, "b64"), (1, "b1")):
+            cuts = [1 - t / full for t, full in zip(times[k, b], times[n, b])]
+            row.update({f"ms_per_pair_{tag}": 1e3 * statistics.median(times[k, b]),
+                        f"cut_{tag}": statistics.median(cuts), f"cut_{tag}_min": min(cuts),
+                        f"cut_{tag}_max": max(cuts)})
+            row[f"cut_{tag}_range"] = f"{row[f'cut_{tag}']:.1%} ({min(cuts):.1%} to {max(cuts):.1%})"
+        rows.append(row)
+        print(row, flush=True)
+    cols = [("cross_attentions", "cross-attn run", "d"), ("gflops_per_pair", "GFLOPs/pair", ".4f"),
+            ("gflops_cut", "GFLOPs cut", ".1%"), ("ms_per_pair_b64", "ms/pair (b64)", ".3f"),
+            ("cut_b64_range", "latency cut b64: median (range)", "s"), ("ms_per_pair_b1", "ms (b1)", ".2f"),
+            ("cut_b1_range", "latency cut b1: median (range)", "s")]
+    md = (f"Perceiver-VL tiny, `layers={layers!r}`, {FRAMES} frames, text length {TEXT_LEN}, fp32, "
+          f"{torch.get_num_threads()} threads; latency medians over {repeats} interleaved rounds, each cut "
+          "against all cross-attentions timed in the same round.\n\n" + markdown_table(rows, cols))
+    payload = {"rows": rows, "layers": layers, "repeats": repeats, "min_run_time": min_run_time,
+               "times_s": {f"keep{k}_batch{b}": v for (k, b), v in times.items()}, "machine": machine_info()}
+    write_report(out, "layerdrop_latency", payload, md)
     print(md)
     return payload
 
