@@ -32,3 +32,22 @@ def tiny_data(n_groups: int = 6, group_size: int = 2, frames: int = 2, seed: int
     owner = torch.arange(n).repeat_interleave(2)
     groups = [list(range(i, i + group_size)) for i in range(0, n, group_size)]
     return RetrievalData(videos, ids, mask, owner, groups)
+
+
+def weights(model) -> dict:
+    """A model's state as CPU copies."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b) -> None:
+    """Two models (or state dicts) hold the same weights: bitwise on the CPU;
+    on a GPU within float tolerance, since its kernels (atomic adds in
+    embedding gradients, reduction orders) are not bitwise reproducible."""
+    a = weights(a) if hasattr(a, "state_dict") else a
+    b = weights(b) if hasattr(b, "state_dict") else b
+    assert a.keys() == b.keys()
+    for k in a:
+        if DEVICE == "cpu":
+            assert torch.equal(a[k].cpu(), b[k].cpu()), f"{k} differs"
+        else:
+            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, TINY, tiny_data, tiny_model
+from helpers import DEVICE, assert_same_weights, tiny_data, tiny_model
 from safetensors.torch import load_file, save_file
 
 from slimvl.checkpoint import CheckpointError, latest_checkpoint, load_model, read_meta, save_checkpoint
@@ -317,18 +317,6 @@ class _SignalAt(RetrievalTask):
         return super().batch(cfg, step, rank, world, device)
 
 
-def _weights(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    for k in a:
-        if DEVICE == "cpu":
-            assert torch.equal(a[k], b[k]), k
-        else:  # GPU kernels do not promise bitwise equal reductions from run to run
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_checkpoints_the_step_and_resumes_exactly(tmp_path, sig):
     data = tiny_data()
@@ -342,7 +330,7 @@ def test_interrupt_checkpoints_the_step_and_resumes_exactly(tmp_path, sig):
     assert signal.getsignal(signal.SIGINT) is not None  # handlers restored (pytest's own is back)
     resumed = tiny_model(seed=7)
     train(resumed, data, TrainConfig(**CFG), run_dir=tmp_path, resume=True, progress=False)
-    _assert_same_weights(_weights(full), _weights(resumed))
+    assert_same_weights(full, resumed)
 
 
 def test_cli_sigterm_saves_and_prints_how_to_resume(shapes, tmp_path):
@@ -478,7 +466,7 @@ def test_two_identical_cli_runs_end_with_identical_weights(shapes, tmp_path, cap
         main(_train_args(shapes, tmp_path / name, 2, "--seed", seed))
         runs[name] = load_file(str(latest_checkpoint(tmp_path / name) / "model.safetensors"))
     capsys.readouterr()
-    _assert_same_weights(runs["a"], runs["b"])
+    assert_same_weights(runs["a"], runs["b"])
     assert not torch.equal(runs["a"]["encoder.latents"], runs["c"]["encoder.latents"])
 
 

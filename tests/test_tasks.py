@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_data, tiny_model
+from helpers import assert_same_weights, tiny_data, tiny_model
 
 from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
 from slimvl.cli import main
@@ -163,8 +163,7 @@ def test_qa_training_learns_and_resumes_exactly(tmp_path, name):
         train(part, QATask(data), TrainConfig(**cfg), run_dir=tmp_path / "b", progress=False, stop_after=20)
         resumed = tiny_model(name, seed=9, num_answers=5)
         train(resumed, QATask(data), TrainConfig(**cfg), run_dir=tmp_path / "b", resume=True, progress=False)
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, resumed.state_dict()[k]), k
+        assert_same_weights(model, resumed)
 
 
 def _predict(model, data):

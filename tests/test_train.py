@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_data, tiny_model
+from helpers import assert_same_weights, tiny_data, tiny_model, weights
 from safetensors.torch import load_file
 
 from slimvl.checkpoint import latest_checkpoint, load_model
@@ -20,7 +20,7 @@ CFG = dict(steps=6, groups_per_step=4, lr=3e-3, warmup_steps=2, checkpoint_every
 
 
 def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return weights(model)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -35,12 +35,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     resumed = tiny_model(seed=123)
     result = train(resumed, data, TrainConfig(**CFG), run_dir=tmp_path / "b", resume=True, progress=False)
     assert result.steps == 6
-    a, b = _state(full), _state(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    assert_same_weights(full, resumed)
     # And the weights did move during training (the comparison is not trivial).
-    assert not torch.equal(a["encoder.latents"], _state(tiny_model())["encoder.latents"])
+    assert not torch.equal(_state(full)["encoder.latents"], _state(tiny_model())["encoder.latents"])
 
 
 def test_batches_depend_only_on_seed_and_step():
@@ -101,7 +98,7 @@ def test_bad_train_config_is_refused():
 WORKER = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from helpers import tiny_data, tiny_model
+    from helpers import assert_same_weights, tiny_data, tiny_model, weights
     from safetensors.torch import save_file
     from slimvl.train import TrainConfig, train
     torch.set_num_threads(1)
@@ -158,4 +155,4 @@ def test_validation_during_training_gives_a_learning_curve(tmp_path):
     # Evaluating leaves the weights alone: the same run without it ends identical.
     plain = tiny_model()
     train(plain, data, TrainConfig(**CFG), progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert_same_weights(model, plain)
