@@ -47,7 +47,8 @@ def patches() -> list[tuple[object, str, object]]:
     import slimvl.train as train
 
     shrunk_make = _make_dataset(make.make_dataset)
-    return [(make, "make_dataset", shrunk_make), (data, "make_dataset", shrunk_make), (demo, "make_dataset", shrunk_make),
+    return [(make, "make_dataset", shrunk_make), (data, "make_dataset", shrunk_make),
+            (demo, "make_dataset", shrunk_make),
             (train, "train", _train(train.train)), (demo, "train", _train(train.train)),
             (measure, "median_seconds", _median_seconds(measure.median_seconds))]
 

@@ -66,8 +66,9 @@ def test_readme_runs_as_written(tmp_path, monkeypatch, capsys):
     # Processes the README starts (torchrun) shrink the same way.
     site = tmp_path / "_site"
     site.mkdir()
+    tests = str(Path(__file__).parent)
     (site / "sitecustomize.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport readme_shrink\nreadme_shrink.apply()\n")
+        f"import sys\nsys.path.insert(0, {tests!r})\nimport readme_shrink\nreadme_shrink.apply()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT / "src"), env.get("PYTHONPATH", "")])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DEVICE, assert_same_weights, tiny_data, tiny_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from slimvl.checkpoint import CheckpointError, latest_checkpoint, load_model, read_meta, save_checkpoint
 from slimvl.cli import main
@@ -85,6 +85,10 @@ def test_checkpoint_with_nan_weights_is_refused_at_load(tmp_path):
     with pytest.raises(CheckpointError, match=r"1 weight tensors hold NaN or infinite values, e.g. "
                                               r"\['text_embed.tokens.weight'\]"):
         load_model(tmp_path / "ck")
+    from slimvl.models.pretrained import init_from_checkpoint
+
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        init_from_checkpoint(tiny_model(), tmp_path / "ck")
 
 
 def test_random_bytes_under_a_valid_header_are_refused(tmp_path):
@@ -470,7 +474,7 @@ def test_two_identical_cli_runs_end_with_identical_weights(shapes, tmp_path, cap
     assert not torch.equal(runs["a"]["encoder.latents"], runs["c"]["encoder.latents"])
 
 
-# ---------------------------------------------------------------- 13. LayerDrop keeps the first cross-attention that runs
+# ---------------------------------------------------------------- 13. LayerDrop keeps the first cross-attention
 
 
 @pytest.mark.parametrize("keep", [[1, 2], [2], None])

@@ -410,6 +410,11 @@ def main(argv: list[str] | None = None) -> None:
         elif int(os.environ.get("RANK", "0")) == 0:
             print(f"slimvl: {e.signal_name} at step {e.step}: stopped (no run folder, nothing saved)", file=sys.stderr)
         raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        # Outside the training loop nothing is half-done that matters: every
+        # file is written under a temporary name first.
+        print("slimvl: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, OSError) as e:
         # Bad input (and a full disk, a missing file) is reported as one line
         # naming what is wrong, not a traceback.

@@ -90,7 +90,8 @@ def evaluate(model: torch.nn.Module, data: RetrievalData, batch_size: int = 256,
     With held-out flags (synthetic compositional split), also
     ``heldout_t2v_r1`` / ``seen_t2v_r1``: t2v R@1 of the captions whose scene
     holds a held-out (shape, colour, motion) combination, and of the others.
-    ``device`` as in ``score_matrix`` (None: where the model is). A tie between a caption's own item and another counts against it (see
+    ``device`` as in ``score_matrix`` (None: where the model is). A tie
+    between a caption's own item and another counts against it (see
     ``slimvl.tasks.retrieval.t2v_ranks``). Raises ``NonFiniteScores`` when
     any score is NaN or infinite.
     """

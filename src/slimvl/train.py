@@ -32,9 +32,9 @@ from .tasks.base import Task
 from .tasks.vtm import (RetrievalData, RetrievalObjective, RetrievalTask, UnitBatch, sample_units, step_batch,
                         unit_batch)
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at", "RetrievalData", "RetrievalObjective",
-           "RetrievalTask", "UnitBatch", "sample_units", "step_batch", "unit_batch", "autocast_for",
-           "resolve_device", "to_float_video"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at",
+           "RetrievalData", "RetrievalObjective", "RetrievalTask", "UnitBatch", "sample_units", "step_batch",
+           "unit_batch", "autocast_for", "resolve_device", "to_float_video"]
 
 log = logging.getLogger("slimvl")
 

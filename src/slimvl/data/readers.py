@@ -73,7 +73,8 @@ def dataset_fingerprint(root) -> str:
     records about the data it trained on (media files are not hashed)."""
     root = Path(root)
     h = hashlib.sha256()
-    for name in ("annotations.json", "dataset.json", *sorted(f"splits/{p.name}" for p in (root / "splits").glob("*.txt"))):
+    splits = sorted(f"splits/{p.name}" for p in (root / "splits").glob("*.txt"))
+    for name in ("annotations.json", "dataset.json", *splits):
         if (root / name).is_file():
             h.update(name.encode())
             h.update((root / name).read_bytes())

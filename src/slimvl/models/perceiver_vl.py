@@ -175,7 +175,8 @@ class PerceiverVL(VLModel):
         video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
         self.check_inputs(video, text_ids, text_mask)
         if self.config.stream != "single":
-            return VLOutput(logits=self.score_latents(self.video_latents(video), self.text_latents(text_ids, text_mask)))
+            return VLOutput(logits=self.score_latents(self.video_latents(video),
+                                                      self.text_latents(text_ids, text_mask)))
         latents = self.encode(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=self.decode(latents), pooled=self.pool(latents))
 

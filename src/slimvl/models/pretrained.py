@@ -229,7 +229,7 @@ def init_from_checkpoint(model: torch.nn.Module, folder: str | Path, latent_resi
     (``InitReport.unused``), the model's heads the checkpoint lacks keep their
     initial weights. Any other config difference (width, depth,
     vocabulary...) fails naming the fields."""
-    from ..checkpoint import _load_tensors, read_meta
+    from ..checkpoint import _load_tensors, check_finite, read_meta
 
     folder = Path(folder)
     meta = read_meta(folder)
@@ -241,6 +241,7 @@ def init_from_checkpoint(model: torch.nn.Module, folder: str | Path, latent_resi
     if latent_resize not in ("interpolate", "reinit"):
         raise ValueError(f"latent_resize={latent_resize!r}: must be 'interpolate' or 'reinit'")
     weights = _load_tensors(folder / "model.safetensors")
+    check_finite(weights, folder)
     n = model.config.num_latents
     for k in list(weights):
         if k.endswith(("encoder.latents", "encoder.latent_pos")):

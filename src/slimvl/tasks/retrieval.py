@@ -177,6 +177,13 @@ def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarra
     Text->video ranks every caption's item among all items. Video->text takes,
     for each item, the best rank of any of its captions among all captions.
     Ranks are 1-based; recalls are fractions in [0, 1].
+
+    Ties count against the query, in both directions: a negative scored
+    exactly as high as the positive ranks above it, so scores that collapse
+    (a constant scorer, or values rounded to bf16) cannot look good. Scores
+    are compared in float64; NaN scores must be caught before (NaN compares
+    false with everything, so every positive would rank first: see
+    ``slimvl.evaluate.check_scores``).
     """
     s = torch.as_tensor(scores, dtype=torch.float64)
     cap_item = torch.as_tensor(caption_item, dtype=torch.long)
