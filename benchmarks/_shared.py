@@ -3,6 +3,7 @@ subsets, and training that resumes or reuses a finished run."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,11 +33,11 @@ def subset(data: RetrievalData, n_items: int) -> RetrievalData:
     new_index = torch.full((data.videos.shape[0],), -1, dtype=torch.long)
     new_index[items] = torch.arange(len(items))
     keep = new_index[data.caption_item] >= 0
-    return RetrievalData(
-        data.videos[items], data.caption_ids[keep], data.caption_mask[keep], new_index[data.caption_item[keep]],
-        [[int(new_index[i]) for i in g] for g in groups],
-        [data.heldout[i] for i in items.tolist()] if data.heldout is not None else None,
-        [data.scenes[i] for i in items.tolist()] if data.scenes is not None else None)
+    return replace(
+        data, videos=data.videos[items], caption_ids=data.caption_ids[keep], caption_mask=data.caption_mask[keep],
+        caption_item=new_index[data.caption_item[keep]], groups=[[int(new_index[i]) for i in g] for g in groups],
+        heldout=[data.heldout[i] for i in items.tolist()] if data.heldout is not None else None,
+        scenes=[data.scenes[i] for i in items.tolist()] if data.scenes is not None else None)
 
 
 def train_or_load(preset: str, overrides: dict, data, cfg: TrainConfig, run_dir: Path,

@@ -1,5 +1,7 @@
 """Tests for slimvl.bench: counted vs analytic FLOPs, attention counting, memory, profiling."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -148,6 +150,11 @@ def test_training_flops_same_for_fused_and_math_attention():
     assert fused > 2 * forward  # the backward pass adds more than another forward
 
 
+# torch.compile on the CPU generates C++: it needs a compiler (gcc and the Python headers).
+needs_compiler = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+
+
+@needs_compiler
 @pytest.mark.parametrize("name,extra", [("perceiver_vl_tiny", {"cross_attn_drop": 0.5}), ("single_stream_tiny", {})])
 def test_compiled_model_matches_eager_on_cpu(name, extra):
     from slimvl.bench.measure import compile_for_inference
@@ -161,6 +168,7 @@ def test_compiled_model_matches_eager_on_cpu(name, extra):
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
 
+@needs_compiler
 def test_bench_cli_times_compiled_bf16_models(capsys):
     import json
 

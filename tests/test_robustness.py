@@ -327,11 +327,12 @@ def test_interrupt_checkpoints_the_step_and_resumes_exactly(tmp_path, sig):
     full = tiny_model()
     train(full, data, TrainConfig(**CFG), progress=False)
     model = tiny_model()
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(TrainingInterrupted) as e:
         train(model, _SignalAt(data, 1, sig), TrainConfig(**CFG), run_dir=tmp_path, progress=False)
     assert e.value.step == 2 and e.value.checkpoint == tmp_path / "checkpoints" / "step_0000002"
     assert latest_checkpoint(tmp_path) == e.value.checkpoint
-    assert signal.getsignal(signal.SIGINT) is not None  # handlers restored (pytest's own is back)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # handlers restored
     resumed = tiny_model(seed=7)
     train(resumed, data, TrainConfig(**CFG), run_dir=tmp_path, resume=True, progress=False)
     assert_same_weights(full, resumed)
@@ -346,19 +347,33 @@ def test_cli_sigterm_saves_and_prints_how_to_resume(shapes, tmp_path):
     deadline = time.time() + 120
     while latest_checkpoint(run) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert latest_checkpoint(run) is not None, "training did not start"  # so the handler is installed
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("slimvl:")]
     assert line.startswith("slimvl: SIGTERM at step ") and "resume with: slimvl " in line
-    step = int(line.split("at step ")[1].split(":")[0])
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert f"last checkpoint {run / 'checkpoints' / f'step_{step:07d}'};" in line
     assert latest_checkpoint(run).name == f"step_{step:07d}"
+    assert "SIGTERM: finishing step" in err  # said at once, before the step ended
     again = shlex.split(line.split("resume with: ")[1])[1:]
     assert again[-1] == "--resume"
     again[again.index("--steps") + 1] = str(step + 1)
     main(again)
     assert latest_checkpoint(run).name == f"step_{step + 1:07d}"
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train(tiny_model(), tiny_data(), TrainConfig(**{**CFG, "steps": 3}), run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(lr 0.003 -> 0.01\)"):
+        train(tiny_model(), tiny_data(), TrainConfig(**{**CFG, "lr": 0.01}), run_dir=tmp_path, resume=True,
+              progress=False)
+    # Longer, or on another device, or logged differently, is still the same run.
+    train(tiny_model(), tiny_data(), TrainConfig(**{**CFG, "steps": 4, "log_every": 2}), run_dir=tmp_path,
+          resume=True, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step_0000004"
 
 
 # ---------------------------------------------------------------- 7. --resume needs a run, a run needs --resume
@@ -516,10 +531,12 @@ def test_public_entry_points_move_inputs_to_the_models_device():
                 assert model.mlm_logits(video, ids, mask, mask).device.type == "meta"
 
 
-def test_evaluate_runs_where_the_model_is_by_default():
+def test_evaluate_runs_where_the_model_is_by_default(monkeypatch):
     model = tiny_model()
+    # Were "auto" the default, a machine that has CUDA would move the model there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = evaluate(model, tiny_data(), progress=False)
-    assert out["device"] == str(next(model.parameters()).device)
+    assert out["device"] == "cpu" and next(model.parameters()).device.type == "cpu"
 
 
 def test_nan_answer_and_mlm_logits_stop_evaluation():

@@ -14,6 +14,7 @@ from helpers import assert_same_weights, tiny_data, tiny_model, weights
 from safetensors.torch import load_file
 
 from slimvl.checkpoint import latest_checkpoint, load_model
+from slimvl.tasks import RetrievalTask
 from slimvl.train import TrainConfig, TrainingDiverged, lr_at, sample_units, train
 
 CFG = dict(steps=6, groups_per_step=4, lr=3e-3, warmup_steps=2, checkpoint_every=3, log_every=1, seed=1)
@@ -58,16 +59,30 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(100, cfg) == pytest.approx(0.1)
 
 
+class _NaNAt(RetrievalTask):
+    """Retrieval whose step ``at`` has NaN videos."""
+
+    def __init__(self, data, at: int):
+        super().__init__(data)
+        self.at = at
+
+    def batch(self, cfg, step, rank, world, device):
+        b = super().batch(cfg, step, rank, world, device)
+        if step == self.at:
+            b.video.fill_(float("nan"))
+        return b
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = tiny_data()
     model = tiny_model()
     train(model, data, TrainConfig(**{**CFG, "steps": 3}), run_dir=tmp_path, progress=False)
     good = latest_checkpoint(tmp_path)
     before = load_file(str(good / "model.safetensors"))
-    # Resume with an absurd learning rate: the first step blows the weights up, the next loss is not finite.
-    with pytest.raises(TrainingDiverged, match="step_0000003"):
-        train(model, data, TrainConfig(**{**CFG, "steps": 6, "lr": 1e30, "grad_clip": 1e30}), run_dir=tmp_path,
-              resume=True, progress=False)
+    # The resumed run meets a NaN input at step 4 (index 4): its loss is not finite.
+    with pytest.raises(TrainingDiverged, match=r"at step 4; .*step_0000003"):
+        train(model, _NaNAt(data, 4), TrainConfig(**{**CFG, "steps": 6}), run_dir=tmp_path, resume=True,
+              progress=False)
     assert latest_checkpoint(tmp_path) == good
     after = load_file(str(good / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)

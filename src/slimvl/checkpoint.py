@@ -211,6 +211,15 @@ def load_tokenizer_of(folder: Path) -> "Tokenizer | None":
     return tok
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or a run folder's newest checkpoint
+    (a path that is neither is returned as is, for ``read_meta`` to refuse)."""
+    path = Path(path)
+    if not (path / "meta.json").exists() and (found := latest_checkpoint(path)) is not None:
+        return found
+    return path
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder under ``run_dir/checkpoints``, or None."""
     root = Path(run_dir) / "checkpoints"

@@ -119,22 +119,10 @@ def _task_data(a: argparse.Namespace, tok, c, split: str, answers=None):
                       progress=not a.quiet)
 
 
-def _init_checkpoint(a: argparse.Namespace) -> Path | None:
-    """The checkpoint folder ``--init-from`` names (a run folder: its newest)."""
-    from .checkpoint import latest_checkpoint
-
-    if not a.init_from:
-        return None
-    src = Path(a.init_from)
-    if not (src / "meta.json").exists() and (found := latest_checkpoint(src)) is not None:
-        src = found
-    return src
-
-
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import read_meta
+    from .checkpoint import read_meta, resolve_checkpoint
     from .data.qa import answer_vocab
     from .models import create_model
     from .pipeline import checkpoint_tokenizer, load_split, load_tokenizer
@@ -143,11 +131,11 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     # Fail on a bad run folder (unwritable, mistyped --resume, a run already
     # there) before minutes of data loading, not after.
-    open_run_dir(Path(a.out), a.resume)
+    open_run_dir(Path(a.out), a.resume, int(os.environ.get("RANK", "0")))
     spec = yaml.safe_load(Path(a.config).read_text()) if a.config else {}
     model_name = a.model or spec.get("model", "perceiver_vl_tiny")
     overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
-    init = _init_checkpoint(a)
+    init = resolve_checkpoint(a.init_from) if a.init_from else None
     if init is not None:  # token ids must mean what they meant to the weights being loaded
         tok = checkpoint_tokenizer(init, read_meta(init)["config"]["vocab_size"], a.data, a.vocab, qa=a.task == "qa")
     else:
@@ -194,14 +182,12 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .checkpoint import latest_checkpoint, load_model
+    from .checkpoint import load_model, resolve_checkpoint
     from .evaluate import NonFiniteScores, evaluate
     from .pipeline import checkpoint_tokenizer, load_split
     from .runtime import resolve_device
 
-    ckpt = Path(a.checkpoint)
-    if not (ckpt / "meta.json").exists() and (found := latest_checkpoint(ckpt)) is not None:
-        ckpt = found
+    ckpt = resolve_checkpoint(a.checkpoint)
     device = resolve_device(a.device)
     model = load_model(ckpt)
     tok = checkpoint_tokenizer(ckpt, model.config.vocab_size, a.data, a.vocab, qa=a.task == "qa")
@@ -403,12 +389,14 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except TrainingInterrupted as e:
         # One line: where the run stands and how to go on (no traceback).
-        if e.checkpoint is not None:
-            again = [a for a in argv if a != "--resume"] + ["--resume"]
-            print(f"slimvl: {e.signal_name} at step {e.step}: checkpoint saved at {e.checkpoint}; resume with: "
-                  f"slimvl {shlex.join(again)}", file=sys.stderr)
-        elif int(os.environ.get("RANK", "0")) == 0:
-            print(f"slimvl: {e.signal_name} at step {e.step}: stopped (no run folder, nothing saved)", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            if e.checkpoint is None:
+                print(f"slimvl: {e.signal_name} at step {e.step}; no checkpoint saved", file=sys.stderr)
+            else:
+                # `train` continues with --resume; the demo resumes its unfinished run by itself.
+                again = [w for w in argv if w != "--resume"] + (["--resume"] if args.command == "train" else [])
+                print(f"slimvl: {e.signal_name} at step {e.step}; last checkpoint {e.checkpoint}; resume with: "
+                      f"slimvl {shlex.join(again)}", file=sys.stderr)
         raise SystemExit(130) from None
     except KeyboardInterrupt:
         # Outside the training loop nothing is half-done that matters: every

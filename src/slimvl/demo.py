@@ -52,7 +52,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
     tok = load_tokenizer(root)
     train_data = load_split(root, "train", tok, FRAMES, data_params["size"], TEXT_LEN, progress=progress)
     test_data = load_split(root, "test", tok, FRAMES, data_params["size"], TEXT_LEN, progress=progress)
-    cfg = replace(TRAIN, steps=steps or TRAIN.steps, seed=seed, device=str(dev))
+    cfg = replace(TRAIN, steps=TRAIN.steps if steps is None else steps, seed=seed, device=str(dev))
     matmul_ref = matmul_gflops(dev)
     rows, curves, hits = [], {}, {}
     for name in MODELS:

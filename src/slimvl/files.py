@@ -52,8 +52,9 @@ def pid_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: str | os.PathLike, stem: str) -> list[Path]:
     """Remove ``folder``'s temporaries of ``stem`` (``stem.tmp-<pid>``,
-    ``.stem.tmp-<pid>``, ``stem.old-<pid>``; ``stem`` may be a glob) whose
-    writer process no longer runs. Returns what was removed."""
+    ``.stem.tmp-<pid>``, ``stem.old-<pid>``) whose writer process no longer
+    runs. ``stem`` is a glob pattern: ``glob.escape`` a literal name. Returns
+    what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Tokenizer, VideoTextDataset
-from .data.readers import available_splits
+from .data.readers import available_splits, dataset_fingerprint
 from .data.qa import answer_vocab, read_vqa
 from .tasks.qa import QAData
 from .tasks.vtm import RetrievalData
@@ -76,4 +76,5 @@ def load_qa_split(root: str | Path, split: str, tokenizer: Tokenizer, frames: in
         answers = answer_vocab(root)
     ds = VideoTextDataset(root, split, frames=frames, size=size, skip_bad=skip_bad, progress=progress)
     _need_items(ds, root, split)
+    ds.fingerprint = dataset_fingerprint(root, qa=True)  # the questions are part of what QA trains on
     return QAData.from_dataset(ds, records, tokenizer, max_len, answers)

@@ -197,13 +197,13 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     task.check(cfg, world)
     _check_tokenizer(task, model)
     run_dir = Path(run_dir) if run_dir is not None else None
-    ckpt = open_run_dir(run_dir, resume, rank)
+    ckpt = _agreed(lambda: open_run_dir(run_dir, resume, rank), distributed, device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     start, history, evals, before = 0, [], [], 0.0
     if ckpt is not None:
-        _check_same_data(ckpt, task)
+        _check_same_run(ckpt, task, cfg)
         meta = load_training_state(ckpt, model, optimizer)
         start, history, evals = meta["step"], meta.get("history", []), meta.get("evals", [])
         before = meta.get("seconds", 0.0)  # training time before the interruption
@@ -228,6 +228,7 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     last_ckpt, t0, seen, eval_seconds = None, time.perf_counter(), 0, 0.0
     with _stop_requests() as stop:
         for step in bar:
+            stop.step, stop.checkpoint = step, last_ckpt
             batch = task.batch(cfg, step, rank, world, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, cfg)
@@ -262,7 +263,7 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                 if task.headline in metrics:
                     bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
             # Ctrl-C or SIGTERM: keep the step just finished, then stop.
-            stopping = stop.requested(distributed)
+            stopping = stop.requested(distributed, device)
             if run_dir is not None and rank == 0 and \
                     ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stopping):
                 last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals, task,
@@ -331,10 +332,21 @@ def _check_tokenizer(task: Task, model: torch.nn.Module) -> None:
                          f"model with vocab_size={tok.vocab_size}")
 
 
-def _check_same_data(ckpt: Path, task: Task) -> None:
-    """A resumed run must see the data and tokenizer it started with, or its
-    batches (and token ids) would silently change under it."""
+# Settings that may change on resume: how long, where, and what is logged.
+# Any other TrainConfig field changes the run itself.
+_RESUME_FREE = {"steps", "device", "amp", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+
+
+def _check_same_run(ckpt: Path, task: Task, cfg: TrainConfig) -> None:
+    """A resumed run must see the settings, data and tokenizer it started
+    with, or its batches (and token ids) would silently change under it."""
     meta = read_meta(ckpt)
+    saved_cfg, now_cfg = meta.get("train_config") or {}, asdict(cfg)
+    diff = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in sorted(set(saved_cfg) & set(now_cfg) - _RESUME_FREE)
+            if saved_cfg[k] != now_cfg[k]]
+    if diff:
+        raise ValueError(f"{ckpt}: the run was trained with other settings ({', '.join(diff)}); resume with the same "
+                         "ones, or start a new run from it (--init-from)")
     saved, now = meta.get("data_fingerprint"), task.fingerprint
     if saved is not None and now is not None and saved != now:
         raise ValueError(f"{ckpt}: the run was trained on data with fingerprint {saved}, the data given now has "
@@ -345,19 +357,37 @@ def _check_same_data(ckpt: Path, task: Task) -> None:
                          f"one given now ({task.tokenizer.fingerprint})")
 
 
+def _agreed(fn, distributed: bool, device: torch.device):
+    """``fn()`` on every rank; if it fails on any, all ranks raise (instead of
+    the others waiting for the failed one at the next collective)."""
+    error = None
+    try:
+        out = fn()
+    except ValueError as e:
+        error = e
+    if distributed:
+        failed = torch.tensor([float(error is not None)], device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            error = ValueError("stopped: another process could not start the run (its error names why)")
+    if error is not None:
+        raise error
+    return out
+
+
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; read between steps."""
+    """Set by SIGINT/SIGTERM; read between steps. ``step`` and
+    ``checkpoint`` say where the run stands, for a second, immediate stop."""
 
     def __init__(self) -> None:
         self.name: str | None = None
+        self.step, self.checkpoint = 0, None
 
-    def requested(self, distributed: bool) -> bool:
+    def requested(self, distributed: bool, device: torch.device) -> bool:
         if not distributed:
             return self.name is not None
         # Every rank must stop after the same step: a stop seen by any rank stops all.
-        flag = torch.tensor([float(self.name is not None)])
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
+        flag = torch.tensor([float(self.name is not None)], device=device)
         dist.all_reduce(flag)
         if flag.item() and self.name is None:
             self.name = "a stop request on another process"
@@ -376,13 +406,18 @@ def _stop_requests() -> Iterator[_StopFlag]:
         return
 
     def handler(signum, frame):
-        if stop.name is not None:
-            raise KeyboardInterrupt
-        stop.name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if stop.name is not None:  # asked twice: stop now, at the last checkpoint written
+            raise TrainingInterrupted(stop.step, stop.checkpoint, f"{name} (twice)")
+        stop.name = name
+        # os.write: safe inside a signal handler (no Python-level locks).
+        os.write(2, f"\n{name}: finishing step {stop.step + 1}, then saving a checkpoint "
+                    "(send it again to stop at once)\n".encode())
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            # getsignal is None for handlers not installed from Python: restore the default.
+            signal.signal(s, h if h is not None else signal.SIG_DFL)

@@ -7,6 +7,7 @@ metadata (near-duplicate groups, held-out flags) that evaluation can use.
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing as mp
 import os
@@ -68,14 +69,20 @@ def check_params(params: dict) -> None:
         fail("heldout_fraction_test", "must be in [0, 1]")
 
 
-def recorded_params(root) -> dict | None:
-    """The parameters a finished dataset at ``root`` was made with, or None
-    when ``root`` holds no finished slimvl dataset."""
+def read_done(folder) -> dict | None:
+    """The parameters recorded in ``folder/DONE`` (written last by the
+    writers of datasets and question sets), or None if there is none."""
     try:
-        recorded = json.loads((Path(root) / "DONE").read_text())
+        recorded = json.loads((Path(folder) / "DONE").read_text())
     except (OSError, ValueError):
         return None
     return recorded if isinstance(recorded, dict) else None
+
+
+def param_changes(recorded: dict, wanted: dict) -> str:
+    """``"n_train 16 -> 20, seed 0 -> 1"``: the wanted parameters that differ
+    from the recorded ones."""
+    return ", ".join(f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v)
 
 
 def dataset_is_valid(root, **params) -> bool:
@@ -85,9 +92,8 @@ def dataset_is_valid(root, **params) -> bool:
     checks that a finished dataset is there.
     """
     root = Path(root)
-    try:
-        recorded = json.loads((root / "DONE").read_text())
-    except (OSError, ValueError):
+    recorded = read_done(root)
+    if recorded is None:
         return False
     main = "annotations.json" if recorded.get("kind") == "video-text" else "dataset.json"
     if not (root / main).is_file() or not (root / "world.json").is_file():
@@ -190,7 +196,7 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
     if root.exists() and not overwrite:
         _refuse_to_replace(root, params)
     ensure_writable_dir(root.parent, "folder of the dataset")
-    remove_stale_temporaries(root.parent, root.name)
+    remove_stale_temporaries(root.parent, glob.escape(root.name))
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -219,13 +225,15 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
 def _refuse_to_replace(root: Path, params: dict) -> None:
     if root.is_dir() and not any(root.iterdir()):
         return  # an empty folder holds nothing to lose
-    recorded = recorded_params(root)
+    recorded = read_done(root)
     if recorded is None:
         raise ValueError(f"{root} exists and is not a finished slimvl dataset; refusing to replace it (remove it, "
                          "choose another folder, or pass --overwrite / overwrite=True)")
-    diff = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in params.items() if recorded.get(k) != v]
-    raise ValueError(f"{root} holds a dataset made with other parameters ({', '.join(diff)}); refusing to replace "
-                     "it and its tokenizer: pass --overwrite (overwrite=True) to rebuild it, or choose another folder")
+    changes = param_changes(recorded, params)
+    what = f"a dataset made with other parameters ({changes})" if changes else \
+        "an incomplete dataset (its annotations or world.json are missing)"
+    raise ValueError(f"{root} holds {what}; refusing to replace it and its tokenizer: pass --overwrite "
+                     "(overwrite=True) to rebuild it, or choose another folder")
 
 
 def _write(tmp: Path, params: dict, progress: bool, workers: int, fps: int, name: str) -> None:

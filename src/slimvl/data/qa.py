@@ -154,13 +154,12 @@ def make_qa(root, questions_per_item: int = 4, seed: int = 0, overwrite: bool = 
     if qa_is_valid(root, questions_per_item) and json.loads((out / "DONE").read_text()).get("seed") == seed:
         return out
     if out.exists() and not overwrite:
-        try:
-            done = json.loads((out / "DONE").read_text())
-        except (OSError, ValueError):
-            done = None
-        ours = {"version": QA_VERSION, "seed": seed, "questions_per_item": questions_per_item}
-        what = "is not a finished question set" if not isinstance(done, dict) else "was made with other options (" + \
-            ", ".join(f"{k} {done.get(k)!r} -> {v!r}" for k, v in ours.items() if done.get(k) != v) + ")"
+        from .make import param_changes, read_done
+
+        done = read_done(out)
+        changes = param_changes(done, {"version": QA_VERSION, "seed": seed, "questions_per_item": questions_per_item}) \
+            if done is not None else ""
+        what = f"was made with other options ({changes})" if changes else "is not a finished question set"
         raise ValueError(f"{out} {what}; refusing to replace it and its tokenizer: pass --overwrite "
                          "(overwrite=True) to rebuild it")
     remove_stale_temporaries(root, "qa")

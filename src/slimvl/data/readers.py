@@ -68,13 +68,15 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def dataset_fingerprint(root) -> str:
-    """A short hash of a dataset's annotation and split files: what a run
-    records about the data it trained on (media files are not hashed)."""
+def dataset_fingerprint(root, qa: bool = False) -> str:
+    """A short hash of a dataset's annotation and split files (with ``qa``,
+    also its question files under ``qa/``): what a run records about the data
+    it trained on (media files are not hashed)."""
     root = Path(root)
     h = hashlib.sha256()
     splits = sorted(f"splits/{p.name}" for p in (root / "splits").glob("*.txt"))
-    for name in ("annotations.json", "dataset.json", *splits):
+    questions = sorted(f"qa/{p.name}" for p in (root / "qa").glob("*.json")) if qa else []
+    for name in ("annotations.json", "dataset.json", *splits, *questions):
         if (root / name).is_file():
             h.update(name.encode())
             h.update((root / name).read_bytes())

@@ -65,15 +65,20 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, specials included."""
-        return self.hf.get_vocab_size()
+        """The largest id + 1, specials included: the embedding rows a model
+        needs (a BERT vocab.txt with a repeated line has a gap in its ids)."""
+        return max(self.hf.get_vocab().values()) + 1
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the id of every word piece: two tokenizers with the
-        same fingerprint give a model the same ids for the same text."""
+        """A short hash of what turns text into ids (normaliser, pre-tokeniser,
+        word pieces and their ids): two tokenizers with the same fingerprint
+        give a model the same ids for the same text."""
+        spec = json.loads(self.hf.to_str())
+        model = {k: v for k, v in spec.get("model", {}).items() if k != "vocab"}
         vocab = sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1])
-        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+        key = [spec.get("normalizer"), spec.get("pre_tokenizer"), model, vocab]
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def tokens(self, text: str) -> list[str]:
         """Word pieces of one text (no specials), handy for Karpathy ``tokens`` fields."""

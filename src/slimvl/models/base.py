@@ -52,7 +52,7 @@ def block_flops(n_q: int, n_k: int, dim: int, mlp_ratio: float, cross: bool) -> 
 def without_autocast(device: torch.device):
     """A context in which ``device``'s autocast (if on) is off: matmuls of
     float32 inputs then stay in float32."""
-    on = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    on = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
     return torch.autocast(device.type, enabled=False) if on else nullcontext()
 
 
@@ -101,8 +101,9 @@ class VLModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     # -- boundary -------------------------------------------------------
-    def check_inputs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> None:
-        """Raise ``ValueError`` naming the expected shape/dtype of a bad input."""
+    def check_inputs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, check_ids: bool = True) -> None:
+        """Raise ``ValueError`` naming the expected shape/dtype of a bad input
+        (``check_ids``: also the token ids' range, which costs a device sync)."""
         c = self.config
         exp = f"[B, T<={c.max_frames}, 3, {c.image_size}, {c.image_size}] floating point"
         if video.dim() != 5 or video.shape[2] != 3 or video.shape[3:] != (c.image_size, c.image_size) \
@@ -118,7 +119,8 @@ class VLModel(nn.Module):
         if text_mask.shape != text_ids.shape or text_mask.dtype != torch.bool:
             raise ValueError(f"text_mask: expected bool of shape {tuple(text_ids.shape)}, "
                              f"got {text_mask.dtype} {tuple(text_mask.shape)}")
-        self.check_token_ids(text_ids)
+        if check_ids:
+            self.check_token_ids(text_ids)
         if video.device != text_ids.device or text_ids.device != text_mask.device:
             raise ValueError(f"inputs on different devices: video {video.device}, text_ids {text_ids.device}, "
                              f"text_mask {text_mask.device}")
@@ -129,7 +131,7 @@ class VLModel(nn.Module):
         lookup would fail with a bare ``IndexError``, or a device assert."""
         if text_ids.numel() == 0 or text_ids.device.type == "meta" or torch.compiler.is_compiling():
             return
-        lo, hi = (int(v) for v in torch.aminmax(text_ids))
+        lo, hi = torch.stack(torch.aminmax(text_ids)).tolist()  # one device sync
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"text_ids: token ids must be in 0..{self.config.vocab_size - 1} (the model's "
                              f"vocab_size={self.config.vocab_size}), got ids from {lo} to {hi}; was the text "
@@ -165,7 +167,7 @@ class VLModel(nn.Module):
         """Check a video batch alone (unimodal encoding)."""
         b = video.shape[0] if video.dim() else 1
         ids = torch.zeros(b, 1, dtype=torch.long, device=video.device)
-        self.check_inputs(video, ids, ids.bool())
+        self.check_inputs(video, ids, ids.bool(), check_ids=False)
 
     def check_text(self, text_ids: Tensor, text_mask: Tensor) -> None:
         """Check a text batch alone (unimodal encoding)."""
