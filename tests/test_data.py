@@ -253,3 +253,33 @@ def test_tokenizer(tmp_path):
     assert bert.vocab_size == 10 and bert.cls_id == 2
     ids, mask = bert.encode(["A red circles, blue."], 10)
     assert ids[0, : int(mask[0].sum())].tolist() == [2, 5, 6, 7, 8, 1, 1, 9, 3]
+
+
+def test_tokenizer_training_is_deterministic_across_processes():
+    """The same captions give the same ids in every process (the `tokenizers`
+    trainer did not: it breaks merge ties in hash-map order, which changes
+    from process to process, so two runs of one `data make` differed)."""
+    import subprocess
+    import sys
+
+    script = ("import numpy as np\n"
+              "from slimvl.data import Tokenizer, caption, sample_scene\n"
+              "rng = np.random.default_rng(0)\n"
+              "print(Tokenizer.train([caption(sample_scene(rng), rng) for _ in range(400)]).fingerprint)\n")
+    prints = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             timeout=120).stdout.strip() for _ in range(3)}
+    assert len(prints) == 1
+
+
+def test_wordpiece_vocab_merges_the_most_frequent_pairs_first():
+    from collections import Counter
+
+    from slimvl.data.tokenizer import SPECIALS, wordpiece_vocab
+
+    vocab = wordpiece_vocab(Counter({"ab": 5, "abc": 2, "ba": 1}), vocab_size=100)
+    assert vocab[:5] == list(SPECIALS)
+    assert vocab[5:10] == ["##a", "##b", "##c", "a", "b"]  # every character, sorted
+    assert vocab[10:] == ["ab", "abc", "ba"]  # (a, ##b) x7 first; then (ab, ##c) x2 before (b, ##a) x1
+    assert wordpiece_vocab(Counter({"ab": 5, "abc": 2, "ba": 1}), vocab_size=11)[-1] == "ab"
+    tok = Tokenizer.train(["ab abc ba"] * 3)
+    assert tok.tokens("abc ba ab") == ["abc", "ba", "ab"] and tok.tokens("bab") == ["ba", "##b"]

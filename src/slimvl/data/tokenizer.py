@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -21,6 +22,36 @@ def _bert_pipeline(tok: HFTokenizer) -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     return tok
+
+
+def wordpiece_vocab(words: Counter[str], vocab_size: int, prefix: str = "##") -> list[str]:
+    """A WordPiece vocabulary from word counts, deterministically: the
+    specials, every character (word-initial, and continuing with ``prefix``),
+    then merged pieces by byte-pair merging (the most frequent adjacent pair
+    first, ties broken by the pair's text), until ``vocab_size`` pieces or
+    nothing left to merge. Encoding is WordPiece's greedy longest match."""
+    pieces = {w: [w[0], *(prefix + c for c in w[1:])] for w in sorted(words) if w}
+    vocab = list(SPECIALS) + sorted({p for ps in pieces.values() for p in ps})
+    known = set(vocab)
+    while len(vocab) < vocab_size:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, ps in pieces.items():
+            for pair in zip(ps, ps[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merged = a + b[len(prefix):]
+        for w, ps in pieces.items():
+            i = 0
+            while i < len(ps) - 1:
+                if ps[i] == a and ps[i + 1] == b:
+                    ps[i:i + 2] = [merged]
+                i += 1
+        if merged not in known:
+            vocab.append(merged)
+            known.add(merged)
+    return vocab[:max(vocab_size, len(SPECIALS))]
 
 
 class Tokenizer:
@@ -38,11 +69,22 @@ class Tokenizer:
 
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 1000) -> "Tokenizer":
-        """Train a WordPiece vocabulary (specials first, so ``[PAD]`` is 0)."""
-        hf = _bert_pipeline(HFTokenizer(models.WordPiece(unk_token="[UNK]")))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                            show_progress=False)
-        hf.train_from_iterator(list(captions), trainer=trainer)
+        """Learn a WordPiece vocabulary of at most ``vocab_size`` pieces from
+        ``captions`` (specials first, so ``[PAD]`` is 0).
+
+        The same captions always give the same vocabulary and ids
+        (``wordpiece_vocab``): the ``tokenizers`` trainer breaks ties between
+        equally frequent merges in hash-map order, so two runs of one
+        ``data make`` gave different ids and models trained from one seed
+        differed."""
+        pipeline = _bert_pipeline(HFTokenizer(models.WordPiece(unk_token="[UNK]")))
+        words: Counter[str] = Counter()
+        for text in captions:
+            normal = pipeline.normalizer.normalize_str(text or "")
+            words.update(w for w, _ in pipeline.pre_tokenizer.pre_tokenize_str(normal))
+        vocab = wordpiece_vocab(words, vocab_size)
+        hf = _bert_pipeline(HFTokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")))
+        hf.add_special_tokens(list(SPECIALS))  # the same ids, now marked special (never split, skipped by decode)
         return cls(hf)
 
     @classmethod
