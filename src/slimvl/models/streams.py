@@ -20,9 +20,7 @@ from .base import score_in_fp32
 
 def decoder_kv(block: nn.Module, latents: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values ``[B, H, N, d]`` that a decoder ``CrossBlock`` reads from ``latents [B, N, D]``."""
-    kv = block.attn.to_kv(block.norm_ctx(latents))
-    k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=block.attn.heads)
-    return k, v
+    return block.attn.project_kv(block.norm_ctx(latents))
 
 
 def _cached_block(block: nn.Module, x: Tensor, kv_text: tuple[Tensor, Tensor],

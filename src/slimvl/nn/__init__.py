@@ -1,8 +1,9 @@
 """Shared primitives: every slimvl model is built from these."""
 from .attention import Attention, attention_bias
+from .masks import attention_mask, padding_mask, size_bias
 from .blocks import MLP, Block, CrossBlock
 from .embed import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
 from .heads import AnswerHead, QueryDecoder
 
-__all__ = ["Attention", "attention_bias", "MLP", "Block", "CrossBlock", "PatchEmbed", "TextEmbed",
-           "ModalityEmbed", "VIDEO", "TEXT", "QueryDecoder", "AnswerHead"]
+__all__ = ["Attention", "attention_bias", "attention_mask", "padding_mask", "size_bias", "MLP", "Block", "CrossBlock",
+           "PatchEmbed", "TextEmbed", "ModalityEmbed", "VIDEO", "TEXT", "QueryDecoder", "AnswerHead"]

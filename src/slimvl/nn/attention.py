@@ -2,37 +2,22 @@
 
 One class serves self-attention (``context is None``) and cross-attention
 (queries from one array, keys/values from another), so that FLOP accounting,
-head-view masks and token merging later hook into a single place.
+head-view masks and token merging hook into a single place. SDPA is the
+kernel; masks are built in ``slimvl.nn.masks``.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .masks import attention_mask, check_mask
 
-def attention_bias(
-    key_padding_mask: Tensor | None,
-    size: Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor | None:
-    """Build the additive mask that SDPA takes, shape ``[B, 1, 1, S]``.
 
-    ``key_padding_mask`` is bool ``[B, S]``, True for real keys. ``size`` is an
-    optional ``[B, S]`` count of how many original tokens a key stands for
-    (token merging); its log is added to the logits ("proportional
-    attention"), so a merged token weighs as much as the tokens it replaced.
-    """
-    if key_padding_mask is None and size is None:
-        return None
-    if size is None:
-        # A bool mask lets SDPA pick its fused kernels.
-        return key_padding_mask[:, None, None, :]
-    bias = size.to(dtype).clamp_min(1e-6).log()[:, None, None, :]
-    if key_padding_mask is not None:
-        bias = bias.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    return bias
+def attention_bias(key_padding_mask: Tensor | None, size: Tensor | None = None, dtype=None) -> Tensor | None:
+    """The SDPA mask of a key-padding mask and token sizes (``masks.attention_mask``)."""
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return attention_mask(key_padding_mask, size=size, **kwargs)
 
 
 class Attention(nn.Module):
@@ -60,20 +45,47 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
+    def project_q(self, x: Tensor) -> Tensor:
+        """Queries ``[B, H, N, d]`` of ``x [B, N, D]``."""
+        return rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, H, S, d]`` of ``context [B, S, Dc]``: what a
+        cache of an encoded item keeps, and what a pretrained key map fills."""
+        k, v = rearrange(self.to_kv(context), "b s (two h d) -> two b h s d", two=2, h=self.heads)
+        return k, v
+
     def forward(
         self,
         x: Tensor,
         context: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
         size: Tensor | None = None,
-    ) -> Tensor:
-        """``x``: queries ``[B, N, D]``; ``context``: keys/values ``[B, S, Dc]``
-        (``x`` itself when None); ``key_padding_mask``: bool ``[B, S]``."""
+        mask: Tensor | None = None,
+        return_metric: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``x`` to ``context`` (``x`` itself when None).
+
+        Args:
+            x: queries ``[B, N, D]``; context: keys/values ``[B, S, Dc]``.
+            key_padding_mask: bool ``[B, S]``, True for real keys.
+            size: ``[B, S]`` tokens each key stands for (proportional
+                attention: ``log(size)`` is added to its logits).
+            mask: bool (True = may attend) or additive, broadcastable to
+                ``[B, H, N, S]`` (e.g. per-head views).
+            return_metric: also return the keys averaged over heads
+                ``[B, S, d]``, the similarity metric of token merging.
+
+        Returns ``[B, N, D]`` (and the metric).
+        """
         context = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.to_kv(context), "b s (two h d) -> two b h s d", two=2, h=self.heads)
-        mask = attention_bias(key_padding_mask, size, q.dtype)
+        q = self.project_q(x)
+        k, v = self.project_kv(context)
+        if mask is not None:
+            check_mask(mask, q.shape[0], self.heads, q.shape[2], k.shape[2])
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attention_mask(key_padding_mask, mask, size, q.dtype),
+            dropout_p=self.dropout if self.training else 0.0,
         )
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return (out, k.mean(1)) if return_metric else out

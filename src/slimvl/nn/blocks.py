@@ -24,8 +24,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, size: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask, size=size)
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, size: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask, size=size, mask=mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -45,6 +46,8 @@ class CrossBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 
-    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), key_padding_mask=key_padding_mask)
+    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None,
+                size: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), key_padding_mask=key_padding_mask, size=size,
+                          mask=mask)
         return x + self.mlp(self.norm2(x))

@@ -1,0 +1,103 @@
+"""The shared attention primitive: masks, per-head masks, token sizes
+(proportional attention) in self- and cross-attention, the merging metric,
+and the public key/value projection."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slimvl.nn import Attention, Block, CrossBlock, attention_mask
+
+
+def _attn(dim=16, heads=4, context_dim=None, seed=0):
+    torch.manual_seed(seed)
+    return Attention(dim, heads, context_dim=context_dim).eval()
+
+
+def _reference(attn: Attention, x, context, allowed=None, log_size=None):
+    """softmax(q k^T / sqrt(d) + log size) v by hand, per head; ``allowed`` [B, H, N, S] bool."""
+    q, (k, v) = attn.project_q(x), attn.project_kv(context)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if log_size is not None:
+        logits = logits + log_size[:, None, None, :]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    out = logits.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).flatten(2))
+
+
+def test_key_padding_matches_the_reference():
+    attn = _attn()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    pad = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    got = attn(x, ctx, key_padding_mask=pad)
+    torch.testing.assert_close(got, _reference(attn, x, ctx, pad[:, None, None, :].expand(2, 4, 3, 5)))
+
+
+def test_per_head_mask_restricts_what_each_head_sees():
+    attn = _attn()
+    x, ctx = torch.randn(1, 3, 16), torch.randn(1, 6, 16)
+    views = torch.zeros(1, 4, 1, 6, dtype=torch.bool)  # head h sees keys of its own view only
+    views[0, 0, 0, :3] = views[0, 1, 0, 3:] = views[0, 2, 0, ::2] = views[0, 3, 0, :] = True
+    got = attn(x, ctx, mask=views)
+    torch.testing.assert_close(got, _reference(attn, x, ctx, views.expand(1, 4, 3, 6)))
+    # Changing a key a head may not see leaves that head's output alone, not the others'.
+    ctx2 = ctx.clone()
+    ctx2[0, 4] += 5.0
+    q, (k1, v1), (k2, v2) = attn.project_q(x), attn.project_kv(ctx), attn.project_kv(ctx2)
+    import torch.nn.functional as F
+
+    h1 = F.scaled_dot_product_attention(q, k1, v1, attn_mask=views)
+    h2 = F.scaled_dot_product_attention(q, k2, v2, attn_mask=views)
+    assert torch.allclose(h1[:, 0], h2[:, 0]) and not torch.allclose(h1[:, 1], h2[:, 1])
+
+
+def test_additive_and_boolean_masks_combine():
+    pad = torch.tensor([[True, False, True]])
+    extra = torch.tensor([0.0, 0.0, -1.0])
+    m = attention_mask(pad, extra, size=torch.tensor([[2.0, 1.0, 1.0]]))
+    assert m.dtype == torch.float32 and m.shape == (1, 1, 1, 3)
+    assert m[0, 0, 0, 1] == float("-inf")
+    torch.testing.assert_close(m[0, 0, 0, [0, 2]], torch.tensor([math.log(2.0), -1.0]))
+    assert attention_mask(pad).dtype == torch.bool and attention_mask() is None
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_a_merged_token_weighs_as_much_as_the_tokens_it_replaced(cross):
+    """Proportional attention: a key of size 2 acts as that key twice, in
+    self- and in cross-attention."""
+    attn = _attn()
+    ctx = torch.randn(1, 3, 16)
+    doubled = torch.cat([ctx[:, :1], ctx], 1)  # key 0 twice
+    x = torch.randn(1, 2, 16) if cross else ctx
+    sizes = torch.tensor([[2.0, 1.0, 1.0]])
+    merged = attn(x, ctx, size=sizes) if cross else attn(ctx, size=sizes)
+    expanded = attn(x, doubled) if cross else attn(ctx, doubled)
+    torch.testing.assert_close(merged, expanded)
+
+
+def test_metric_is_the_keys_averaged_over_heads():
+    attn = _attn()
+    x = torch.randn(2, 5, 16)
+    out, metric = attn(x, return_metric=True)
+    assert metric.shape == (2, 5, 4)
+    torch.testing.assert_close(metric, attn.project_kv(x)[0].mean(1))
+    torch.testing.assert_close(out, attn(x))
+
+
+def test_bad_mask_shape_names_the_expected_one():
+    attn = _attn()
+    with pytest.raises(ValueError, match=r"broadcastable to \[B, H, N, S\] = \[2, 4, 3, 5\]"):
+        attn(torch.randn(2, 3, 16), torch.randn(2, 5, 16), mask=torch.ones(2, 3, 3, 5, dtype=torch.bool))
+
+
+def test_blocks_pass_masks_and_sizes_through():
+    torch.manual_seed(0)
+    block, cross = Block(16, 4).eval(), CrossBlock(16, 4).eval()
+    x, ctx = torch.randn(1, 3, 16), torch.randn(1, 4, 16)
+    hide_last = torch.tensor([[True, True, True, False]])
+    assert torch.allclose(cross(x, ctx, mask=hide_last[:, None, None, :]), cross(x, ctx, key_padding_mask=hide_last))
+    assert not torch.allclose(cross(x, ctx, size=torch.tensor([[3.0, 1, 1, 1]])), cross(x, ctx))
+    assert torch.allclose(block(ctx, mask=hide_last[:, None, None, :]), block(ctx, key_padding_mask=hide_last))
