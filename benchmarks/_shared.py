@@ -11,9 +11,10 @@ import torch
 from slimvl import create_model
 from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
 from slimvl.data import make_dataset
-from slimvl.demo import DATA
+from slimvl.recipes import DATA
 from slimvl.models.pretrained import init_from_checkpoint
-from slimvl.train import RetrievalData, TrainConfig, train  # noqa: F401  (RetrievalData: subset)
+from slimvl.tasks import RetrievalData
+from slimvl.train import TrainConfig, train
 
 
 def gallery_dataset(root: str | Path, n_test: int, progress: bool = True, n_train: int | None = None) -> Path:

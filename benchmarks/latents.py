@@ -29,7 +29,7 @@ from streams import STREAMS, counted_flops  # noqa: E402
 
 from slimvl.bench.flops import model_flops_per_pair  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
 from slimvl.tasks.retrieval import recall_metrics  # noqa: E402

@@ -45,7 +45,7 @@ from slimvl import create_model  # noqa: E402
 from slimvl.bench import dummy_inputs, matmul_gflops, median_seconds, model_flops_per_pair, profile_model  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.bench.stats import paired_difference, t2v_hits  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
 from slimvl.tasks.retrieval import recall_metrics  # noqa: E402

@@ -31,7 +31,7 @@ from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.data import make_dataset  # noqa: E402
-from slimvl.demo import DATA, FRAMES, TEXT_LEN, TRAIN  # noqa: E402
+from slimvl.recipes import DATA, FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import evaluate  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
 from slimvl.tasks import MLMTask, MultiTask, RetrievalTask, evaluate_mlm  # noqa: E402

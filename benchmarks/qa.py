@@ -40,7 +40,7 @@ from slimvl.bench.measure import median_seconds  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.data import QUESTION_TYPES, make_qa  # noqa: E402
-from slimvl.demo import FRAMES  # noqa: E402
+from slimvl.recipes import FRAMES  # noqa: E402
 from slimvl.pipeline import load_qa_split, load_tokenizer  # noqa: E402
 from slimvl.tasks import QATask, evaluate_qa  # noqa: E402
 from slimvl.train import TrainConfig  # noqa: E402

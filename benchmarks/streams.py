@@ -30,7 +30,7 @@ from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
 
 from slimvl.bench.flops import count_flops, dummy_inputs, model_flops_per_pair  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.demo import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
 from slimvl.models.streams import cached_decoder_scores, decoder_kv  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import torch
 
 from slimvl.models import create_model
-from slimvl.train import RetrievalData
+from slimvl.tasks import RetrievalData
 
 # Where training and evaluation tests run: "cpu" (plain `make test`, CI) or
 # "cuda" (`SLIMVL_TEST_DEVICE=cuda make test` on a GPU machine).

@@ -180,7 +180,7 @@ def test_shipped_configs_are_valid(path):
     that ``slimvl train --config`` reproduces the demo's runs)."""
     import yaml
 
-    from slimvl.demo import TEXT_LEN, TRAIN
+    from slimvl.recipes import TEXT_LEN, TRAIN
     from slimvl.train import TrainConfig
 
     spec = yaml.safe_load(path.read_text())

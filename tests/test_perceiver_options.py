@@ -10,7 +10,8 @@ from slimvl import PerceiverVLConfig
 from slimvl.bench.flops import count_flops, model_flops_per_pair
 from slimvl.evaluate import evaluate, score_matrix
 from slimvl.nn import CrossBlock
-from slimvl.train import TrainConfig, train, to_float_video
+from slimvl.runtime import to_float_video
+from slimvl.train import TrainConfig, train
 
 
 def _inputs(model, n_video=3, n_text=5, frames=2, seed=0):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from slimvl.checkpoint import latest_checkpoint, load_model
 from slimvl.tasks import RetrievalTask
-from slimvl.train import TrainConfig, TrainingDiverged, lr_at, sample_units, train
+from slimvl.tasks.retrieval import sample_units
+from slimvl.train import TrainConfig, TrainingDiverged, lr_at, train
 
 CFG = dict(steps=6, groups_per_step=4, lr=3e-3, warmup_steps=2, checkpoint_every=3, log_every=1, seed=1)
 

@@ -11,26 +11,16 @@ import torch
 from .bench import matmul_gflops, profile_model
 from .bench.stats import paired_difference, t2v_hits
 from .checkpoint import latest_checkpoint
-from .evaluate import retrieval_metrics, score_matrix
-from .files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .data import make_dataset
+from .files import atomic_write_json, atomic_write_text, ensure_writable_dir
 from .models import create_model
 from .pipeline import load_split, load_tokenizer
+from .recipes import DATA, FRAMES, MODELS, TEXT_LEN, TRAIN
 from .runtime import resolve_device
-from .train import TrainConfig, train
+from .tasks.retrieval import retrieval_metrics, score_matrix
+from .train import train
 
 log = logging.getLogger("slimvl")
-
-DATA = dict(kind="video-text", seed=0, n_train=4000, n_val=200, n_test=100, group_size=4, frames=8, size=64)
-FRAMES, TEXT_LEN = 4, 36
-MODELS = ("perceiver_vl_tiny", "single_stream_tiny")
-# 850 steps of one unit of 8 groups (VTM on 4 of them, the contrastive term
-# on all 8): what fits both models in the demo's 10 minutes on 2 CPU cores
-# (the single-stream baseline takes ~3/4 of the time). Perceiver-VL needs
-# about 2.5x that to reach t2v R@1 0.5 (BENCHMARKS.md); ``slimvl demo
-# --steps 2500`` runs that longer schedule.
-TRAIN = TrainConfig(steps=850, groups_per_step=8, groups_per_unit=8, vtm_groups_per_unit=4, negatives="random",
-                    negatives_per_item=1, lr=1e-3, warmup_steps=50, checkpoint_every=300, itc_weight=1.0)
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True,
@@ -89,6 +79,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
                     "n_captions": int(len(test_data.caption_item)), "group_size": test_data.group_size,
                     "frames_sampled": FRAMES, "text_len": TEXT_LEN, "data": str(root), "data_params": data_params},
         "train": asdict(cfg), "seed": seed, "device": str(dev), "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512...: it changes the sums' order
         "matmul_gflops_per_s": matmul_ref, "rows": rows,
         "t2v_r1_difference": {"perceiver_vl_minus_single_stream": diff, "ci95_half_width": half,
                               "ci95": [diff - half, diff + half], "n_captions": int(len(test_data.caption_item))},
@@ -130,7 +121,8 @@ def render_report(results: dict) -> str:
         f"{g['data_params']['frames']} frames sampled, {g['data_params']['size']}x{g['data_params']['size']}, "
         f"text length {g['text_len']}.",
         f"Both models trained {results['train']['steps']} steps x {results['train']['groups_per_step']} groups, "
-        f"seed {results['seed']}, on {results['device']} ({results['threads']} threads).", "",
+        f"seed {results['seed']}, on {results['device']} ({results['threads']} threads, "
+        f"{results['cpu_capability']} kernels).", "",
         render_table(results["rows"]), "",
     ]
     lines += [render_difference(results) + " Runs move with the seed and the thread count: BENCHMARKS.md gives "

@@ -7,7 +7,7 @@ from .data import Tokenizer, VideoTextDataset
 from .data.readers import available_splits, dataset_fingerprint
 from .data.qa import answer_vocab, read_vqa
 from .tasks.qa import QAData
-from .tasks.vtm import RetrievalData
+from .tasks.retrieval import RetrievalData
 
 
 def load_tokenizer(root: str | Path, vocab: str | Path | None = None, qa: bool = False) -> Tokenizer:

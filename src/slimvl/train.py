@@ -27,14 +27,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import atomic_write_json, latest_checkpoint, load_training_state, read_meta, save_checkpoint
 from .files import ensure_writable_dir, remove_stale_temporaries
-from .runtime import autocast_for, resolve_device, to_float_video
+from .runtime import autocast_for, resolve_device
 from .tasks.base import Task
-from .tasks.vtm import (RetrievalData, RetrievalObjective, RetrievalTask, UnitBatch, sample_units, step_batch,
-                        unit_batch)
+from .tasks.retrieval import RetrievalData, RetrievalTask
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at",
-           "RetrievalData", "RetrievalObjective", "RetrievalTask", "UnitBatch", "sample_units", "step_batch",
-           "unit_batch", "autocast_for", "resolve_device", "to_float_video"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at"]
 
 log = logging.getLogger("slimvl")
 

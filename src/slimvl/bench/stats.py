@@ -11,7 +11,7 @@ import math
 
 from torch import Tensor
 
-from ..tasks.retrieval import t2v_ranks
+from ..tasks.retrieval.metrics import t2v_ranks
 
 
 def t2v_hits(scores: Tensor, caption_item: Tensor, k: int = 1) -> Tensor:

@@ -9,11 +9,14 @@ checkpoints besides the weights (an answer vocabulary, say).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+log = logging.getLogger("slimvl")
 
 
 class NonFiniteScores(ValueError):
@@ -26,6 +29,52 @@ def check_scores(scores: torch.Tensor, what: str = "scores") -> None:
     if bad:
         raise NonFiniteScores(f"{bad} of {scores.numel()} {what} are not finite (NaN or inf): the model's weights "
                               "or inputs are broken, so no ranking can be trusted")
+
+
+def log_fitting(dataset, n_texts: int, truncated: int, max_len: int, what: str) -> None:
+    """One log line per split saying how many texts were cut to ``max_len``
+    tokens and how many videos were padded by repeating their last frame
+    (nothing is logged when neither happened)."""
+    padded = getattr(dataset, "padded", 0)
+    parts = []
+    if truncated:
+        parts.append(f"{truncated} of {n_texts} {what} cut to {max_len} tokens")
+    if padded:
+        parts.append(f"{padded} of {len(dataset)} videos had fewer than {dataset.frames} frames (last frame "
+                     "repeated)")
+    if parts:
+        log.info("%s/%s: %s", dataset.root, dataset.split, "; ".join(parts))
+
+
+def used_width(mask: Tensor) -> int:
+    """Columns of a ``[B, L]`` padding mask that any row uses: a batch is
+    trimmed to them (masked keys do not change the result, they only cost
+    time)."""
+    return int(mask.any(0).nonzero().max()) + 1
+
+
+def for_inference(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Put ``model`` in eval mode on ``device`` (None: where it is) and
+    return that device: the start of every evaluation loop."""
+    from ..runtime import device_for
+
+    dev = device_for(model, device)
+    model.to(dev).eval()
+    return dev
+
+
+def row_batches(n: int, batch_size: int) -> Iterator[Tensor]:
+    """Row indices ``0..n-1`` in consecutive batches of ``batch_size``."""
+    for start in range(0, n, batch_size):
+        yield torch.arange(start, min(start + batch_size, n))
+
+
+def heldout_split(flags) -> list[tuple[str, Tensor]]:
+    """``[("seen", rows), ("heldout", rows)]`` for per-example held-out flags
+    (a synthetic scene with a held-out combination), keeping the non-empty
+    ones: every metric reports both parts the same way."""
+    held = torch.as_tensor(flags, dtype=torch.bool)
+    return [(name, rows) for name, rows in (("seen", ~held), ("heldout", held)) if rows.any()]
 
 
 class Task:

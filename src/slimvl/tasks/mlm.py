@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, device_for, to_float_video
-from .base import Task, check_scores
+from ..runtime import autocast_for, to_float_video
+from .base import Task, check_scores, for_inference, row_batches, used_width
 
 
 def mask_tokens(ids: Tensor, mask: Tensor, rng: np.random.Generator, mask_id: int, vocab_size: int,
@@ -95,7 +95,7 @@ class MLMTask(Task):
         """The given captions (of ``data``, default the task's), masked with ``rng``."""
         d = self.data if data is None else data
         rows = torch.as_tensor(rows)
-        width = int(d.caption_mask[rows].any(0).nonzero().max()) + 1
+        width = used_width(d.caption_mask[rows])
         ids, mask = d.caption_ids[rows, :width], d.caption_mask[rows, :width]
         corrupted, masked = mask_tokens(ids, mask, rng, self.mask_id, self.vocab_size, self.special, self.prob)
         return MLMBatch(to_float_video(d.videos[d.caption_item[rows]]).to(device), corrupted.to(device),
@@ -123,12 +123,11 @@ def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.devi
                  batch_size: int = 256, seed: int = 0) -> dict[str, float]:
     """MLM accuracy (top-1 over the chosen positions) on every caption of
     ``data``, with masks drawn from ``seed`` (the same for every model)."""
-    dev = device_for(model, device)
-    model = model.to(dev).eval()
+    dev = for_inference(model, device)
     rng = np.random.default_rng([seed, 17])
     right = total = 0
-    for start in range(0, len(data.caption_item), batch_size):
-        b = task.make_batch(np.arange(start, min(start + batch_size, len(data.caption_item))), rng, dev, data)
+    for rows in row_batches(len(data.caption_item), batch_size):
+        b = task.make_batch(rows.numpy(), rng, dev, data)
         with autocast_for(dev, "auto"):
             logits = model.mlm_logits(b.video, b.ids, b.mask, b.masked)
         check_scores(logits[b.masked].float(), "MLM logits")

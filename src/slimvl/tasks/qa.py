@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, device_for, to_float_video
-from .base import Task, check_scores
-from .vtm import log_fitting
+from ..runtime import autocast_for, to_float_video
+from .base import Task, check_scores, for_inference, heldout_split, log_fitting, row_batches, used_width
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -131,8 +130,7 @@ class QABatch:
 def qa_batch(data: QAData, rows: np.ndarray | Tensor, device: torch.device) -> QABatch:
     """Gather the tensors of the given questions."""
     rows = torch.as_tensor(rows)
-    # Trim question padding no question of the batch uses (it costs time, not accuracy).
-    width = int(data.question_mask[rows].any(0).nonzero().max()) + 1
+    width = used_width(data.question_mask[rows])
     return QABatch(to_float_video(data.videos[data.question_item[rows]]).to(device),
                    data.question_ids[rows, :width].to(device), data.question_mask[rows, :width].to(device),
                    data.answer[rows].to(device))
@@ -214,14 +212,13 @@ def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256,
     """Predicted answer index ``[n_questions]`` for every question (on
     ``device``, default where the model is). Non-finite answer logits stop
     it with ``NonFiniteScores``: their argmax would be an arbitrary answer."""
-    dev = device_for(model, device)
-    model = model.to(dev).eval()
+    dev = for_inference(model, device)
     out = []
-    for start in range(0, data.n_questions, batch_size):
-        b = qa_batch(data, torch.arange(start, min(start + batch_size, data.n_questions)), dev)
+    for rows in row_batches(data.n_questions, batch_size):
+        b = qa_batch(data, rows, dev)
         with autocast_for(dev, amp):
             logits = model.answer(b.video, b.ids, b.mask).float()
-        check_scores(logits, f"answer logits of questions {start}..{start + len(b.answer) - 1}")
+        check_scores(logits, f"answer logits of questions {int(rows[0])}..{int(rows[-1])}")
         out.append(logits.argmax(-1).cpu())
     return torch.cat(out)
 
@@ -238,14 +235,12 @@ def qa_metrics(pred: Tensor, data: QAData) -> dict[str, float]:
         rows = torch.from_numpy(types == t)
         out[f"accuracy_{t}"] = correct[rows].float().mean().item()
     if data.heldout is not None:
-        held = torch.tensor(data.heldout)
-        for name, rows in (("seen", ~held), ("heldout", held)):
-            if rows.any():
-                out[f"accuracy_{name}"] = correct[rows].float().mean().item()
-                for t in sorted(set(data.question_type) - {""}):
-                    sel = rows & torch.from_numpy(types == t)
-                    if sel.any():
-                        out[f"accuracy_{name}_{t}"] = correct[sel].float().mean().item()
+        for name, rows in heldout_split(data.heldout):
+            out[f"accuracy_{name}"] = correct[rows].float().mean().item()
+            for t in sorted(set(data.question_type) - {""}):
+                sel = rows & torch.from_numpy(types == t)
+                if sel.any():
+                    out[f"accuracy_{name}_{t}"] = correct[sel].float().mean().item()
     return out
 
 

@@ -1,4 +1,4 @@
-"""Retrieval: the in-batch hard-negative VTM objective and Recall@K metrics.
+"""Retrieval losses: the in-batch hard-negative VTM objective and the contrastive term.
 
 A training *unit* is ``G`` near-duplicate groups of ``k`` items each, with one
 caption per item: ``P = G * k`` (caption, video) positives. Items are numbered
@@ -149,65 +149,6 @@ def vtm_group_loss(logits: Tensor, layout: PairLayout) -> Tensor:
     t2v = logits.gather(1, layout.t2v.reshape(u, -1)).view(u * p, -1)
     v2t = logits.gather(1, layout.v2t.reshape(u, -1)).view(u * p, -1)
     return 0.5 * (F.cross_entropy(t2v, target) + F.cross_entropy(v2t, target))
-
-
-def t2v_ranks(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray) -> Tensor:
-    """1-based rank of each caption's item among all items: ``[n_captions]``.
-
-    Ties count against the query (strictly greater or equal, minus itself),
-    so a constant scorer cannot look good."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    cap_item = torch.as_tensor(caption_item, dtype=torch.long)
-    if s.dim() != 2 or cap_item.shape != (s.shape[0],):
-        raise ValueError(f"scores: expected [n_captions, n_items] with caption_item [n_captions], "
-                         f"got {tuple(s.shape)} and {tuple(cap_item.shape)}")
-    pos = s[torch.arange(s.shape[0]), cap_item]
-    return (s >= pos[:, None]).sum(1)
-
-
-def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray,
-                   ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K and median rank in both directions from a score matrix.
-
-    Args:
-        scores: ``[n_captions, n_items]``, higher = better match.
-        caption_item: ``[n_captions]``, the item each caption describes
-            (several captions per item allowed).
-
-    Text->video ranks every caption's item among all items. Video->text takes,
-    for each item, the best rank of any of its captions among all captions.
-    Ranks are 1-based; recalls are fractions in [0, 1].
-
-    Ties count against the query, in both directions: a negative scored
-    exactly as high as the positive ranks above it, so scores that collapse
-    (a constant scorer, or values rounded to bf16) cannot look good. Scores
-    are compared in float64; NaN scores must be caught before (NaN compares
-    false with everything, so every positive would rank first: see
-    ``slimvl.evaluate.check_scores``).
-    """
-    s = torch.as_tensor(scores, dtype=torch.float64)
-    cap_item = torch.as_tensor(caption_item, dtype=torch.long)
-    n_caps, n_items = s.shape
-    if cap_item.shape != (n_caps,):
-        raise ValueError(f"caption_item: expected shape [{n_caps}], got {tuple(cap_item.shape)}")
-    pos = s[torch.arange(n_caps), cap_item]
-    t2v_rank = t2v_ranks(s, cap_item)
-    # Video -> text: an item's best-scored own caption, ranked among the
-    # captions of *other* items (its other captions do not push it down).
-    best = torch.full((n_items,), float("-inf"), dtype=s.dtype).scatter_reduce(0, cap_item, pos, "amax")
-    others = cap_item[:, None] != torch.arange(n_items)[None, :]
-    v2t_rank = 1 + ((s >= best[None, :]) & others).sum(0)
-    has_caption = torch.bincount(cap_item, minlength=n_items) > 0
-    v2t_rank = v2t_rank[has_caption]
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"t2v_r{k}"] = (t2v_rank <= k).double().mean().item()
-        out[f"v2t_r{k}"] = (v2t_rank <= k).double().mean().item()
-    # quantile interpolates between the two middle ranks of an even count,
-    # as np.median does (torch.median would take the lower one).
-    out["t2v_medr"] = t2v_rank.double().quantile(0.5).item()
-    out["v2t_medr"] = v2t_rank.double().quantile(0.5).item()
-    return out
 
 
 def similarity_logits(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:

@@ -1,0 +1,148 @@
+"""Retrieval data in tensor form and the batches of a training step (units
+of near-duplicate groups, a pure function of ``(seed, step)``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ...runtime import to_float_video
+from ..base import log_fitting, used_width
+from .losses import gumbel_noise, random_negatives
+
+if TYPE_CHECKING:
+    from ...data.tokenizer import Tokenizer
+    from ...train import TrainConfig
+
+
+@dataclass
+class RetrievalData:
+    """Training/evaluation data in tensor form.
+
+    Attributes:
+        videos: uint8 ``[n_items, T, 3, H, W]``.
+        caption_ids / caption_mask: ``[n_captions, L]`` token ids and bool mask.
+        caption_item: ``[n_captions]`` the item each caption describes.
+        groups: list of item-index lists (near-duplicate groups, equal size).
+        heldout: optional bool per item (compositional held-out scene).
+        scenes: optional synthetic scene description per item (for error analysis).
+        skipped: media files left out as unreadable (``skip_bad``), for the run's log.
+        tokenizer: the tokenizer of ``caption_ids`` (kept in checkpoints), if known.
+        fingerprint: the dataset's fingerprint (``slimvl.data.dataset_fingerprint``), if known.
+        truncated / padded: captions cut to fit ``L``, and videos shorter than
+            ``T`` frames whose last frame was repeated.
+    """
+
+    videos: torch.Tensor
+    caption_ids: torch.Tensor
+    caption_mask: torch.Tensor
+    caption_item: torch.Tensor
+    groups: list[list[int]]
+    heldout: list[bool] | None = None
+    scenes: list[dict] | None = None
+    skipped: list[str] = field(default_factory=list)
+    tokenizer: "Tokenizer | None" = None
+    fingerprint: str | None = None
+    truncated: int = 0
+    padded: int = 0
+
+    @classmethod
+    def from_dataset(cls, dataset, tokenizer, max_len: int, group_size: int = 4) -> "RetrievalData":
+        """Tokenise a ``VideoTextDataset``'s captions and index its groups.
+
+        Items without a recorded group (real data) are put in consecutive
+        groups of ``group_size``: they are then ordinary in-batch negatives.
+        """
+        texts, owner = [], []
+        for i, rec in enumerate(dataset.records):
+            for cap in rec.captions:
+                texts.append(cap)
+                owner.append(i)
+        stats: dict = {}
+        ids, mask = tokenizer.encode(texts, max_len, stats)
+        log_fitting(dataset, len(texts), stats["truncated"], max_len, "captions")
+        by_group: dict[int, list[int]] = {}
+        gids = dataset.groups if dataset.groups is not None else [None] * len(dataset.records)
+        for i, g in enumerate(gids):
+            by_group.setdefault(g if g is not None else -1 - i // group_size, []).append(i)
+        sizes = {len(v) for v in by_group.values()}
+        k = max(sizes, key=lambda s: sum(len(v) == s for v in by_group.values()))
+        groups = [v for v in by_group.values() if len(v) == k]
+        heldout = getattr(dataset, "heldout", None)
+        scenes = getattr(dataset, "scenes", None)
+        return cls(dataset.videos, ids, mask, torch.tensor(owner), groups,
+                   list(heldout) if heldout is not None and None not in heldout else None,
+                   list(scenes) if scenes is not None and None not in scenes else None,
+                   [str(path) for path, _ in getattr(dataset, "skipped", [])], tokenizer,
+                   getattr(dataset, "fingerprint", None), stats["truncated"], getattr(dataset, "padded", 0))
+
+    @property
+    def group_size(self) -> int:
+        return len(self.groups[0])
+
+
+def sample_units(data: RetrievalData, n_units: int, groups_per_unit: int, seed: int, step: int) -> np.ndarray:
+    """Caption indices ``[n_units, groups_per_unit * k]``: distinct groups, one
+    caption per item (a caption identifies its item), chosen
+    deterministically from ``(seed, step)``."""
+    rng = np.random.default_rng([seed, step])
+    need = n_units * groups_per_unit
+    if need > len(data.groups):
+        raise ValueError(f"need {need} near-duplicate groups per step, the data has {len(data.groups)}")
+    chosen = rng.choice(len(data.groups), size=need, replace=False)
+    items = np.array([data.groups[g] for g in chosen]).reshape(n_units, -1)
+    caption_item = data.caption_item.numpy()
+    out = np.empty_like(items)
+    for idx, item in np.ndenumerate(items):
+        own = np.flatnonzero(caption_item == item)
+        out[idx] = own[rng.integers(len(own))]
+    return out
+
+
+@dataclass
+class UnitBatch:
+    """One step's tensors for ``U`` units of ``P`` items (one caption each).
+
+    ``video`` is float ``[U*P, T, 3, H, W]``, ``ids``/``mask`` the items'
+    captions ``[U*P, L]``. The other-group negatives are drawn from the
+    step's seed, so a resumed or data-parallel run draws the same ones:
+    ``negatives`` ``[U, P, E]`` (``"shared"``) or ``noise`` ``[U, 2, P, P]``
+    (Gumbel noise that draws random or similarity-mined negatives).
+    """
+
+    video: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    units: int
+    negatives: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+
+def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
+               negatives: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> UnitBatch:
+    """Gather the tensors of the given units (caption indices ``[U, P]``)."""
+    caps = torch.as_tensor(captions).flatten()
+    width = used_width(data.caption_mask[caps])
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return UnitBatch(to_float_video(data.videos[data.caption_item[caps]]).to(device),
+                     data.caption_ids[caps, :width].to(device), data.caption_mask[caps, :width].to(device),
+                     len(captions), move(negatives), move(noise))
+
+
+def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, world: int,
+               device: torch.device) -> UnitBatch:
+    """This rank's share (every ``world``-th unit) of step ``step``'s global batch."""
+    n_units = cfg.groups_per_step // cfg.groups_per_unit
+    captions = sample_units(data, n_units, cfg.groups_per_unit, cfg.seed, step)
+    p, e = captions.shape[1], cfg.negatives_per_item
+    rng = np.random.default_rng([cfg.seed, step, 1])
+    negatives = noise = None
+    if cfg.negatives == "shared":
+        negatives = random_negatives(rng, n_units, cfg.groups_per_unit, data.group_size, e)[rank::world]
+    else:
+        noise = gumbel_noise(rng, (n_units, 2, p, p))[rank::world]
+    return unit_batch(data, captions[rank::world], device, negatives, noise)
+
+

@@ -1,0 +1,126 @@
+"""Retrieval as a training task: the VTM + contrastive objective over a
+step's units, and evaluation by Recall@K.
+
+    data  ->  units of near-duplicate groups  ->  model scores pairs
+          ->  VTM hard-negative loss (+ contrastive)
+
+Batches are a pure function of ``(seed, step)``, so a resumed run sees the
+same batches as an uninterrupted one, and each DDP rank takes its share of
+the same global batch.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..base import Task
+from .data import RetrievalData, UnitBatch, step_batch
+from .evaluate import evaluate
+from .losses import contrastive_loss, mined_negatives, pair_layout, similarity_logits, vtm_group_loss
+
+if TYPE_CHECKING:
+    from ...train import TrainConfig
+
+
+class RetrievalObjective(torch.nn.Module):
+    """The training loss as a module (so that DDP sees a single forward):
+    VTM over in-batch hard negatives, plus ``itc_weight`` times a contrastive
+    term between videos and texts encoded alone by the same network.
+
+    The contrastive term is there because it teaches the shared embeddings
+    and layers what each word and patch means from ``P*P`` comparisons per
+    unit at the cost of ``2P`` unimodal passes, while VTM alone learns from a
+    single logit per pair. With ``negatives="mined"`` its similarities also
+    pick the other-group negatives that VTM is trained on.
+
+    Perceiver-VL's streams (``config.stream``) change what runs: ``"multi"``
+    scores pairs by the embeddings' dot product, so its loss is the
+    contrastive term alone; ``"mixed"`` encodes each video and caption of the
+    unit once and decodes every scored pair from those latents.
+    """
+
+    def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
+        super().__init__()
+        self.model, self.group_size = model, group_size
+        self.stream = getattr(model.config, "stream", "single")
+        self.itc_weight, self.n_neg, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
+        if self.stream == "multi" and not self.itc_weight:
+            raise ValueError("TrainConfig.itc_weight=0: stream='multi' is trained by the contrastive term alone")
+        self.vtm_items = cfg.vtm_groups_per_unit * group_size  # 0: every item of the unit is a VTM query
+
+    def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.model.config.embed_dim
+        v = self.model.embed_video(b.video).float().view(b.units, -1, e)
+        t = self.model.embed_text(b.ids, b.mask).float().view(b.units, -1, e)
+        return v, t
+
+    def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        u, p = b.units, b.video.shape[0] // b.units
+        parts: dict[str, float] = {}
+        itc = v = t = v_lat = t_lat = None
+        if self.stream == "mixed":  # one encoding per item serves the contrastive term and every pair
+            v_lat, t_lat = self.model.video_latents(b.video), self.model.text_latents(b.ids, b.mask)
+            e = self.model.config.embed_dim
+            v, t = self.model.pool(v_lat).float().view(u, -1, e), self.model.pool(t_lat).float().view(u, -1, e)
+        if self.itc_weight:
+            if v is None:
+                v, t = self._embed(b)
+            itc = contrastive_loss(v, t, self.model.logit_scale)
+            parts["itc"] = itc.item()
+        if self.stream == "multi":
+            return itc, parts
+        with torch.no_grad():
+            if b.negatives is not None:
+                layout = pair_layout(self.group_size, b.negatives)
+            else:
+                sim = b.noise.new_zeros(u, p, p)  # flat: Gumbel-top-k of noise alone is uniform sampling
+                if self.mined:
+                    if v is None:
+                        v, t = self._embed(b)
+                    sim = similarity_logits(v, t, self.model.logit_scale)
+                q = self.vtm_items or p
+                t2v_neg, v2t_neg = mined_negatives(sim, self.group_size, self.n_neg, b.noise)
+                # Only the first q items are VTM queries; their negatives may be any other-group item.
+                layout = pair_layout(self.group_size, t2v_neg[:, :q], v2t_neg[:, :q])
+            offset = (torch.arange(u, device=b.video.device) * p)[:, None]
+            cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
+        if v_lat is not None:
+            logits = self.model.score_latents(v_lat[vid], t_lat[cap]).float()
+        else:
+            logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
+        vtm = vtm_group_loss(logits.view(u, -1), layout)
+        parts["vtm"] = vtm.item()
+        loss = vtm if itc is None else vtm + self.itc_weight * itc
+        return loss, parts
+
+
+class RetrievalTask(Task):
+    """Video-text retrieval: VTM over in-batch hard negatives (plus the
+    contrastive term), evaluated by Recall@K. The default task of ``train``."""
+
+    name = "retrieval"
+    headline = "t2v_r1"
+
+    def __init__(self, data: RetrievalData):
+        self.data = data
+
+    def check(self, cfg, world: int) -> None:
+        n_units = cfg.groups_per_step // cfg.groups_per_unit
+        if n_units % world:
+            raise ValueError(f"groups_per_step={cfg.groups_per_step} gives {n_units} units, "
+                             f"not divisible by {world} processes")
+
+    def objective(self, model: torch.nn.Module, cfg) -> torch.nn.Module:
+        return RetrievalObjective(model, self.data.group_size, cfg)
+
+    def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> UnitBatch:
+        return step_batch(self.data, cfg, step, rank, world, device)
+
+    def samples(self, batch: UnitBatch) -> int:
+        return batch.video.shape[0]
+
+    def evaluate(self, model: torch.nn.Module, data: RetrievalData, device: torch.device) -> dict[str, float]:
+        m = evaluate(model, data, device=device, progress=False)
+        keep = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "heldout_t2v_r1")
+        return {k: m[k] for k in keep if k in m}
