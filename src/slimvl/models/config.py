@@ -182,14 +182,3 @@ class SingleStreamConfig(VLConfig):
         super().validate()
         if not isinstance(self.depth, int) or self.depth <= 0:
             self._fail("depth", "must be a positive integer")
-
-
-CONFIGS: dict[str, type[VLConfig]] = {c.model_type: c for c in (PerceiverVLConfig, SingleStreamConfig)}
-
-
-def config_from_dict(d: dict[str, Any]) -> VLConfig:
-    """Rebuild any model config from its ``to_dict()`` form."""
-    mt = d.get("model_type")
-    if mt not in CONFIGS:
-        raise ValueError(f"unknown model_type {mt!r}; known: {sorted(CONFIGS)}")
-    return CONFIGS[mt].from_dict(d)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..nn import TEXT, VIDEO, AnswerHead, Block, CrossBlock, ModalityEmbed, QueryDecoder
 from .base import VLModel, VLOutput, block_flops, linear_flops, score_in_fp32, without_autocast
 from .config import PerceiverVLConfig
+from .registry import register_model
 from .streams import cached_decoder_scores, decoder_kv
 
 
@@ -58,6 +59,15 @@ class LatentEncoder(nn.Module):
         return self.norm(lat)
 
 
+# The "tiny" preset matches single_stream_tiny (width, heads, number of
+# self-attention layers) so that demo comparisons are fair; "base" is the
+# paper's shape (N=128, D=768, k=3 blocks of l=4 self-attention layers).
+@register_model(PerceiverVLConfig, presets={
+    "perceiver_vl_tiny": dict(dim=64, heads=4, num_latents=16, layers="csscss"),
+    "perceiver_vl_small": dict(dim=256, heads=4, num_latents=64, layers="cssss" * 2),
+    "perceiver_vl_base": dict(image_size=224, patch_size=32, tubelet=1, max_frames=16, vocab_size=30522,
+                              max_text_len=40, dim=768, heads=12, num_latents=128, layers="cssss" * 3, embed_dim=256),
+})
 class PerceiverVL(VLModel):
     """Perceiver-VL for retrieval, in the single, multi or mixed stream.
 

@@ -1,51 +1,73 @@
-"""Named presets: ``create_model("perceiver_vl_tiny", num_latents=32)``."""
+"""One registration point for models: ``@register_model(ConfigClass,
+presets={...})`` on the model class records the class, its config class and
+its named presets; ``create_model("perceiver_vl_tiny", num_latents=32)``,
+``build_model(config)`` and checkpoints then find it, as does the CLI."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import VLModel
-from .config import PerceiverVLConfig, SingleStreamConfig, VLConfig, config_from_dict
-from .perceiver_vl import PerceiverVL
-from .single_stream import SingleStream
+from .config import VLConfig
 
-MODEL_CLASSES: dict[str, type[VLModel]] = {"perceiver_vl": PerceiverVL, "single_stream": SingleStream}
+MODEL_CLASSES: dict[str, type] = {}
+CONFIGS: dict[str, type[VLConfig]] = {}
+PRESETS: dict[str, Callable[[], VLConfig]] = {}
 
-# Each preset is a config; the "tiny" pair is matched (width, heads, number
-# of self-attention layers) so that demo comparisons are fair.
-_PRESETS: dict[str, Callable[[], VLConfig]] = {
-    "perceiver_vl_tiny": lambda: PerceiverVLConfig(dim=64, heads=4, num_latents=16, layers="csscss"),
-    "single_stream_tiny": lambda: SingleStreamConfig(dim=64, heads=4, depth=4),
-    "perceiver_vl_small": lambda: PerceiverVLConfig(dim=256, heads=4, num_latents=64, layers="cssss" * 2),
-    "single_stream_small": lambda: SingleStreamConfig(dim=256, heads=4, depth=8),
-    # The paper's base shape (N=128, D=768, k=3 blocks of l=4 self-attention layers).
-    "perceiver_vl_base": lambda: PerceiverVLConfig(image_size=224, patch_size=32, tubelet=1, max_frames=16,
-                                                   vocab_size=30522, max_text_len=40, dim=768, heads=12,
-                                                   num_latents=128, layers="cssss" * 3, embed_dim=256),
-    "single_stream_base": lambda: SingleStreamConfig(image_size=224, patch_size=32, tubelet=1, max_frames=16,
-                                                     vocab_size=30522, max_text_len=40, dim=768, heads=12,
-                                                     depth=12, embed_dim=256),
-}
+
+def register_model(config_class: type[VLConfig], presets: dict[str, dict[str, Any]] | None = None):
+    """Class decorator registering a model under ``config_class.model_type``.
+
+    ``presets`` maps preset names to config fields (``{"my_tiny": {"dim":
+    32}}``). A model type or preset name registered twice by different
+    classes is an error (it would silently shadow the first).
+    """
+    def register(cls: type) -> type:
+        kind = config_class.model_type
+        if MODEL_CLASSES.get(kind, cls) is not cls:
+            raise ValueError(f"model_type {kind!r} is already registered to {MODEL_CLASSES[kind].__name__}")
+        taken = sorted(name for name in presets or {} if name in PRESETS and PRESETS[name].owner is not cls)
+        if taken:
+            raise ValueError(f"presets {taken} are already registered by another model")
+        MODEL_CLASSES[kind], CONFIGS[kind] = cls, config_class
+        for name, fields in (presets or {}).items():
+            def make(fields=fields) -> VLConfig:
+                return config_class(**fields)
+            make.owner = cls
+            PRESETS[name] = make
+        cls.config_class = config_class
+        return cls
+
+    return register
+
+
+def config_from_dict(d: dict[str, Any]) -> VLConfig:
+    """Rebuild any registered model's config from its ``to_dict()`` form."""
+    kind = d.get("model_type")
+    if kind not in CONFIGS:
+        raise ValueError(f"unknown model_type {kind!r}; known: {sorted(CONFIGS)}")
+    return CONFIGS[kind].from_dict(d)
 
 
 def list_models() -> list[str]:
     """Names of the presets ``create_model`` accepts."""
-    return sorted(_PRESETS)
+    return sorted(PRESETS)
 
 
 def get_config(name: str, **overrides: Any) -> VLConfig:
     """The preset's config with ``overrides`` (config field names) applied."""
-    if name not in _PRESETS:
+    if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {list_models()}")
-    return _PRESETS[name]().replace(**overrides)
+    return PRESETS[name]().replace(**overrides)
 
 
-def build_model(config: VLConfig | dict) -> VLModel:
-    """Construct the model a config describes."""
+def build_model(config: VLConfig | dict):
+    """Construct the model a config (or its dict form) describes."""
     if isinstance(config, dict):
         config = config_from_dict(config)
+    if config.model_type not in MODEL_CLASSES:
+        raise ValueError(f"unknown model_type {config.model_type!r}; known: {sorted(MODEL_CLASSES)}")
     return MODEL_CLASSES[config.model_type](config)
 
 
-def create_model(name: str, **overrides: Any) -> VLModel:
+def create_model(name: str, **overrides: Any):
     """Build a named preset, e.g. ``create_model("perceiver_vl_tiny", num_latents=32)``."""
     return build_model(get_config(name, **overrides))

@@ -10,8 +10,15 @@ from torch import Tensor, nn
 from ..nn import AnswerHead, Block
 from .base import VLModel, VLOutput, block_flops, linear_flops, score_in_fp32
 from .config import SingleStreamConfig
+from .registry import register_model
 
 
+@register_model(SingleStreamConfig, presets={
+    "single_stream_tiny": dict(dim=64, heads=4, depth=4),
+    "single_stream_small": dict(dim=256, heads=4, depth=8),
+    "single_stream_base": dict(image_size=224, patch_size=32, tubelet=1, max_frames=16, vocab_size=30522,
+                               max_text_len=40, dim=768, heads=12, depth=12, embed_dim=256),
+})
 class SingleStream(VLModel):
     """``depth`` self-attention layers over ``[CLS; video; text]``; the VTM head
     and the projection read the final [CLS] token."""

@@ -1,0 +1,103 @@
+"""One registration point for models: a model defined and registered only
+here trains, evaluates, checkpoints and is profiled through the public API
+and the CLI, without any change to slimvl's own files."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from helpers import tiny_data
+from torch import Tensor, nn
+
+import slimvl
+from slimvl.bench import profile_model
+from slimvl.checkpoint import latest_checkpoint, load_model
+from slimvl.cli import main
+from slimvl.evaluate import evaluate
+from slimvl.models import VLConfig, VLModel, VLOutput, register_model
+from slimvl.models.base import block_flops, linear_flops, score_in_fp32
+from slimvl.nn import Block
+from slimvl.train import TrainConfig, train
+
+
+@dataclass
+class MeanPoolConfig(VLConfig):
+    """A deliberately simple cross-encoder: ``depth`` blocks, mean pooling."""
+
+    model_type: ClassVar[str] = "test_mean_pool"
+    depth: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.depth, int) or self.depth < 1:
+            self._fail("depth", "must be a positive integer")
+
+
+@register_model(MeanPoolConfig, presets={"test_mean_pool_tiny": dict(dim=32, heads=2, image_size=32, patch_size=8,
+                                                                       vocab_size=50, max_text_len=12,
+                                                                       embed_dim=16)})
+class MeanPool(VLModel):
+    def __init__(self, config: MeanPoolConfig):
+        super().__init__(config)
+        c = config
+        self.blocks = nn.ModuleList(Block(c.dim, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.head = nn.Linear(c.dim, 1)
+        self.proj = nn.Linear(c.dim, c.embed_dim)
+
+    def _encode(self, x: Tensor, mask: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x, key_padding_mask=mask)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return (x * w).sum(1) / w.sum(1)
+
+    def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
+        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
+        self.check_inputs(video, text_ids, text_mask)
+        pooled = self._encode(*self.embed_inputs(video, text_ids, text_mask))
+        return VLOutput(logits=score_in_fp32(self.head, pooled).squeeze(-1), pooled=self.proj(pooled))
+
+    def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
+        return self.proj(self._encode(inputs, mask))
+
+    def analytic_flops(self, frames: int, text_len: int) -> int:
+        c = self.config
+        m = self.patch_embed.num_tokens(frames) + text_len
+        return (self.embed_flops(frames) + c.depth * block_flops(m, m, c.dim, c.mlp_ratio, cross=False)
+                + linear_flops(1, c.dim, 1) + linear_flops(1, c.dim, c.embed_dim))
+
+
+def test_a_model_registered_outside_slimvl_works_everywhere(tmp_path, capsys):
+    assert "test_mean_pool_tiny" in slimvl.list_models()
+    torch.manual_seed(0)
+    model = slimvl.create_model("test_mean_pool_tiny", depth=2)
+    assert isinstance(model, MeanPool) and model.config.depth == 2
+    result = train(model, tiny_data(), TrainConfig(steps=2, groups_per_step=4, warmup_steps=1), run_dir=tmp_path,
+                   progress=False)
+    assert result.steps == 2
+    metrics = evaluate(model, tiny_data(seed=1), progress=False)
+    assert 0.0 <= metrics["t2v_r1"] <= 1.0
+    again = load_model(latest_checkpoint(tmp_path))
+    assert isinstance(again, MeanPool)
+    video, ids, mask = torch.zeros(2, 2, 3, 32, 32), torch.randint(5, 50, (2, 6)), torch.ones(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(again(video, ids, mask).logits, model.eval()(video, ids, mask).logits)
+    cost = profile_model(model, frames=2, text_len=6, batch=2, min_run_time=0.01, matmul_ref=1.0)
+    assert cost["gflops_per_pair"] == pytest.approx(cost["gflops_per_pair_analytic"], rel=0.05)
+    main(["bench", "--model", "single_stream_tiny", "test_mean_pool_tiny", "--set", "dim=32", "--set", "heads=2",
+          "--set", "image_size=32", "--frames", "2", "--batch", "2", "--min-run-time", "0.01"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["single_stream_tiny", "test_mean_pool_tiny"]
+
+
+def test_registering_a_taken_name_is_an_error():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model(MeanPoolConfig)(type("Other", (MeanPool,), {}))
+    with pytest.raises(ValueError, match=r"presets \['perceiver_vl_tiny'\]"):
+        @dataclass
+        class OtherConfig(VLConfig):
+            model_type: ClassVar[str] = "test_other"
+
+        register_model(OtherConfig, presets={"perceiver_vl_tiny": {}})(type("Other", (MeanPool,), {}))
