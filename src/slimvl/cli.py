@@ -95,7 +95,7 @@ def _initialise(model, a: argparse.Namespace, init: Path | None) -> None:
     """``--init-from`` / ``--init-vit`` / ``--init-bert``: weights from local checkpoints."""
     from .models import pretrained
 
-    if (a.init_vit or a.init_bert or a.init_from) and not hasattr(model, "encoder"):
+    if (a.init_vit or a.init_bert or a.init_from) and "pretrained_init" not in model.capabilities:
         raise ValueError(f"--init-*: only Perceiver-VL models are initialised this way, not "
                          f"{model.config.model_type}")
     if init is not None:
@@ -195,7 +195,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         if a.task != "retrieval":
             return _eval_task(a, ckpt, model, tok, device)
         if a.cross_attn_keep is not None:
-            if not hasattr(model, "cross_attn_keep"):
+            if "cross_attn_keep" not in model.capabilities:
                 raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
             model.cross_attn_keep = parse_keep(a.cross_attn_keep)
         c = model.config

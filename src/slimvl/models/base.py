@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -205,11 +206,45 @@ class VLModel(nn.Module):
         """Number of parameters."""
         return sum(p.numel() for p in self.parameters())
 
+    # -- what the model can do: objectives, evaluation and the CLI ask here
+    # instead of reading config fields or probing attributes.
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this model offers besides scoring pairs: ``"answer"`` (QA
+        head), ``"mlm"`` (masked language modelling head), ``"cache"``
+        (``cache_videos``/``cache_texts``/``score_cached``),
+        ``"cross_attn_keep"`` (choosable cross-attentions), ``"pretrained_init"``
+        (``slimvl.models.pretrained`` can initialise it)."""
+        return frozenset({"answer"} if getattr(self, "qa_head", None) is not None else ())
+
     @property
     def cacheable(self) -> bool:
         """Whether retrieval can encode items once and cache them (see
         ``PerceiverVL``'s multi and mixed streams); cross-encoders cannot."""
+        return "cache" in self.capabilities
+
+    @property
+    def has_pair_scorer(self) -> bool:
+        """Whether pairs are scored by more than the similarity of their
+        unimodal embeddings (False: the contrastive term is the whole loss)."""
+        return True
+
+    @property
+    def pairs_reuse_encodings(self) -> bool:
+        """Whether ``score_pairs`` reuses what ``encode_unimodal`` computed
+        (items encoded once per step serve the contrastive term and every pair)."""
         return False
+
+    def encode_unimodal(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """Embeddings ``[B, E]`` of the videos and of the texts, each encoded
+        alone, and what ``score_pairs`` may reuse of that work (None here)."""
+        return self.embed_video(video), self.embed_text(text_ids, text_mask), None
+
+    def score_pairs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, video_index: Tensor,
+                    text_index: Tensor, reuse: Any = None) -> Tensor:
+        """Logits ``[P]`` of the pairs ``(video[video_index[p]], text[text_index[p]])``;
+        ``reuse`` is ``encode_unimodal``'s third result for the same batch."""
+        return self(video[video_index], text_ids[text_index], text_mask[text_index]).logits
 
     def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:
         """Retrieval cost split into per-video and per-caption encoding

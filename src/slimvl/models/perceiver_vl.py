@@ -3,6 +3,8 @@ video+text input array through cross-attention, then thinks in latent
 self-attention; cost is linear in the input length."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from einops import repeat
@@ -126,9 +128,33 @@ class PerceiverVL(VLModel):
         self.config = self.config.replace(cross_attn_keep=list(keep) if isinstance(keep, tuple) else keep)
 
     @property
-    def cacheable(self) -> bool:
-        """Whether retrieval can cache per-item encodings (multi and mixed streams)."""
-        return self.config.stream != "single"
+    def capabilities(self) -> frozenset[str]:
+        caps = set(super().capabilities) | {"cross_attn_keep", "pretrained_init"}
+        caps |= {"mlm"} if self.config.mlm else set()
+        caps |= {"cache"} if self.config.stream != "single" else set()  # multi and mixed streams
+        return frozenset(caps)
+
+    @property
+    def has_pair_scorer(self) -> bool:
+        return self.config.stream != "multi"  # multi: the pair score is the embeddings' similarity
+
+    @property
+    def pairs_reuse_encodings(self) -> bool:
+        return self.config.stream == "mixed"
+
+    def encode_unimodal(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """The mixed stream keeps the latents: the decoder scores every pair from them."""
+        if self.config.stream != "mixed":
+            return super().encode_unimodal(video, text_ids, text_mask)
+        v_lat, t_lat = self.video_latents(video), self.text_latents(text_ids, text_mask)
+        return self.pool(v_lat), self.pool(t_lat), (v_lat, t_lat)
+
+    def score_pairs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, video_index: Tensor,
+                    text_index: Tensor, reuse: Any = None) -> Tensor:
+        if reuse is None:
+            return super().score_pairs(video, text_ids, text_mask, video_index, text_index)
+        v_lat, t_lat = reuse
+        return self.score_latents(v_lat[video_index], t_lat[text_index])
 
     # -- encoding ---------------------------------------------------------
     def encode(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:

@@ -85,7 +85,7 @@ class MLMTask(Task):
             raise ValueError(f"TrainConfig.batch_size={cfg.batch_size}: not divisible by {world} processes")
 
     def objective(self, model: nn.Module, cfg) -> nn.Module:
-        if getattr(model, "mlm_head", None) is None:
+        if "mlm" not in model.capabilities:
             raise ValueError(f"task 'mlm' needs a model built with mlm=True ({model.config.model_type} has no MLM head)")
         if model.config.vocab_size != self.vocab_size:
             raise ValueError(f"model vocab_size={model.config.vocab_size}, tokenizer has {self.vocab_size} ids")

@@ -34,41 +34,39 @@ class RetrievalObjective(torch.nn.Module):
     single logit per pair. With ``negatives="mined"`` its similarities also
     pick the other-group negatives that VTM is trained on.
 
-    Perceiver-VL's streams (``config.stream``) change what runs: ``"multi"``
-    scores pairs by the embeddings' dot product, so its loss is the
-    contrastive term alone; ``"mixed"`` encodes each video and caption of the
-    unit once and decodes every scored pair from those latents.
+    What runs is the model's to say (its protocol, ``slimvl.models.base``):
+    a model without a pair scorer (Perceiver-VL's multi stream: its pair
+    score is the embeddings' similarity) is trained by the contrastive term
+    alone; one whose pairs reuse its unimodal encodings (the mixed stream)
+    encodes each video and caption of the unit once and scores every pair
+    from that.
     """
 
     def __init__(self, model: torch.nn.Module, group_size: int, cfg: "TrainConfig"):
         super().__init__()
         self.model, self.group_size = model, group_size
-        self.stream = getattr(model.config, "stream", "single")
         self.itc_weight, self.n_neg, self.mined = cfg.itc_weight, cfg.negatives_per_item, cfg.negatives == "mined"
-        if self.stream == "multi" and not self.itc_weight:
-            raise ValueError("TrainConfig.itc_weight=0: stream='multi' is trained by the contrastive term alone")
+        if not model.has_pair_scorer and not self.itc_weight:
+            raise ValueError(f"TrainConfig.itc_weight=0: this {model.config.model_type} scores pairs by its "
+                             "embeddings' similarity (e.g. stream='multi'), so the contrastive term is its only loss")
         self.vtm_items = cfg.vtm_groups_per_unit * group_size  # 0: every item of the unit is a VTM query
 
-    def _embed(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _unimodal(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Unit-shaped embeddings ``[U, P, E]`` of the videos and texts, and what pairs may reuse."""
         e = self.model.config.embed_dim
-        v = self.model.embed_video(b.video).float().view(b.units, -1, e)
-        t = self.model.embed_text(b.ids, b.mask).float().view(b.units, -1, e)
-        return v, t
+        v, t, reuse = self.model.encode_unimodal(b.video, b.ids, b.mask)
+        return v.float().view(b.units, -1, e), t.float().view(b.units, -1, e), reuse
 
     def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
         u, p = b.units, b.video.shape[0] // b.units
         parts: dict[str, float] = {}
-        itc = v = t = v_lat = t_lat = None
-        if self.stream == "mixed":  # one encoding per item serves the contrastive term and every pair
-            v_lat, t_lat = self.model.video_latents(b.video), self.model.text_latents(b.ids, b.mask)
-            e = self.model.config.embed_dim
-            v, t = self.model.pool(v_lat).float().view(u, -1, e), self.model.pool(t_lat).float().view(u, -1, e)
+        itc = v = t = reuse = None
+        if self.itc_weight or self.model.pairs_reuse_encodings:
+            v, t, reuse = self._unimodal(b)
         if self.itc_weight:
-            if v is None:
-                v, t = self._embed(b)
             itc = contrastive_loss(v, t, self.model.logit_scale)
             parts["itc"] = itc.item()
-        if self.stream == "multi":
+        if not self.model.has_pair_scorer:
             return itc, parts
         with torch.no_grad():
             if b.negatives is not None:
@@ -77,7 +75,7 @@ class RetrievalObjective(torch.nn.Module):
                 sim = b.noise.new_zeros(u, p, p)  # flat: Gumbel-top-k of noise alone is uniform sampling
                 if self.mined:
                     if v is None:
-                        v, t = self._embed(b)
+                        v, t, _ = self._unimodal(b)
                     sim = similarity_logits(v, t, self.model.logit_scale)
                 q = self.vtm_items or p
                 t2v_neg, v2t_neg = mined_negatives(sim, self.group_size, self.n_neg, b.noise)
@@ -85,10 +83,7 @@ class RetrievalObjective(torch.nn.Module):
                 layout = pair_layout(self.group_size, t2v_neg[:, :q], v2t_neg[:, :q])
             offset = (torch.arange(u, device=b.video.device) * p)[:, None]
             cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
-        if v_lat is not None:
-            logits = self.model.score_latents(v_lat[vid], t_lat[cap]).float()
-        else:
-            logits = self.model(b.video[vid], b.ids[cap], b.mask[cap]).logits.float()
+        logits = self.model.score_pairs(b.video, b.ids, b.mask, vid, cap, reuse).float()
         vtm = vtm_group_loss(logits.view(u, -1), layout)
         parts["vtm"] = vtm.item()
         loss = vtm if itc is None else vtm + self.itc_weight * itc
