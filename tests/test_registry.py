@@ -101,3 +101,40 @@ def test_registering_a_taken_name_is_an_error():
             model_type: ClassVar[str] = "test_other"
 
         register_model(OtherConfig, presets={"perceiver_vl_tiny": {}})(type("Other", (MeanPool,), {}))
+
+
+def test_a_task_registered_outside_slimvl_is_on_the_command_line(tmp_path, capsys):
+    """A task registered here (VTM alone, no contrastive term) trains and
+    evaluates through `slimvl train/eval --task` with no change to slimvl."""
+    from slimvl.data import make_dataset
+    from slimvl.tasks import TASKS, RetrievalTask, TaskEntry, register_task
+    from slimvl.tasks.retrieval.task import load_retrieval_split
+
+    class VTMOnly(RetrievalTask):
+        name = "test_vtm_only"
+
+        def objective(self, model, cfg):
+            from dataclasses import replace
+
+            return super().objective(model, replace(cfg, itc_weight=0.0))
+
+    seen = []
+
+    def evaluate_it(model, data, source, device, batch_size, progress):
+        seen.append(len(data.caption_item))
+        return {"captions": len(data.caption_item)}
+
+    if "test_vtm_only" not in TASKS:
+        register_task(TaskEntry("test_vtm_only", "VTM without the contrastive term", load=load_retrieval_split,
+                                build=lambda source, data, config: VTMOnly(data), evaluate=evaluate_it))
+    data = make_dataset(tmp_path / "data", n_train=16, n_val=4, n_test=4, frames=2, size=32, progress=False)
+    main(["-q", "train", "--task", "test_vtm_only", "--data", str(data), "--out", str(tmp_path / "run"), "--steps",
+          "1", "--set", "dim=32", "--set", "heads=2", "--set", "image_size=32", "--frames", "2", "--device", "cpu",
+          "--train-set", "groups_per_step=4", "--train-set", "groups_per_unit=4"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["steps"] == 1 and out["final_loss"] is not None
+    main(["-q", "eval", "--task", "test_vtm_only", "--data", str(data), "--checkpoint", str(tmp_path / "run"),
+          "--frames", "2"])
+    assert json.loads(capsys.readouterr().out)["captions"] == 4 and seen == [4]
+    with pytest.raises(ValueError, match="already registered"):
+        register_task(TaskEntry("test_vtm_only", "again", load=load_retrieval_split, build=lambda *a: None))

@@ -108,25 +108,30 @@ def _initialise(model, a: argparse.Namespace, init: Path | None) -> None:
         pretrained.load_text_embeddings(model, a.init_bert)
 
 
-def _task_data(a: argparse.Namespace, tok, c, split: str, answers=None):
-    """One split of ``--data`` in the form ``--task`` trains on."""
-    from .pipeline import load_qa_split, load_split
+# Options that belong to some tasks only: --option -> the TaskSource.options key.
+TASK_OPTIONS = {"--question-types": "question_types", "--image-data": "image_data"}
 
-    if a.task == "qa":
-        return load_qa_split(a.data, split, tok, a.frames, c.image_size, c.max_text_len, answers,
-                             skip_bad=a.skip_bad, progress=not a.quiet)
-    return load_split(a.data, split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
-                      progress=not a.quiet)
+
+def _task(a: argparse.Namespace, tok, answers: list[str] | None = None):
+    """The ``--task`` entry and what the command line gives it."""
+    from .tasks import TASKS, TaskSource
+
+    entry = TASKS[a.task]
+    options = {key: getattr(a, key, None) for key in TASK_OPTIONS.values()}
+    for flag, key in TASK_OPTIONS.items():
+        if options[key] and key not in entry.options:
+            takers = sorted(name for name, e in TASKS.items() if key in e.options)
+            raise ValueError(f"{flag}: only --task {' or '.join(takers)} takes it (got --task {a.task})")
+    return entry, TaskSource(Path(a.data), tok, a.frames, a.skip_bad, not a.quiet, options, answers)
 
 
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import read_meta, resolve_checkpoint
-    from .data.qa import answer_vocab
     from .models import create_model
-    from .pipeline import checkpoint_tokenizer, load_split, load_tokenizer
-    from .tasks import MLMTask, MultiTask, QATask, RetrievalTask
+    from .pipeline import checkpoint_tokenizer, load_tokenizer
+    from .tasks import TASKS
     from .train import open_run_dir, train
 
     # Fail on a bad run folder (unwritable, mistyped --resume, a run already
@@ -136,44 +141,22 @@ def cmd_train(a: argparse.Namespace) -> None:
     model_name = a.model or spec.get("model", "perceiver_vl_tiny")
     overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
     init = resolve_checkpoint(a.init_from) if a.init_from else None
+    qa = TASKS[a.task].qa_tokenizer
     if init is not None:  # token ids must mean what they meant to the weights being loaded
-        tok = checkpoint_tokenizer(init, read_meta(init)["config"]["vocab_size"], a.data, a.vocab, qa=a.task == "qa")
+        tok = checkpoint_tokenizer(init, read_meta(init)["config"]["vocab_size"], a.data, a.vocab, qa=qa)
     else:
-        tok = load_tokenizer(a.data, a.vocab, qa=a.task == "qa")
-    overrides.setdefault("vocab_size", tok.vocab_size)
-    answers = None
-    if a.task == "qa":
-        answers = answer_vocab(a.data)
-        overrides.setdefault("num_answers", len(answers))
-    if a.task in ("mlm", "pretrain"):
-        overrides.setdefault("mlm", True)
-    if a.image_data and a.task != "pretrain":
-        raise ValueError("--image-data: only --task pretrain mixes image-text data in")
-    if a.question_types and a.task != "qa":
-        raise ValueError(f"--question-types: only --task qa has question types (got --task {a.task})")
+        tok = load_tokenizer(a.data, a.vocab, qa=qa)
+    entry, source = _task(a, tok)
+    for key, value in {"vocab_size": tok.vocab_size, **entry.model_overrides(source)}.items():
+        overrides.setdefault(key, value)  # what the user sets wins
     cfg = _train_config(a)
     torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too
     model = create_model(model_name, **overrides)
     _initialise(model, a, init)
-    c = model.config
-    data = _task_data(a, tok, c, "train", answers)
-    val = _task_data(a, tok, c, a.val_split, answers) if cfg.eval_every else None
-    if a.task == "qa":
-        task = QATask(data, a.question_types)
-    elif a.task == "mlm":
-        task = MLMTask(data, tok)
-    elif a.task == "pretrain":
-        # VTM and MLM summed, over video-text and (with --image-data) image-text together.
-        tasks = {"video_vtm": RetrievalTask(data), "video_mlm": MLMTask(data, tok)}
-        if a.image_data:
-            images = load_split(a.image_data, "train", tok, 1, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
-                                progress=not a.quiet)
-            tasks.update(image_vtm=RetrievalTask(images), image_mlm=MLMTask(images, tok))
-        task = MultiTask(tasks)
-        val = {"video_vtm": val} if val is not None else None
-    else:
-        task = RetrievalTask(data)
-    result = train(model, task, cfg, run_dir=a.out, resume=a.resume, progress=not a.quiet, val_data=val)
+    data = entry.load(source, "train", model.config)
+    val = entry.validation(entry.load(source, a.val_split, model.config)) if cfg.eval_every else None
+    result = train(model, entry.build(source, data, model.config), cfg, run_dir=a.out, resume=a.resume,
+                   progress=not a.quiet, val_data=val)
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, not one per data-parallel process
         print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
                           "final_loss": result.history[-1]["loss"] if result.history else None,
@@ -182,47 +165,31 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from .checkpoint import load_model, resolve_checkpoint
-    from .evaluate import NonFiniteScores, evaluate
-    from .pipeline import checkpoint_tokenizer, load_split
+    from .checkpoint import load_model, read_meta, resolve_checkpoint
+    from .evaluate import NonFiniteScores
+    from .pipeline import checkpoint_tokenizer
     from .runtime import resolve_device
+    from .tasks import TASKS
 
     ckpt = resolve_checkpoint(a.checkpoint)
     device = resolve_device(a.device)
     model = load_model(ckpt)
-    tok = checkpoint_tokenizer(ckpt, model.config.vocab_size, a.data, a.vocab, qa=a.task == "qa")
+    tok = checkpoint_tokenizer(ckpt, model.config.vocab_size, a.data, a.vocab, qa=TASKS[a.task].qa_tokenizer)
+    if a.cross_attn_keep is not None:
+        if "cross_attn_keep" not in model.capabilities:
+            raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
+        model.cross_attn_keep = parse_keep(a.cross_attn_keep)
+    # A classifier's answers are the ones it was trained with (kept in the
+    # checkpoint); the data's answers outside them count as wrong.
+    entry, source = _task(a, tok, read_meta(ckpt).get("answers"))
+    data = entry.load(source, a.split, model.config)
     try:
-        if a.task != "retrieval":
-            return _eval_task(a, ckpt, model, tok, device)
-        if a.cross_attn_keep is not None:
-            if "cross_attn_keep" not in model.capabilities:
-                raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
-            model.cross_attn_keep = parse_keep(a.cross_attn_keep)
-        c = model.config
-        data = load_split(a.data, a.split, tok, a.frames, c.image_size, c.max_text_len, skip_bad=a.skip_bad,
-                          progress=not a.quiet)
-        metrics = evaluate(model, data, batch_size=a.batch_size, device=device, progress=not a.quiet)
+        metrics = entry.evaluate(model, data, source, device, a.batch_size, not a.quiet)
     except NonFiniteScores as e:
         raise ValueError(f"{ckpt}: {e}") from None
-    print(json.dumps({"checkpoint": str(ckpt), "cross_attn_keep": getattr(c, "cross_attn_keep", None), **metrics},
-                     indent=2))
-
-
-def _eval_task(a: argparse.Namespace, ckpt: Path, model, tok, device) -> None:
-    """``slimvl eval --task qa|mlm``."""
-    from .checkpoint import read_meta
-    from .tasks import MLMTask, evaluate_mlm, evaluate_qa
-
-    if a.task == "qa":
-        # The classifier's answers are the ones it was trained with (stored in
-        # the checkpoint); data answers outside them count as wrong.
-        answers = read_meta(ckpt).get("answers")
-        data = _task_data(a, tok, model.config, a.split, answers)
-        metrics = evaluate_qa(model, data, a.batch_size, device=device)
-    else:
-        data = _task_data(a, tok, model.config, a.split)
-        metrics = evaluate_mlm(model, data, MLMTask(data, tok), device=device, batch_size=a.batch_size)
-    print(json.dumps({"checkpoint": str(ckpt), "task": a.task, "device": str(device), **metrics}, indent=2))
+    print(json.dumps({"checkpoint": str(ckpt), "task": a.task,
+                      "cross_attn_keep": getattr(model.config, "cross_attn_keep", None), "device": str(device),
+                      **metrics}, indent=2))
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -267,6 +234,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``slimvl`` command."""
     from .data.make import KINDS
+    from .tasks import TASKS
     from .train import TrainConfig
 
     d = TrainConfig()
@@ -311,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model", **fmt)
     data_args(tr, None)
-    tr.add_argument("--task", choices=["retrieval", "qa", "mlm", "pretrain"], default="retrieval",
-                    help="retrieval (VTM + contrastive), qa (answer classifier), mlm, or pretrain (VTM + MLM)")
+    tr.add_argument("--task", choices=sorted(TASKS), default="retrieval",
+                    help="; ".join(f"{name}: {e.help}" for name, e in sorted(TASKS.items())))
     tr.add_argument("--image-data", help="--task pretrain: an image-text dataset trained on together with --data")
     tr.add_argument("--question-types", nargs="+", help="--task qa: train on questions of these types only "
                     "(a curriculum's first stage; continue on all types with --init-from)")
@@ -344,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="retrieval Recall@K (or QA / MLM accuracy) of a checkpoint", **fmt)
     data_args(ev, "auto")
-    ev.add_argument("--task", choices=["retrieval", "qa", "mlm"], default="retrieval", help="what to measure")
+    scored = {name: e for name, e in TASKS.items() if e.evaluate is not None}
+    ev.add_argument("--task", choices=sorted(scored), default="retrieval",
+                    help="; ".join(f"{name}: {e.help}" for name, e in sorted(scored.items())))
     ev.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its newest is used)")
     ev.add_argument("--split", default="test", help="split to evaluate: train, val, test (or another split the "
                                                     "dataset defines)")

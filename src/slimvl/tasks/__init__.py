@@ -3,9 +3,11 @@ objectives and metrics: retrieval (VTM + contrastive), QA, MLM, several at once.
 from .base import MultiTask, Task
 from .mlm import MLMTask, evaluate_mlm, mask_tokens
 from .qa import QAData, QATask, evaluate_qa, qa_metrics
+from .registry import TASKS, TaskEntry, TaskSource, register_task
 from .retrieval import (PairLayout, RetrievalData, RetrievalTask, contrastive_loss, gumbel_noise, mined_negatives,
                         pair_layout, random_negatives, recall_metrics, similarity_logits, vtm_group_loss)
 
 __all__ = ["PairLayout", "contrastive_loss", "gumbel_noise", "mined_negatives", "pair_layout", "random_negatives",
            "recall_metrics", "similarity_logits", "vtm_group_loss", "Task", "MultiTask", "RetrievalData",
-           "RetrievalTask", "QAData", "QATask", "evaluate_qa", "qa_metrics", "MLMTask", "evaluate_mlm", "mask_tokens"]
+           "RetrievalTask", "QAData", "QATask", "evaluate_qa", "qa_metrics", "MLMTask", "evaluate_mlm", "mask_tokens",
+           "TASKS", "TaskEntry", "TaskSource", "register_task"]

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..runtime import autocast_for, to_float_video
-from .base import Task, check_scores, for_inference, row_batches, used_width
+from .base import MultiTask, Task, check_scores, for_inference, row_batches, used_width
+from .registry import TaskEntry, TaskSource, register_task
+from .retrieval.task import RetrievalTask, load_retrieval_split
 
 
 def mask_tokens(ids: Tensor, mask: Tensor, rng: np.random.Generator, mask_id: int, vocab_size: int,
@@ -134,3 +136,27 @@ def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.devi
         right += int((logits.argmax(-1)[b.masked] == b.target[b.masked]).sum())
         total += int(b.masked.sum())
     return {"mlm_accuracy": right / max(total, 1), "mlm_positions": total}
+
+
+def _evaluate(model, data, source: TaskSource, device, batch_size: int, progress: bool) -> dict:
+    return evaluate_mlm(model, data, MLMTask(data, source.tokenizer), device=device, batch_size=batch_size)
+
+
+def _pretraining(source: TaskSource, data, config) -> MultiTask:
+    """VTM and MLM summed, over video-text and (with ``image_data``) image-text together."""
+    tasks = {"video_vtm": RetrievalTask(data), "video_mlm": MLMTask(data, source.tokenizer)}
+    if source.options.get("image_data"):
+        images = load_retrieval_split(TaskSource(source.options["image_data"], source.tokenizer, 1, source.skip_bad,
+                                                 source.progress), "train", config)
+        tasks.update(image_vtm=RetrievalTask(images), image_mlm=MLMTask(images, source.tokenizer))
+    return MultiTask(tasks)
+
+
+register_task(TaskEntry(
+    "mlm", "masked language modelling through decoder queries; accuracy over masked pieces",
+    load=load_retrieval_split, build=lambda source, data, config: MLMTask(data, source.tokenizer),
+    evaluate=_evaluate, model_overrides=lambda source: {"mlm": True}))
+register_task(TaskEntry(
+    "pretrain", "VTM + MLM summed, over video-text and (with --image-data) image-text",
+    load=load_retrieval_split, build=_pretraining, model_overrides=lambda source: {"mlm": True},
+    validation=lambda val: {"video_vtm": val}, options=("image_data",)))

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..runtime import autocast_for, to_float_video
 from .base import Task, check_scores, for_inference, heldout_split, log_fitting, row_batches, used_width
+from .registry import TaskEntry, TaskSource, register_task
 
 if TYPE_CHECKING:
     from ..data.tokenizer import Tokenizer
@@ -251,3 +252,26 @@ def evaluate_qa(model: nn.Module, data: QAData, batch_size: int = 256, device: s
     if n != len(data.answers):
         raise ValueError(f"model num_answers={n}, but the data's answer vocabulary has {len(data.answers)} answers")
     return qa_metrics(predict_answers(model, data, batch_size, device), data)
+
+
+def _load(source: TaskSource, split: str, config) -> QAData:
+    from ..pipeline import load_qa_split
+
+    return load_qa_split(source.root, split, source.tokenizer, source.frames, config.image_size, config.max_text_len,
+                         source.answers, skip_bad=source.skip_bad, progress=source.progress)
+
+
+def _answers(source: TaskSource) -> dict:
+    from ..data.qa import answer_vocab
+
+    return {"num_answers": len(source.answers or answer_vocab(source.root))}
+
+
+def _evaluate(model, data: QAData, source: TaskSource, device, batch_size: int, progress: bool) -> dict:
+    return evaluate_qa(model, data, batch_size, device=device)
+
+
+register_task(TaskEntry(
+    "qa", "answer classifier over the questions of `slimvl data qa`; accuracy by type", load=_load,
+    build=lambda source, data, config: QATask(data, source.options.get("question_types")), evaluate=_evaluate,
+    model_overrides=_answers, qa_tokenizer=True, options=("question_types",)))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..base import Task
+from ..registry import TaskEntry, TaskSource, register_task
 from .data import RetrievalData, UnitBatch, step_batch
 from .evaluate import evaluate
 from .losses import contrastive_loss, mined_negatives, pair_layout, similarity_logits, vtm_group_loss
@@ -119,3 +120,20 @@ class RetrievalTask(Task):
         m = evaluate(model, data, device=device, progress=False)
         keep = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1", "v2t_r5", "v2t_r10", "heldout_t2v_r1")
         return {k: m[k] for k in keep if k in m}
+
+
+def load_retrieval_split(source: TaskSource, split: str, config) -> RetrievalData:
+    """One split of ``source``'s dataset as ``RetrievalData`` for a model of ``config``."""
+    from ...pipeline import load_split
+
+    return load_split(source.root, split, source.tokenizer, source.frames, config.image_size, config.max_text_len,
+                      skip_bad=source.skip_bad, progress=source.progress)
+
+
+def _evaluate(model, data: RetrievalData, source: TaskSource, device, batch_size: int, progress: bool) -> dict:
+    return evaluate(model, data, batch_size=batch_size, device=device, progress=progress)
+
+
+register_task(TaskEntry(
+    "retrieval", "VTM over in-batch hard negatives plus the contrastive term; Recall@K both ways",
+    load=load_retrieval_split, build=lambda source, data, config: RetrievalTask(data), evaluate=_evaluate))
