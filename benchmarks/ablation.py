@@ -25,6 +25,7 @@ from slimvl import create_model  # noqa: E402
 from slimvl.bench.report import markdown_table, write_report  # noqa: E402
 from slimvl.cli import parse_value  # noqa: E402
 from slimvl.evaluate import evaluate  # noqa: E402
+from slimvl.experiments import preset_image_size  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
 from slimvl.train import TrainConfig, train  # noqa: E402
 
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
 
     tok = load_tokenizer(a.data)
-    train_data = load_split(a.data, "train", tok, a.frames, 64, a.text_len)
-    test_data = load_split(a.data, a.split, tok, a.frames, 64, a.text_len)
+    size = preset_image_size(a.model)
+    train_data = load_split(a.data, "train", tok, a.frames, size, a.text_len)
+    test_data = load_split(a.data, a.split, tok, a.frames, size, a.text_len)
     rows, curves, recall_curves = [], {}, {}
     for spec in a.variant:
         name, train_over, model_over = parse_variant(spec)

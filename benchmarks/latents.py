@@ -14,7 +14,6 @@ and per jointly encoded pair (what a single-stream model pays per pair).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,16 +22,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
-from streams import STREAMS, counted_flops  # noqa: E402
-
 from slimvl.bench.flops import model_flops_per_pair  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
+from slimvl.experiments import (  # noqa: E402
+    STREAMS,
+    counted_retrieval_flops,
+    gallery_dataset,
+    preset_image_size,
+    subset,
+    train_or_load,
+)
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
+
+SIZE = preset_image_size()  # the frame side perceiver_vl_tiny reads: the data is decoded at it
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,8 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
     out, prog = Path(a.out), not a.quiet
     root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", max(a.gallery, 1000), prog)
     tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, FRAMES, 64, TEXT_LEN, progress=prog)
-    test = subset(load_split(root, "test", tok, FRAMES, 64, TEXT_LEN, progress=prog), a.gallery)
+    train_data = load_split(root, "train", tok, FRAMES, SIZE, TEXT_LEN, progress=prog)
+    test = subset(load_split(root, "test", tok, FRAMES, SIZE, TEXT_LEN, progress=prog), a.gallery)
     cfg = replace(TRAIN, steps=a.steps)
     rows = []
     for n in a.latents:
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
                                        out / "latents" / f"{a.stream}_n{n}", prog)
         model.eval()
-        fl = counted_flops(model, FRAMES, TEXT_LEN)
+        fl = counted_retrieval_flops(model, FRAMES, TEXT_LEN)
         joint = model.config.replace(stream="single", decoder_layers=1, share_encoder=True)
         timings: dict = {}
         scores = score_matrix(model, test, progress=prog, timings=timings)

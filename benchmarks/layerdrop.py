@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -38,18 +37,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
-
 from slimvl import create_model  # noqa: E402
 from slimvl.bench import dummy_inputs, matmul_gflops, median_seconds, model_flops_per_pair, profile_model  # noqa: E402
-from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.bench.stats import paired_difference, t2v_hits  # noqa: E402
+from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
-from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
+from slimvl.experiments import gallery_dataset, preset_image_size, subset, train_or_load  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
+from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
+
+SIZE = preset_image_size()  # the frame side perceiver_vl_tiny reads: the data is decoded at it
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         return latency_cuts(a.layers, a.repeats, a.min_run_time, out)
     root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", 1000, prog)
     tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, FRAMES, 64, TEXT_LEN, progress=prog)
-    test = subset(load_split(root, "test", tok, FRAMES, 64, TEXT_LEN, progress=prog), a.gallery)
+    train_data = load_split(root, "train", tok, FRAMES, SIZE, TEXT_LEN, progress=prog)
+    test = subset(load_split(root, "test", tok, FRAMES, SIZE, TEXT_LEN, progress=prog), a.gallery)
     cfg = replace(TRAIN, steps=a.steps)
     matmul_ref = matmul_gflops()
     rows = []

@@ -16,7 +16,6 @@ runs are reused, interrupted ones resumed.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,16 +24,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
-
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.data import make_dataset  # noqa: E402
-from slimvl.recipes import DATA, FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import evaluate  # noqa: E402
+from slimvl.experiments import gallery_dataset, preset_image_size, subset, train_or_load  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
+from slimvl.recipes import DATA, FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.tasks import MLMTask, MultiTask, RetrievalTask, evaluate_mlm  # noqa: E402
+
+SIZE = preset_image_size()  # the frame side perceiver_vl_tiny reads: the data is decoded at it
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     # image captions' few extra words split into word pieces it knows).
     tok = load_tokenizer(target)
     model_args = {"vocab_size": tok.vocab_size, "max_text_len": TEXT_LEN}
-    split = lambda root, s, frames: load_split(root, s, tok, frames, 64, TEXT_LEN, progress=prog)  # noqa: E731
+    split = lambda root, s, frames: load_split(root, s, tok, frames, SIZE, TEXT_LEN, progress=prog)  # noqa: E731
     video, image = split(corpus["video-text"], "train", FRAMES), split(corpus["image-text"], "train", 1)
     task = MultiTask({"video_vtm": RetrievalTask(video), "video_mlm": MLMTask(video, tok),
                       "image_vtm": RetrievalTask(image), "image_mlm": MLMTask(image, tok)})

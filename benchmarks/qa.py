@@ -22,7 +22,6 @@ when all are mixed from the start).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -32,18 +31,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import gallery_dataset, train_or_load  # noqa: E402
-
 from slimvl.bench.flops import count_flops, dummy_inputs  # noqa: E402
 from slimvl.bench.measure import median_seconds  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.data import QUESTION_TYPES, make_qa  # noqa: E402
-from slimvl.recipes import FRAMES  # noqa: E402
+from slimvl.experiments import gallery_dataset, preset_image_size, train_or_load  # noqa: E402
 from slimvl.pipeline import load_qa_split, load_tokenizer  # noqa: E402
+from slimvl.recipes import FRAMES  # noqa: E402
 from slimvl.tasks import QATask, evaluate_qa  # noqa: E402
 from slimvl.train import TrainConfig  # noqa: E402
+
+SIZE = preset_image_size()  # the frame side perceiver_vl_tiny reads: the data is decoded at it
 
 QUESTION_LEN = 20  # the longest synthetic question is 16 word pieces with [CLS] and [SEP]
 
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(a.data) if a.data else gallery_dataset(out / f"data_qa{a.n_train}", 1000, prog, a.n_train)
     make_qa(root, questions_per_item=a.questions_per_item)
     tok = load_tokenizer(root, qa=True)
-    train_data = load_qa_split(root, "train", tok, FRAMES, 64, QUESTION_LEN, progress=prog)
-    test = load_qa_split(root, "test", tok, FRAMES, 64, QUESTION_LEN, progress=prog)
+    train_data = load_qa_split(root, "train", tok, FRAMES, SIZE, QUESTION_LEN, progress=prog)
+    test = load_qa_split(root, "test", tok, FRAMES, SIZE, QUESTION_LEN, progress=prog)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=100, checkpoint_every=500,
                       log_every=50)
     rows = []

@@ -15,7 +15,6 @@ per-pair time with ``--extrapolate-single``, and labelled so).
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -23,40 +22,22 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import gallery_dataset, subset, train_or_load  # noqa: E402
-
-from slimvl.bench.flops import count_flops, dummy_inputs, model_flops_per_pair  # noqa: E402
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
-from slimvl.models.streams import cached_decoder_scores, decoder_kv  # noqa: E402
+from slimvl.experiments import (  # noqa: E402
+    STREAMS,
+    counted_retrieval_flops,
+    gallery_dataset,
+    preset_image_size,
+    subset,
+    train_or_load,
+)
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
 
-STREAMS = {"single": {}, "multi": {"stream": "multi", "decoder_layers": 0}, "mixed": {"stream": "mixed"}}
-
-
-@torch.inference_mode()
-def counted_flops(model, frames: int, text_len: int) -> dict[str, float]:
-    """FLOPs per cached video, per cached caption and per scored pair (torch's counter)."""
-    if not model.cacheable:
-        return {"video": 0.0, "text": 0.0, "pair": model_flops_per_pair(model, frames, text_len)}
-    video, ids, mask = dummy_inputs(model, frames, text_len, 8)
-    mixed = model.config.stream == "mixed"
-    kv = (lambda x: [decoder_kv(b, x) for b in model.decoder]) if mixed else (lambda x: x)
-    vc, tc = model.cache_videos(video), model.cache_texts(ids, mask)
-    if mixed:
-        kv_t, kv_v = kv(tc), kv(vc)
-        pair = count_flops(lambda: cached_decoder_scores(model.decoder, model.vtm_query, model.vtm_head, kv_t, kv_v),
-                           model)
-    else:
-        pair = count_flops(lambda: model.score_cached(tc, vc), model)
-    return {"video": count_flops(lambda: kv(model.cache_videos(video)), model) / 8,
-            "text": count_flops(lambda: kv(model.cache_texts(ids, mask)), model) / 8, "pair": pair / 64}
-
+SIZE = preset_image_size()  # the frame side perceiver_vl_tiny reads: the data is decoded at it
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     prog = not a.quiet
     root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", max(a.galleries), prog)
     tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, FRAMES, 64, TEXT_LEN, progress=prog)
-    test = load_split(root, "test", tok, FRAMES, 64, TEXT_LEN, progress=prog)
+    train_data = load_split(root, "train", tok, FRAMES, SIZE, TEXT_LEN, progress=prog)
+    test = load_split(root, "test", tok, FRAMES, SIZE, TEXT_LEN, progress=prog)
     cfg = replace(TRAIN, steps=a.steps)
     rows = []
     for stream in a.streams:
@@ -82,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
                                        out / "streams" / stream, prog)
         model.eval()
-        fl = counted_flops(model, FRAMES, TEXT_LEN)
+        fl = counted_retrieval_flops(model, FRAMES, TEXT_LEN)
         per_pair_s = None
         for n in a.galleries:
             g = subset(test, n)

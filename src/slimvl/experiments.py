@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts: the gallery dataset, gallery
-subsets, and training that resumes or reuses a finished run."""
+"""Helpers of the experiments behind BENCHMARKS.md (the scripts in
+``benchmarks/``): the demo's world with a larger test gallery, gallery
+subsets, training that resumes an interrupted run or reuses a finished one,
+and the image size a preset reads."""
 from __future__ import annotations
 
 import json
@@ -8,13 +10,21 @@ from pathlib import Path
 
 import torch
 
-from slimvl import create_model
-from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
-from slimvl.data import make_dataset
-from slimvl.recipes import DATA
-from slimvl.models.pretrained import init_from_checkpoint
-from slimvl.tasks import RetrievalData
-from slimvl.train import TrainConfig, train
+from .bench import count_flops, dummy_inputs, model_flops_per_pair
+from .checkpoint import latest_checkpoint, load_model, read_meta
+from .data import make_dataset
+from .models import create_model, get_config
+from .models.pretrained import init_from_checkpoint
+from .models.streams import cached_decoder_scores, decoder_kv
+from .recipes import DATA
+from .tasks import RetrievalData
+from .train import TrainConfig, train
+
+
+def preset_image_size(preset: str = "perceiver_vl_tiny", **overrides) -> int:
+    """The frame side a preset (with ``overrides``) reads: what a benchmark
+    decodes its data at."""
+    return get_config(preset, **overrides).image_size
 
 
 def gallery_dataset(root: str | Path, n_test: int, progress: bool = True, n_train: int | None = None) -> Path:
@@ -58,3 +68,26 @@ def train_or_load(preset: str, overrides: dict, data, cfg: TrainConfig, run_dir:
         init_from_checkpoint(model, init_from)
     result = train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
     return model, result.seconds
+
+
+# The Perceiver-VL overrides of each retrieval stream (multi needs no decoder).
+STREAMS = {"single": {}, "multi": {"stream": "multi", "decoder_layers": 0}, "mixed": {"stream": "mixed"}}
+
+
+@torch.inference_mode()
+def counted_retrieval_flops(model, frames: int, text_len: int) -> dict[str, float]:
+    """FLOPs per cached video, per cached caption and per scored pair (torch's counter)."""
+    if not model.cacheable:
+        return {"video": 0.0, "text": 0.0, "pair": model_flops_per_pair(model, frames, text_len)}
+    video, ids, mask = dummy_inputs(model, frames, text_len, 8)
+    mixed = model.config.stream == "mixed"
+    kv = (lambda x: [decoder_kv(b, x) for b in model.decoder]) if mixed else (lambda x: x)
+    vc, tc = model.cache_videos(video), model.cache_texts(ids, mask)
+    if mixed:
+        kv_t, kv_v = kv(tc), kv(vc)
+        pair = count_flops(lambda: cached_decoder_scores(model.decoder, model.vtm_query, model.vtm_head, kv_t, kv_v),
+                           model)
+    else:
+        pair = count_flops(lambda: model.score_cached(tc, vc), model)
+    return {"video": count_flops(lambda: kv(model.cache_videos(video)), model) / 8,
+            "text": count_flops(lambda: kv(model.cache_texts(ids, mask)), model) / 8, "pair": pair / 64}
