@@ -18,7 +18,7 @@ ALLOWED = {
     "tasks": {"runtime"},
     "pipeline": {"data", "tasks", "checkpoint"},
     "train": {"tasks", "checkpoint", "files", "runtime"},
-    "bench": {"checkpoint", "tasks"},
+    "bench": {"checkpoint", "tasks", "nn"},
     "evaluate": {"tasks"},
     "recipes": {"train"},
 }

@@ -53,8 +53,8 @@ class MeanPool(VLModel):
         w = mask.unsqueeze(-1).to(x.dtype)
         return (x * w).sum(1) / w.sum(1)
 
-    def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
-        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
+    def forward(self, video, text_ids: Tensor | None = None, text_mask: Tensor | None = None) -> VLOutput:
+        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)  # a mapping, or positional
         self.check_inputs(video, text_ids, text_mask)
         pooled = self._encode(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=score_in_fp32(self.head, pooled).squeeze(-1), pooled=self.proj(pooled))
@@ -138,3 +138,122 @@ def test_a_task_registered_outside_slimvl_is_on_the_command_line(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["captions"] == 4 and seen == [4]
     with pytest.raises(ValueError, match="already registered"):
         register_task(TaskEntry("test_vtm_only", "again", load=load_retrieval_split, build=lambda *a: None))
+
+
+# ---------------------------------------------------------------- a third modality, from a test file alone
+
+from slimvl.nn import MODALITIES, Modality, ModalityEmbed, register_modality  # noqa: E402
+from slimvl.tasks import Task  # noqa: E402
+
+AUDIO_FRAMES = 10
+
+if "test_audio" not in MODALITIES:
+    register_modality(Modality(
+        "test_audio", ("test_audio",), "test_audio: float [B, F, bins] log-mel frames",
+        lambda config, batch, sizes, g: {"test_audio": torch.randn(batch, AUDIO_FRAMES, config.audio_bins,
+                                                                   generator=g)}))
+
+
+@dataclass
+class TriConfig(VLConfig):
+    model_type: ClassVar[str] = "test_tri"
+    audio_bins: int = 8
+
+
+@register_model(TriConfig, presets={"test_tri_tiny": dict(dim=32, heads=2, image_size=32, patch_size=8, vocab_size=50,
+                                                          max_text_len=12, embed_dim=16)})
+class Tri(VLModel):
+    """Video, audio and text in one joint encoder: is this clip's sound the caption's?"""
+
+    modalities = ("video", "test_audio", "text")
+
+    def __init__(self, config: TriConfig):
+        super().__init__(config)
+        c = config
+        self.audio_proj = nn.Linear(c.audio_bins, c.dim)
+        self.block = Block(c.dim, c.heads, c.mlp_ratio)
+        self.head = nn.Linear(c.dim, 1)
+        self.proj = nn.Linear(c.dim, c.embed_dim)
+
+    def forward(self, inputs) -> VLOutput:
+        video, audio, ids, mask = self.to_device(inputs["video"], inputs["test_audio"], inputs["text"],
+                                                 inputs["text_mask"])
+        parts = [self.modality(self.patch_embed(video), "video"), self.modality(self.audio_proj(audio), "test_audio"),
+                 self.modality(self.text_embed(ids), "text")]
+        keep = torch.cat([torch.ones(p.shape[:2], dtype=torch.bool, device=p.device) for p in parts[:2]] + [mask], 1)
+        x = self.block(torch.cat(parts, 1), key_padding_mask=keep)
+        w = keep.unsqueeze(-1).to(x.dtype)
+        pooled = (x * w).sum(1) / w.sum(1)
+        return VLOutput(logits=score_in_fp32(self.head, pooled).squeeze(-1), pooled=self.proj(pooled))
+
+    def analytic_flops(self, frames: int, text_len: int) -> int:
+        c = self.config
+        m = self.patch_embed.num_tokens(frames) + AUDIO_FRAMES + text_len
+        return (self.embed_flops(frames) + linear_flops(AUDIO_FRAMES, c.audio_bins, c.dim)
+                + block_flops(m, m, c.dim, c.mlp_ratio, cross=False) + linear_flops(1, c.dim, 1))
+
+
+class MatchTask(Task):
+    """Random (video, audio, caption) triples; half have their audio swapped: a match is 1."""
+
+    name, headline = "test_match", "accuracy"
+
+    def __init__(self, n: int = 16):
+        from slimvl.nn.modalities import dummy_batch
+
+        self.data = dummy_batch(Tri.modalities, slimvl.get_config("test_tri_tiny"), n, {"frames": 2, "text_len": 6})
+
+    def _rows(self, rows, device):
+        inputs = {k: v[rows].to(device) for k, v in self.data.items()}
+        label = (rows % 2 == 0).float().to(device)
+        inputs["test_audio"] = torch.where(label[:, None, None] > 0, inputs["test_audio"],
+                                           inputs["test_audio"].roll(1, 0))
+        return inputs, label
+
+    def objective(self, model, cfg):
+        class Loss(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, batch):
+                inputs, label = batch
+                loss = nn.functional.binary_cross_entropy_with_logits(self.model(inputs).logits.float(), label)
+                return loss, {"bce": loss.item()}
+
+        return Loss()
+
+    def batch(self, cfg, step, rank, world, device):
+        rows = torch.from_numpy(np.random.default_rng([cfg.seed, step]).choice(16, 8, replace=False))
+        return self._rows(rows[rank::world], device)
+
+    def samples(self, batch):
+        return batch[1].shape[0]
+
+    def evaluate(self, model, data, device):
+        inputs, label = self._rows(torch.arange(16), device)
+        with torch.no_grad():
+            return {"accuracy": ((model.eval()(inputs).logits > 0).float() == label).float().mean().item()}
+
+
+import numpy as np  # noqa: E402
+
+
+def test_a_three_modality_model_from_a_test_file_trains_evaluates_and_is_profiled(capsys):
+    torch.manual_seed(0)
+    model = slimvl.create_model("test_tri_tiny")
+    assert model.modality.names == ["video", "test_audio", "text"]
+    result = train(model, MatchTask(), TrainConfig(steps=2, batch_size=8, warmup_steps=1, eval_every=2),
+                   progress=False, val_data="unused")
+    assert result.steps == 2 and 0.0 <= result.evals[-1]["accuracy"] <= 1.0
+    cost = profile_model(model, frames=2, text_len=6, batch=2, min_run_time=0.01, matmul_ref=1.0)
+    assert cost["gflops_per_pair"] == pytest.approx(cost["gflops_per_pair_analytic"], rel=0.05)
+    capsys.readouterr()
+    main(["bench", "--model", "test_tri_tiny", "--frames", "2", "--text-len", "6", "--batch", "2",
+          "--min-run-time", "0.01"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["model"] == "test_tri_tiny" and row["gflops_per_pair"] == pytest.approx(cost["gflops_per_pair"])
+    with pytest.raises(ValueError, match="unknown modalities"):
+        from slimvl.nn.modalities import dummy_batch
+
+        dummy_batch(("smell",), model.config, 1, {})

@@ -257,7 +257,7 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                 evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
                 model.train()
                 eval_seconds += time.perf_counter() - t_eval
-                if task.headline in metrics:
+                if task.headline in metrics and progress:
                     bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
             # Ctrl-C or SIGTERM: keep the step just finished, then stop.
             stopping = stop.requested(distributed, device)

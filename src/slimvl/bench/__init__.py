@@ -1,6 +1,6 @@
 """Compute accounting: FLOPs (torch's counter + analytic), latency, memory."""
-from .flops import count_flops, dummy_inputs, model_flops_per_pair
+from .flops import count_flops, dummy_batch, dummy_inputs, model_flops_per_pair
 from .measure import matmul_gflops, median_seconds, peak_memory_bytes, profile_model
 
-__all__ = ["count_flops", "dummy_inputs", "model_flops_per_pair", "matmul_gflops", "median_seconds",
+__all__ = ["count_flops", "dummy_batch", "dummy_inputs", "model_flops_per_pair", "matmul_gflops", "median_seconds",
            "peak_memory_bytes", "profile_model"]

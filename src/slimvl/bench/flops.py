@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..nn.modalities import dummy_batch as modality_dummies
+
 aten = torch.ops.aten
 
 
@@ -70,25 +72,30 @@ def count_flops(fn: Callable[[], Any], model: nn.Module | None = None) -> int:
 
 
 def model_flops_per_pair(model: nn.Module, frames: int, text_len: int, batch: int = 1) -> float:
-    """Counted inference FLOPs to score one (video, text) pair of ``frames``
-    frames and ``text_len`` text tokens (averaged over a batch of ``batch``)."""
-    video, ids, mask = dummy_inputs(model, frames, text_len, batch)
+    """Counted inference FLOPs to score one example (a (video, text) pair, or
+    whatever ``model.modalities`` read) of ``frames`` frames and ``text_len``
+    text tokens (averaged over a batch of ``batch``)."""
+    inputs = dummy_batch(model, frames, text_len, batch)
     was_training = model.training
     model.eval()
     try:
-        total = count_flops(lambda: model(video, ids, mask), model)
+        total = count_flops(lambda: model(inputs), model)
     finally:
         model.train(was_training)
     return total / batch
 
 
+def dummy_batch(model: nn.Module, frames: int, text_len: int, batch: int,
+                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """Random inputs of the right shapes for every modality ``model`` reads
+    (``slimvl.nn.modalities``), as an inputs mapping (for counting and timing)."""
+    device = device or next(model.parameters()).device
+    sizes = {"frames": frames, "text_len": text_len}
+    return modality_dummies(getattr(model, "modalities", ("video", "text")), model.config, batch, sizes, device, dtype)
+
+
 def dummy_inputs(model: nn.Module, frames: int, text_len: int, batch: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-    """Random inputs of the right shapes for ``model`` (for counting and timing)."""
-    c = model.config
-    device = device or next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    video = torch.randn(batch, frames, 3, c.image_size, c.image_size, generator=g).to(device, dtype)
-    ids = torch.randint(0, c.vocab_size, (batch, text_len), generator=g).to(device)
-    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
-    return video, ids, mask
+    """``(video, text_ids, text_mask)`` of ``dummy_batch`` for a video-text model."""
+    inputs = dummy_batch(model, frames, text_len, batch, device, dtype)
+    return inputs["video"], inputs["text"], inputs["text_mask"]

@@ -16,7 +16,7 @@ from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .flops import dummy_inputs, model_flops_per_pair
+from .flops import dummy_batch, model_flops_per_pair
 
 
 def median_seconds(fn: Callable[[], Any], min_run_time: float = 1.0, warmup: int = 1) -> float:
@@ -133,13 +133,13 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def runner(b: int, compiled: bool = compile):
-        v, ids, mask = dummy_inputs(model, frames, text_len, b, device)
+        inputs = dummy_batch(model, frames, text_len, b, device)
         net = compile_for_inference(model, device, b) if compiled else model
 
         @torch.inference_mode()
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                net(v, ids, mask)
+                net(inputs)
             sync()
 
         return run

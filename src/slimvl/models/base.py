@@ -3,6 +3,7 @@ typed outputs, FLOP formulas."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
+from ..nn.modalities import MODALITIES
 from .config import VLConfig
 
 
@@ -89,6 +91,8 @@ class VLModel(nn.Module):
     """
 
     config: VLConfig
+    # The inputs it reads (slimvl.nn.modalities): an inputs mapping holds their tensors.
+    modalities: tuple[str, ...] = ("video", "text")
 
     def __init__(self, config: VLConfig):
         super().__init__()
@@ -96,12 +100,28 @@ class VLModel(nn.Module):
         c = config
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.tubelet, c.max_frames, c.dim)
         self.text_embed = TextEmbed(c.vocab_size, c.max_text_len, c.dim)
-        self.modality = ModalityEmbed(2, c.dim)
+        self.modality = ModalityEmbed(self.modalities, c.dim)
         # Temperature of contrastive scores between pooled embeddings (CLIP's
         # learnable logit scale, starting at 1/0.07).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     # -- boundary -------------------------------------------------------
+    def read_inputs(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
+                    text_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(video, text_ids, text_mask)`` on the model's device, from an
+        inputs mapping (``{"video": ..., "text": ..., "text_mask": ...}``) or
+        given positionally (the convenience form)."""
+        if isinstance(video, Mapping):
+            keys = [k for m in self.modalities for k in MODALITIES[m].keys]
+            missing = [k for k in keys if k not in video]
+            if missing:
+                raise ValueError(f"inputs: missing {missing}; a {self.config.model_type} reads {keys} ("
+                                 + "; ".join(MODALITIES[m].describe for m in self.modalities) + ")")
+            video, text_ids, text_mask = video["video"], video["text"], video["text_mask"]
+        elif text_ids is None or text_mask is None:
+            raise ValueError("expected model(inputs) with an inputs mapping, or model(video, text_ids, text_mask)")
+        return self.to_device(video, text_ids, text_mask)
+
     def check_inputs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, check_ids: bool = True) -> None:
         """Raise ``ValueError`` naming the expected shape/dtype of a bad input
         (``check_ids``: also the token ids' range, which costs a device sync)."""

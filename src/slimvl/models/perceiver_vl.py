@@ -3,6 +3,7 @@ video+text input array through cross-attention, then thinks in latent
 self-attention; cost is linear in the input length."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -206,9 +207,11 @@ class PerceiverVL(VLModel):
         stream's score is their dot product, compared in fp32)."""
         return F.normalize(self.pool(latents).float(), dim=-1)
 
-    def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
-        """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``."""
-        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
+    def forward(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
+                text_mask: Tensor | None = None) -> VLOutput:
+        """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``
+        (or one inputs mapping with ``video``, ``text``, ``text_mask``)."""
+        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
         self.check_inputs(video, text_ids, text_mask)
         if self.config.stream != "single":
             return VLOutput(logits=self.score_latents(self.video_latents(video),

@@ -3,6 +3,8 @@ concatenated video and text tokens; the accuracy baseline whose cost is
 quadratic in the input length."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from einops import repeat
 from torch import Tensor, nn
@@ -42,9 +44,11 @@ class SingleStream(VLModel):
             x = blk(x, key_padding_mask=mask)
         return self.norm(x[:, 0])
 
-    def forward(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> VLOutput:
-        """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``."""
-        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
+    def forward(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
+                text_mask: Tensor | None = None) -> VLOutput:
+        """Score pairs: ``video [B, T, 3, H, W]``, ``text_ids``/``text_mask [B, L]``
+        (or one inputs mapping with ``video``, ``text``, ``text_mask``)."""
+        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
         self.check_inputs(video, text_ids, text_mask)
         cls = self.encode_cls(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=score_in_fp32(self.vtm_head, cls).squeeze(-1), pooled=self.proj(cls))

@@ -4,6 +4,8 @@ from .masks import attention_mask, padding_mask, size_bias
 from .blocks import MLP, Block, CrossBlock
 from .embed import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
 from .heads import AnswerHead, QueryDecoder
+from .modalities import MODALITIES, Modality, register_modality
 
 __all__ = ["Attention", "attention_bias", "attention_mask", "padding_mask", "size_bias", "MLP", "Block", "CrossBlock",
-           "PatchEmbed", "TextEmbed", "ModalityEmbed", "VIDEO", "TEXT", "QueryDecoder", "AnswerHead"]
+           "PatchEmbed", "TextEmbed", "ModalityEmbed", "VIDEO", "TEXT", "QueryDecoder", "AnswerHead", "MODALITIES",
+           "Modality", "register_modality"]

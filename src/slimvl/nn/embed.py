@@ -6,6 +6,8 @@ modality``. An image is a one-frame video.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from einops import rearrange
 from torch import Tensor, nn
@@ -65,11 +67,19 @@ class TextEmbed(nn.Module):
 
 
 class ModalityEmbed(nn.Module):
-    """One learned vector per modality, added to that modality's tokens."""
+    """One learned vector per modality, added to that modality's tokens.
 
-    def __init__(self, n_modalities: int, dim: int):
+    ``modalities`` is their names (``("video", "audio", "text")``: any number)
+    or a count; ``forward`` takes a name or an index."""
+
+    def __init__(self, modalities: int | Sequence[str], dim: int):
         super().__init__()
-        self.table = _init_pos(nn.Parameter(torch.zeros(n_modalities, dim)))
+        self.names = [str(i) for i in range(modalities)] if isinstance(modalities, int) else list(modalities)
+        self.table = _init_pos(nn.Parameter(torch.zeros(len(self.names), dim)))
 
-    def forward(self, x: Tensor, modality: int) -> Tensor:
+    def forward(self, x: Tensor, modality: int | str) -> Tensor:
+        if isinstance(modality, str):
+            if modality not in self.names:
+                raise ValueError(f"modality {modality!r}: this embedding knows {self.names}")
+            modality = self.names.index(modality)
         return x + self.table[modality]

@@ -1,0 +1,78 @@
+"""Modalities as data: a registry of what each input kind is.
+
+A model's inputs are a mapping from names to tensors (``{"video": ...,
+"text": ..., "text_mask": ...}``); a model lists the modalities it reads in
+``model.modalities``. Each registered ``Modality`` knows the names of its
+tensors, their shapes (``describe``) and how to make random inputs of the
+right shapes (``dummy``), which is all that FLOP counting, timing and
+compile checks need to run any model, whatever its modalities. A new
+modality (audio, say) registers here, or from the code that adds it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One input kind.
+
+    Attributes:
+        name: the modality's name (``"video"``, ``"text"``...).
+        keys: the names of its tensors in an inputs mapping.
+        describe: the expected shapes, in words, for error messages.
+        dummy: ``(config, batch, sizes, generator) -> {key: tensor}`` random
+            inputs; ``sizes`` holds lengths such as ``frames`` and ``text_len``.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    describe: str
+    dummy: Callable[[Any, int, dict[str, int], torch.Generator], dict[str, Tensor]]
+
+
+MODALITIES: dict[str, Modality] = {}
+
+
+def register_modality(modality: Modality) -> Modality:
+    """Add ``modality`` to the registry (a name registered twice is an error)."""
+    if MODALITIES.get(modality.name, modality) is not modality:
+        raise ValueError(f"modality {modality.name!r} is already registered")
+    MODALITIES[modality.name] = modality
+    return modality
+
+
+def dummy_batch(modalities: tuple[str, ...], config: Any, batch: int, sizes: dict[str, int],
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Random inputs of every listed modality, drawn in order from one
+    generator seeded 0 (the same inputs every call); floating tensors in
+    ``dtype``, all on ``device``."""
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise ValueError(f"unknown modalities {unknown}; registered: {sorted(MODALITIES)}")
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, Tensor] = {}
+    for name in modalities:
+        for key, t in MODALITIES[name].dummy(config, batch, sizes, g).items():
+            out[key] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+    return out
+
+
+def _video(config, batch: int, sizes: dict[str, int], g: torch.Generator) -> dict[str, Tensor]:
+    s = config.image_size
+    return {"video": torch.randn(batch, sizes["frames"], 3, s, s, generator=g)}
+
+
+def _text(config, batch: int, sizes: dict[str, int], g: torch.Generator) -> dict[str, Tensor]:
+    n = sizes["text_len"]
+    return {"text": torch.randint(0, config.vocab_size, (batch, n), generator=g),
+            "text_mask": torch.ones(batch, n, dtype=torch.bool)}
+
+
+register_modality(Modality("video", ("video",), "video: float [B, T, 3, H, W] in [-1, 1] (an image is T=1)", _video))
+register_modality(Modality("text", ("text", "text_mask"),
+                           "text: token ids [B, L] and text_mask: bool [B, L] (True = real token)", _text))
