@@ -101,3 +101,23 @@ def test_blocks_pass_masks_and_sizes_through():
     assert torch.allclose(cross(x, ctx, mask=hide_last[:, None, None, :]), cross(x, ctx, key_padding_mask=hide_last))
     assert not torch.allclose(cross(x, ctx, size=torch.tensor([[3.0, 1, 1, 1]])), cross(x, ctx))
     assert torch.allclose(block(ctx, mask=hide_last[:, None, None, :]), block(ctx, key_padding_mask=hide_last))
+
+
+def test_block_hook_sees_tokens_and_metric_between_attention_and_mlp():
+    torch.manual_seed(0)
+    block = Block(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    plain = block(x)
+    seen = {}
+
+    def keep_first_three(tokens, metric):
+        seen["metric"] = metric
+        return tokens[:, :3]  # what a merge that drops two tokens would hand on
+
+    block.between = keep_first_three
+    out = block(x)
+    assert out.shape == (2, 3, 16) and seen["metric"].shape == (2, 5, 4)
+    torch.testing.assert_close(seen["metric"], block.attn.project_kv(block.norm1(x))[0].mean(1))
+    torch.testing.assert_close(out, plain[:, :3])  # the MLP acts per token: the kept ones are unchanged
+    block.between = None
+    assert torch.equal(block(x), plain)

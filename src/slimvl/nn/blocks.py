@@ -1,6 +1,8 @@
 """Pre-norm transformer blocks: self-attention ``Block`` and ``CrossBlock``."""
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor, nn
 
 from .attention import Attention
@@ -15,7 +17,13 @@ class MLP(nn.Sequential):
 
 
 class Block(nn.Module):
-    """Pre-norm self-attention layer: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``."""
+    """Pre-norm self-attention layer: ``x + Attn(LN(x))`` then ``x + MLP(LN(x))``.
+
+    ``between``, when set, runs between the attention's residual and the MLP
+    (where token merging acts): it receives the tokens ``[B, N, D]`` and the
+    attention's keys averaged over heads ``[B, N, d]`` (the similarity
+    metric), and returns the tokens the MLP sees. Unset, nothing changes.
+    """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
         super().__init__()
@@ -23,10 +31,16 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
+        self.between: Callable[[Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, size: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask, size=size, mask=mask)
+        if self.between is None:
+            x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask, size=size, mask=mask)
+        else:
+            h, metric = self.attn(self.norm1(x), key_padding_mask=key_padding_mask, size=size, mask=mask,
+                                  return_metric=True)
+            x = self.between(x + h, metric)
         return x + self.mlp(self.norm2(x))
 
 
