@@ -25,14 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
-from slimvl.experiments import (  # noqa: E402
-    STREAMS,
-    counted_retrieval_flops,
-    gallery_dataset,
-    preset_image_size,
-    subset,
-    train_or_load,
-)
+from slimvl.experiments import STREAMS, counted_retrieval_flops, gallery_dataset, subset, train_or_load  # noqa: E402
+from slimvl.experiments import preset_image_size  # noqa: E402
 from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
 from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
