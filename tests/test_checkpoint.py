@@ -262,20 +262,25 @@ def test_other_version_refused(ckpt):
         load_model(folder)
 
 
-@pytest.mark.parametrize("name", ["perceiver_vl_tiny", "single_stream_tiny"])
-def test_checkpoints_of_the_first_release_still_load_and_score_the_same(name):
+@pytest.mark.parametrize("name", ["perceiver_vl", "perceiver_vl_mixed", "single_stream"])
+def test_checkpoints_of_the_first_release_still_load_and_give_the_same_outputs(name):
     """Checkpoints written by release 0.1.0 (tests/data) load and give the
-    scores they gave then, whatever the code has become since."""
+    outputs they gave then: pair logits, both embeddings, answers and MLM
+    logits, whatever the code has become since."""
     import json
     from pathlib import Path
 
     data = Path(__file__).parent / "data"
-    expected = json.loads((data / "release_0.1.0_scores.json").read_text())["scores"][name]
+    expected = json.loads((data / "release_0.1.0_outputs.json").read_text())["outputs"][name]
     model = load_model(data / f"release_0.1.0_{name}").eval()
     g = torch.Generator().manual_seed(0)
     video = torch.rand(3, 2, 3, 32, 32, generator=g) * 2 - 1
-    ids = torch.randint(5, 50, (3, 8), generator=g)
+    ids = torch.randint(5, 30, (3, 8), generator=g)
     mask = torch.ones(3, 8, dtype=torch.bool)
     mask[1, 5:] = False
+    got = {"logits": lambda: model(video, ids, mask).logits, "video_embedding": lambda: model.embed_video(video),
+           "text_embedding": lambda: model.embed_text(ids, mask), "answer": lambda: model.answer(video, ids, mask),
+           "mlm": lambda: model.mlm_logits(video, ids, mask, mask & (ids % 3 == 0))}
     with torch.no_grad():
-        torch.testing.assert_close(model(video, ids, mask).logits, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key](), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)

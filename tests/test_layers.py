@@ -31,12 +31,29 @@ def _room(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def _module_level(body: list) -> list:
+    """The statements that run on import: into try/if/with blocks, not into
+    functions or classes' methods, nor `if TYPE_CHECKING:` (typing only)."""
+    out = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        out.append(node)
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list) and not isinstance(node, ast.ClassDef):
+                out += _module_level(inner)
+    return out
+
+
 def _module_level_imports(path: Path, src: Path = SRC) -> tuple[str, set[str]]:
     rel = path.relative_to(src.parent).with_suffix("")
     module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
     package = module if rel.name == "__init__" else module.rsplit(".", 1)[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:  # module level only; `if TYPE_CHECKING:` is an If, skipped
+    for node in _module_level(ast.parse(path.read_text()).body):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -77,8 +94,10 @@ def test_the_checker_sees_a_violation(tmp_path):
     nn.mkdir(parents=True)
     (nn / "bad.py").write_text("from ..models import create_model\nimport slimvl.tasks\n"
                                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..train import train\n"
-                               "def f():\n    from ..cli import main\n")
-    assert _violations(tmp_path / "slimvl") == ["slimvl.nn.bad imports slimvl.models",
+                               "def f():\n    from ..cli import main\n"
+                               "try:\n    from ..data import make_dataset\nexcept ImportError:\n    pass\n")
+    assert _violations(tmp_path / "slimvl") == ["slimvl.nn.bad imports slimvl.data",
+                                                "slimvl.nn.bad imports slimvl.models",
                                                 "slimvl.nn.bad imports slimvl.tasks"]
 
 

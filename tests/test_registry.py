@@ -142,7 +142,7 @@ def test_a_task_registered_outside_slimvl_is_on_the_command_line(tmp_path, capsy
 
 # ---------------------------------------------------------------- a third modality, from a test file alone
 
-from slimvl.nn import MODALITIES, Modality, ModalityEmbed, register_modality  # noqa: E402
+from slimvl.nn import MODALITIES, Modality, register_modality  # noqa: E402
 from slimvl.tasks import Task  # noqa: E402
 
 AUDIO_FRAMES = 10

@@ -79,7 +79,7 @@ def model_flops_per_pair(model: nn.Module, frames: int, text_len: int, batch: in
     was_training = model.training
     model.eval()
     try:
-        total = count_flops(lambda: model(inputs), model)
+        total = count_flops(lambda: call_model(model, inputs), model)
     finally:
         model.train(was_training)
     return total / batch
@@ -92,6 +92,16 @@ def dummy_batch(model: nn.Module, frames: int, text_len: int, batch: int,
     device = device or next(model.parameters()).device
     sizes = {"frames": frames, "text_len": text_len}
     return modality_dummies(getattr(model, "modalities", ("video", "text")), model.config, batch, sizes, device, dtype)
+
+
+def call_model(model: nn.Module, inputs: dict):
+    """Run ``model`` on an inputs mapping. A video-text model is called
+    positionally, as every slimvl model can be (so a subclass written with
+    ``forward(video, text_ids, text_mask)`` keeps working); a model of other
+    modalities takes the mapping."""
+    if tuple(getattr(model, "modalities", ("video", "text"))) == ("video", "text"):
+        return model(inputs["video"], inputs["text"], inputs["text_mask"])
+    return model(inputs)
 
 
 def dummy_inputs(model: nn.Module, frames: int, text_len: int, batch: int,

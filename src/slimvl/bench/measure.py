@@ -16,7 +16,7 @@ from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .flops import dummy_batch, model_flops_per_pair
+from .flops import call_model, dummy_batch, model_flops_per_pair
 
 
 def median_seconds(fn: Callable[[], Any], min_run_time: float = 1.0, warmup: int = 1) -> float:
@@ -139,7 +139,7 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
         @torch.inference_mode()
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                net(inputs)
+                call_model(net, inputs)
             sync()
 
         return run

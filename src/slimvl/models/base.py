@@ -112,6 +112,10 @@ class VLModel(nn.Module):
         inputs mapping (``{"video": ..., "text": ..., "text_mask": ...}``) or
         given positionally (the convenience form)."""
         if isinstance(video, Mapping):
+            if tuple(self.modalities) != ("video", "text"):
+                raise TypeError(f"read_inputs reads video and text; a model of {self.modalities} reads its own inputs")
+            if text_ids is not None or text_mask is not None:
+                raise ValueError("give either one inputs mapping or (video, text_ids, text_mask), not both")
             keys = [k for m in self.modalities for k in MODALITIES[m].keys]
             missing = [k for k in keys if k not in video]
             if missing:
@@ -176,11 +180,11 @@ class VLModel(nn.Module):
         ``[B, M]`` (True = real token)."""
         parts, masks = [], []
         if video is not None:
-            v = self.modality(self.patch_embed(video), VIDEO)
+            v = self.modality(self.patch_embed(video), "video")
             parts.append(v)
             masks.append(torch.ones(v.shape[:2], dtype=torch.bool, device=v.device))
         if text_ids is not None:
-            parts.append(self.modality(self.text_embed(text_ids), TEXT))
+            parts.append(self.modality(self.text_embed(text_ids), "text"))
             masks.append(text_mask)
         return torch.cat(parts, 1), torch.cat(masks, 1)
 

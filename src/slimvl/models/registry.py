@@ -22,9 +22,9 @@ def register_model(config_class: type[VLConfig], presets: dict[str, dict[str, An
     """
     def register(cls: type) -> type:
         kind = config_class.model_type
-        if MODEL_CLASSES.get(kind, cls) is not cls:
+        if kind in MODEL_CLASSES and not _same(MODEL_CLASSES[kind], cls):
             raise ValueError(f"model_type {kind!r} is already registered to {MODEL_CLASSES[kind].__name__}")
-        taken = sorted(name for name in presets or {} if name in PRESETS and PRESETS[name].owner is not cls)
+        taken = sorted(name for name in presets or {} if name in PRESETS and not _same(PRESETS[name].owner, cls))
         if taken:
             raise ValueError(f"presets {taken} are already registered by another model")
         MODEL_CLASSES[kind], CONFIGS[kind] = cls, config_class
@@ -37,6 +37,12 @@ def register_model(config_class: type[VLConfig], presets: dict[str, dict[str, An
         return cls
 
     return register
+
+
+def _same(a: type, b: type) -> bool:
+    # The same class defined again (a module reloaded, or run as __main__ and
+    # imported) may replace itself; another class may not take its name.
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 def config_from_dict(d: dict[str, Any]) -> VLConfig:

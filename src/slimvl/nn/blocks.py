@@ -23,6 +23,9 @@ class Block(nn.Module):
     (where token merging acts): it receives the tokens ``[B, N, D]`` and the
     attention's keys averaged over heads ``[B, N, d]`` (the similarity
     metric), and returns the tokens the MLP sees. Unset, nothing changes.
+    It sees neither the key-padding mask nor the token sizes: a hook that
+    changes the number of tokens suits blocks without padding (latents);
+    carrying mask and sizes through a merge belongs to the merging patches.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):

@@ -75,6 +75,8 @@ class ModalityEmbed(nn.Module):
     def __init__(self, modalities: int | Sequence[str], dim: int):
         super().__init__()
         self.names = [str(i) for i in range(modalities)] if isinstance(modalities, int) else list(modalities)
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"ModalityEmbed: modality names must be distinct, got {self.names}")
         self.table = _init_pos(nn.Parameter(torch.zeros(len(self.names), dim)))
 
     def forward(self, x: Tensor, modality: int | str) -> Tensor:

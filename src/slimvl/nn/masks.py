@@ -31,10 +31,11 @@ def size_bias(size: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 def check_mask(mask: Tensor, b: int, h: int, n: int, s: int) -> None:
     """Raise ``ValueError`` unless ``mask`` broadcasts to ``[B, H, N, S]``."""
     shape = (b, h, n, s)
-    ok = mask.dim() <= 4 and all(m in (1, t) for m, t in zip(reversed(mask.shape), reversed(shape)))
+    ok = (mask.dtype == torch.bool or mask.is_floating_point()) and 2 <= mask.dim() <= 4 \
+        and all(m in (1, t) for m, t in zip(reversed(mask.shape), reversed(shape)))
     if not ok:
-        raise ValueError(f"mask: expected a bool or float tensor broadcastable to [B, H, N, S] = {list(shape)}, "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(f"mask: expected a bool or float tensor of 2 to 4 dimensions broadcastable to "
+                         f"[B, H, N, S] = {list(shape)}, got {mask.dtype} {tuple(mask.shape)}")
 
 
 def attention_mask(key_padding_mask: Tensor | None = None, mask: Tensor | None = None,

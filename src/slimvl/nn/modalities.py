@@ -40,7 +40,8 @@ MODALITIES: dict[str, Modality] = {}
 
 def register_modality(modality: Modality) -> Modality:
     """Add ``modality`` to the registry (a name registered twice is an error)."""
-    if MODALITIES.get(modality.name, modality) is not modality:
+    old = MODALITIES.get(modality.name)
+    if old is not None and (old.keys, old.describe) != (modality.keys, modality.describe):
         raise ValueError(f"modality {modality.name!r} is already registered")
     MODALITIES[modality.name] = modality
     return modality

@@ -40,7 +40,7 @@ class TaskEntry:
         name: the ``--task`` name.
         help: one line for ``--help``.
         load: ``(source, split, model_config) -> data`` of one split.
-        build: ``(source, train_data) -> Task`` to train.
+        build: ``(source, train_data, model_config) -> Task`` to train.
         evaluate: ``(model, data, source, device, batch_size, progress) ->
             metrics``, or None when ``slimvl eval`` cannot score the task.
         model_overrides: ``source -> {config field: value}`` the task needs
@@ -67,7 +67,9 @@ TASKS: dict[str, TaskEntry] = {}
 def register_task(entry: TaskEntry) -> TaskEntry:
     """Make ``entry`` a ``--task`` of the command line (a name registered
     twice is an error)."""
-    if entry.name in TASKS and TASKS[entry.name] is not entry:
+    old = TASKS.get(entry.name)
+    # The same module registering again (reloaded) may replace its entry.
+    if old is not None and old is not entry and old.load.__module__ + old.help != entry.load.__module__ + entry.help:
         raise ValueError(f"task {entry.name!r} is already registered")
     TASKS[entry.name] = entry
     return entry
