@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from slimvl.bench.flops import model_flops_per_pair  # noqa: E402
-from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
+from slimvl.bench.report import add_ratios, machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.evaluate import score_matrix  # noqa: E402
 from slimvl.experiments import STREAMS, counted_retrieval_flops, gallery_dataset, subset, train_or_load  # noqa: E402
 from slimvl.experiments import preset_image_size  # noqa: E402
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "seconds_total": timings["encode_seconds"] + timings["score_seconds"]})
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     base = rows[0]
-    for r in rows:
-        r["gflops_total_ratio"] = r["gflops_total"] / base["gflops_total"]
-        r["seconds_ratio"] = r["seconds_total"] / base["seconds_total"]
+    add_ratios(rows, base, {"gflops_total": "gflops_total_ratio", "seconds_total": "seconds_ratio"})
     cols = [("num_latents", "N", ""), ("t2v_r1", "t2v R@1", ".3f"), ("t2v_r5", "R@5", ".3f"),
             ("t2v_r10", "R@10", ".3f"), ("v2t_r1", "v2t R@1", ".3f"), ("gflops_per_video", "GFLOPs/video", ".4f"),
             ("gflops_per_pair", "GFLOPs/pair", ".2e"), ("gflops_joint_pair", "GFLOPs/joint pair", ".4f"),

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from slimvl.bench.flops import count_flops, dummy_inputs  # noqa: E402
 from slimvl.bench.measure import median_seconds  # noqa: E402
-from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
+from slimvl.bench.report import add_ratios, machine_info, markdown_table, write_report  # noqa: E402
 from slimvl.checkpoint import latest_checkpoint  # noqa: E402
 from slimvl.data import QUESTION_TYPES, make_qa  # noqa: E402
 from slimvl.experiments import gallery_dataset, preset_image_size, train_or_load  # noqa: E402
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"model": label, "train_seconds": first_s + train_s, **m, **cost_per_question(model)})
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     base = rows[0]
-    for r in rows:
-        r["gflops_ratio"] = r["gflops_per_question"] / base["gflops_per_question"]
-        r["latency_ratio"] = r["ms_per_question"] / base["ms_per_question"]
+    add_ratios(rows, base, {"gflops_per_question": "gflops_ratio", "ms_per_question": "latency_ratio"})
     types = [t for t in QUESTION_TYPES if f"accuracy_{t}" in base]
     cols = [("model", "model", ""), ("accuracy", "all", ".3f"), ("accuracy_seen", "in-distribution", ".3f"),
             ("accuracy_heldout", "held-out", ".3f"),

@@ -22,7 +22,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from slimvl import create_model  # noqa: E402
 from slimvl.bench import matmul_gflops, profile_model  # noqa: E402
-from slimvl.bench.report import markdown_table, write_report  # noqa: E402
+from slimvl.bench.report import add_ratios, markdown_table, write_report  # noqa: E402
+
+PAIR_RATIOS = {"gflops_per_pair": "gflops_ratio", "latency_ms_per_pair": "latency_ratio"}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"model": kind, "latents": n, "frames": t, **cost})
     base = {r["frames"]: r for r in rows if r["model"] == "single_stream"}
     for r in rows:
-        b = base[r["frames"]]
-        r["gflops_ratio"] = r["gflops_per_pair"] / b["gflops_per_pair"]
-        r["latency_ratio"] = r["latency_ms_per_pair"] / b["latency_ms_per_pair"]
+        add_ratios([r], base[r["frames"]], PAIR_RATIOS)
     growth = {}
     lo, hi = a.growth_from, max(a.frames)
     for key in ["single_stream"] + [f"perceiver_vl N={n}" for n in a.latents]:
@@ -119,8 +119,7 @@ def resolution_sweep(a, dtype, ref: float) -> tuple[list[dict], str]:
                          "visual_tokens": model.patch_embed.num_tokens(a.size_frames), **cost})
     for r in rows:
         b = next(x for x in rows if x["model"] == "single_stream" and x["image_size"] == r["image_size"])
-        r["gflops_ratio"] = r["gflops_per_pair"] / b["gflops_per_pair"]
-        r["latency_ratio"] = r["latency_ms_per_pair"] / b["latency_ms_per_pair"]
+        add_ratios([r], b, PAIR_RATIOS)
     cols = [("model", "model", "s"), ("latents", "N", ""), ("image_size", "side px", "d"),
             ("visual_tokens", "visual tokens", "d"), ("gflops_per_pair", "GFLOPs/pair", ".4f"),
             ("gflops_ratio", "GFLOPs ratio", ".3f"), ("latency_ms_per_pair", f"ms/pair (batch {a.batch})", ".3f"),

@@ -195,6 +195,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from .bench import matmul_gflops, profile_model
     from .bench.measure import parse_dtype
+    from .bench.report import add_ratios
     from .models import create_model
     from .runtime import resolve_device
 
@@ -208,10 +209,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         rows.append({"model": name, "text_len": text_len,
                      **profile_model(model, a.frames, text_len, batch=a.batch, device=device, dtype=dtype,
                                      min_run_time=a.min_run_time, matmul_ref=ref, compile=a.compile)})
-    base = rows[0]
-    for r in rows:
-        r["gflops_ratio"] = r["gflops_per_pair"] / base["gflops_per_pair"]
-        r["latency_ratio"] = r["latency_ms_per_pair"] / base["latency_ms_per_pair"]
+    add_ratios(rows, rows[0], {"gflops_per_pair": "gflops_ratio", "latency_ms_per_pair": "latency_ratio"})
     print(json.dumps(rows, indent=2))
 
 

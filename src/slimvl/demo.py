@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .bench import matmul_gflops, profile_model
+from .bench.report import add_ratios
 from .bench.stats import paired_difference, t2v_hits
 from .checkpoint import latest_checkpoint
 from .data import make_dataset
@@ -68,9 +69,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: 
             "eval_seconds": metrics["encode_seconds"] + metrics["score_seconds"],
         })
     base = next(r for r in rows if r["model"] == "single_stream")
-    for r in rows:
-        r["gflops_ratio_vs_single_stream"] = r["gflops_per_pair"] / base["gflops_per_pair"]
-        r["latency_ratio_vs_single_stream"] = r["latency_ms_per_pair"] / base["latency_ms_per_pair"]
+    add_ratios(rows, base, {"gflops_per_pair": "gflops_ratio_vs_single_stream",
+                            "latency_ms_per_pair": "latency_ratio_vs_single_stream"})
     # The two models answer the same captions: the paired interval of the
     # R@1 difference is far tighter than two independent ones.
     diff, half = paired_difference(hits["single_stream"], hits["perceiver_vl"])

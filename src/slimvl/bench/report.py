@@ -19,6 +19,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def add_ratios(rows: list[dict], base: dict, ratios: dict[str, str]) -> list[dict]:
+    """Give every row ``row[name] = row[key] / base[key]`` for each
+    ``key -> name`` of ``ratios``: costs against a baseline measured in the
+    same run (absolute times alone mean little on a shared machine)."""
+    for r in rows:
+        for key, name in ratios.items():
+            r[name] = r[key] / base[key]
+    return rows
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """A markdown table; ``columns`` are ``(key, header, format)``."""
     out = "| " + " | ".join(h for _, h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
