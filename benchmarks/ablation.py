@@ -15,19 +15,20 @@ import argparse
 import sys
 from dataclasses import asdict
 
-import matplotlib
 import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from slimvl import create_model
+from slimvl.bench.plots import figure, plot_lines
+from slimvl.bench.report import markdown_table, write_report
+from slimvl.cli import parse_value
+from slimvl.evaluate import evaluate
+from slimvl.experiments import preset_image_size
+from slimvl.pipeline import load_split, load_tokenizer
+from slimvl.train import TrainConfig, train
 
-from slimvl import create_model  # noqa: E402
-from slimvl.bench.report import markdown_table, write_report  # noqa: E402
-from slimvl.cli import parse_value  # noqa: E402
-from slimvl.evaluate import evaluate  # noqa: E402
-from slimvl.experiments import preset_image_size  # noqa: E402
-from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
-from slimvl.train import TrainConfig, train  # noqa: E402
+COLUMNS = [("variant", "variant", "s"), ("t2v_r1", "t2v R@1", ".3f"), ("t2v_r5", "t2v R@5", ".3f"),
+           ("v2t_r1", "v2t R@1", ".2f"), ("heldout_t2v_r1", "held-out t2v R@1", ".2f"),
+           ("train_seconds", "train s", ".0f")]
 
 
 def parse_variant(text: str) -> tuple[str, dict, dict]:
@@ -74,35 +75,31 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"variant": name, "train": asdict(cfg), "model_overrides": model_over,
                      "train_seconds": result.seconds, **{k: v for k, v in m.items() if not isinstance(v, dict)},
                      "near_duplicate_errors": m.get("near_duplicate_errors")})
-    cols = [("variant", "variant", "s"), ("t2v_r1", "t2v R@1", ".3f"), ("t2v_r5", "t2v R@5", ".3f"),
-            ("v2t_r1", "v2t R@1", ".2f"), ("heldout_t2v_r1", "held-out t2v R@1", ".2f"),
-            ("train_seconds", "train s", ".0f")]
     md = (f"{a.model}, {a.steps} steps x {a.groups_per_step} groups unless the variant says otherwise; "
-          f"{a.split} gallery {test_data.videos.shape[0]} videos.\n\n" + markdown_table(rows, cols))
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
-    for name, hist in curves.items():
-        ax1.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name, alpha=0.8)
-        ax2.plot([e["step"] for e in recall_curves[name]], [e["t2v_r1"] for e in recall_curves[name]], "o-",
-                 label=name)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss")
-    ax1.legend(fontsize=8)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel(f"{a.split} t2v R@1")
-    ax2.set_ylim(0, 1)
-    ax2.set_title("learning curve")
-    ax3.bar([r["variant"] for r in rows], [r["t2v_r1"] for r in rows])
-    ax3.set_ylabel(f"final {a.split} t2v R@1")
-    ax3.set_ylim(0, 1)
-    fig.tight_layout()
+          f"{a.split} gallery {test_data.videos.shape[0]} videos.\n\n" + markdown_table(rows, COLUMNS))
     if a.eval_every:
         md += "\nt2v R@1 during training (step: R@1, training seconds):\n\n" + "".join(
             f"- {name}: " + ", ".join(f"{e['step']}: {e['t2v_r1']:.2f} ({e['train_seconds']:.0f} s)" for e in ev)
             + "\n" for name, ev in recall_curves.items())
     payload = {"args": vars(a), "rows": rows, "curves": curves, "recall_curves": recall_curves}
-    write_report(a.out, a.name, payload, md, fig)
+    write_report(a.out, a.name, payload, md, plot(rows, curves, recall_curves, a.split))
     print(md)
     return payload
+
+
+def plot(rows: list[dict], curves: dict, recall_curves: dict, split: str):
+    """Training loss and t2v R@1 against steps, and the final R@1, per variant."""
+    fig, (loss, learning, final) = figure(3)
+    for name, hist in curves.items():
+        loss.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name, alpha=0.8)
+        plot_lines(learning, recall_curves[name], "step", "t2v_r1", label=name)
+    loss.set(xlabel="step", ylabel="training loss")
+    loss.legend(fontsize=8)
+    learning.set(xlabel="step", ylabel=f"{split} t2v R@1", ylim=(0, 1), title="learning curve")
+    final.bar([r["variant"] for r in rows], [r["t2v_r1"] for r in rows])
+    final.set(ylabel=f"final {split} t2v R@1", ylim=(0, 1))
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

@@ -26,38 +26,33 @@ than the effect).
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from slimvl import create_model
+from slimvl.bench import dummy_inputs, matmul_gflops, median_seconds, model_flops_per_pair, profile_model
+from slimvl.bench.plots import figure
+from slimvl.bench.report import add_ratios, machine_info, markdown_table, show, write_report
+from slimvl.bench.stats import paired_difference, t2v_hits
+from slimvl.checkpoint import latest_checkpoint
+from slimvl.evaluate import score_matrix
+from slimvl.experiments import experiment_parser, gallery_dataset, retrieval_splits, train_or_load
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
+from slimvl.tasks.retrieval import recall_metrics
 
-from slimvl import create_model  # noqa: E402
-from slimvl.bench import dummy_inputs, matmul_gflops, median_seconds, model_flops_per_pair, profile_model  # noqa: E402
-from slimvl.bench.report import machine_info, markdown_table, write_report  # noqa: E402
-from slimvl.bench.stats import paired_difference, t2v_hits  # noqa: E402
-from slimvl.checkpoint import latest_checkpoint  # noqa: E402
-from slimvl.evaluate import score_matrix  # noqa: E402
-from slimvl.experiments import gallery_dataset, preset_image_size, subset, train_or_load  # noqa: E402
-from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
-from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN  # noqa: E402
-from slimvl.tasks.retrieval import recall_metrics  # noqa: E402
-
-SIZE = preset_image_size()  # the frame side perceiver_vl_tiny reads: the data is decoded at it
+COLUMNS = [("train_drop", "LayerDrop p (train)", "g"), ("cross_attentions", "cross-attn run", "d"),
+           ("t2v_r1", "t2v R@1", ".3f"), ("points_vs_all", "R@1 pts vs all (95% CI)", "s"),
+           ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("latency_ms_per_pair", "ms/pair (b64)", ".3f"),
+           ("latency_cut", "latency cut", ".1%"), ("latency_ms_batch1", "ms (b1)", ".2f")]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/out")
-    p.add_argument("--data", help="dataset folder (default: OUT/data_gallery1000, made when missing)")
+    p = experiment_parser(__doc__, steps=TRAIN.steps)
     p.add_argument("--layers", default="csscsscss")
     p.add_argument("--drop", type=float, default=0.5)
-    p.add_argument("--steps", type=int, default=TRAIN.steps)
     p.add_argument("--gallery", type=int, default=400, help="test videos retrieved against")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="instead of training each from scratch, fine-tune the model trained without LayerDrop "
@@ -67,64 +62,78 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--latency-only", action="store_true",
                    help="only GFLOPs and latency cuts, repeated (untrained model; no training or retrieval)")
     p.add_argument("--repeats", type=int, default=7, help="--latency-only: timing rounds per configuration")
-    p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
     if a.latency_only:
         return latency_cuts(a.layers, a.repeats, a.min_run_time, out)
     root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", 1000, prog)
-    tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, FRAMES, SIZE, TEXT_LEN, progress=prog)
-    test = subset(load_split(root, "test", tok, FRAMES, SIZE, TEXT_LEN, progress=prog), a.gallery)
+    tok, train_data, test = retrieval_splits(root, a.gallery, prog)
     cfg = replace(TRAIN, steps=a.steps)
     matmul_ref = matmul_gflops()
     rows = []
-    base_run = out / "layerdrop" / f"drop0-{cfg.steps}steps"
     for drop in (0.0, a.drop):
-        overrides = {"layers": a.layers, "cross_attn_drop": drop, "vocab_size": tok.vocab_size,
-                     "max_text_len": TEXT_LEN}
-        if a.finetune_steps:
-            train_or_load("perceiver_vl_tiny", {**overrides, "cross_attn_drop": 0.0}, train_data, cfg, base_run, prog)
-            ft_cfg = replace(cfg, steps=a.finetune_steps, lr=a.finetune_lr, warmup_steps=20, seed=cfg.seed + 1)
-            ft_run = out / "layerdrop" / f"{base_run.name}-finetune{a.finetune_steps}_drop{drop:g}"
-            model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, ft_cfg, ft_run, prog,
-                                           init_from=latest_checkpoint(base_run))
-        else:
-            model, train_s = train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
-                                           out / "layerdrop" / f"drop{drop:g}-{cfg.steps}steps", prog)
-        n_cross = model.config.num_cross_layers
-        hits_all = None  # per-caption hits with every cross-attention: the first keep evaluated
-        for keep in range(n_cross, 0, -1):
-            model.cross_attn_keep = keep
-            scores = score_matrix(model, test, progress=prog)
-            m = recall_metrics(scores, test.caption_item)
-            hits = t2v_hits(scores, test.caption_item)
-            if hits_all is None:
-                hits_all = hits
-            diff, ci = paired_difference(hits_all, hits)
-            cost = profile_model(model, FRAMES, TEXT_LEN, batch=64, min_run_time=a.min_run_time,
-                                 matmul_ref=matmul_ref)
-            rows.append({"train_drop": drop, "cross_attentions": keep, "of": n_cross, "t2v_r1": m["t2v_r1"],
-                         "t2v_r5": m["t2v_r5"], "v2t_r1": m["v2t_r1"], "gflops_per_pair": cost["gflops_per_pair"],
-                         "latency_ms_per_pair": cost["latency_ms_per_pair"],
-                         "latency_ms_batch1": cost["latency_ms_batch1"], "train_seconds": train_s,
-                         "t2v_r1_points_vs_all": 100 * diff, "t2v_r1_points_ci95": 100 * ci})
-            print(rows[-1], flush=True)
+        model, train_s = trained(a, drop, tok.vocab_size, train_data, cfg, out, prog)
+        rows += keep_rows(model, test, matmul_ref, a.min_run_time, prog, train_drop=drop, train_seconds=train_s)
+    add_ratios(rows, lambda r: r["cross_attentions"] == r["of"],
+               {"latency_ms_per_pair": "latency_ratio", "gflops_per_pair": "gflops_ratio"}, by=["train_drop"])
     for r in rows:
-        full = next(b for b in rows if b["train_drop"] == r["train_drop"] and b["cross_attentions"] == r["of"])
-        r["latency_cut"] = 1 - r["latency_ms_per_pair"] / full["latency_ms_per_pair"]
-        r["gflops_cut"] = 1 - r["gflops_per_pair"] / full["gflops_per_pair"]
-        r["points_vs_all"] = f"{r['t2v_r1_points_vs_all']:+.1f} ± {r['t2v_r1_points_ci95']:.1f}"
-    cols = [("train_drop", "LayerDrop p (train)", "g"), ("cross_attentions", "cross-attn run", "d"),
-            ("t2v_r1", "t2v R@1", ".3f"), ("points_vs_all", "R@1 pts vs all (95% CI)", "s"),
-            ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("latency_ms_per_pair", "ms/pair (b64)", ".3f"),
-            ("latency_cut", "latency cut", ".1%"), ("latency_ms_batch1", "ms (b1)", ".2f")]
+        r.update(latency_cut=1 - r["latency_ratio"], gflops_cut=1 - r["gflops_ratio"],
+                 points_vs_all=f"{r['t2v_r1_points_vs_all']:+.1f} ± {r['t2v_r1_points_ci95']:.1f}")
     how = (f"{cfg.steps} steps without LayerDrop, then fine-tuned {a.finetune_steps} steps with and without it"
            if a.finetune_steps else f"{cfg.steps} steps")
     md = (f"Perceiver-VL tiny, `layers={a.layers!r}`, {how}; t2v R@1 over {a.gallery} test videos "
           f"({len(test.caption_item)} captions); the interval of each difference is paired over the "
-          f"same captions.\n\n" + markdown_table(rows, cols))
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+          f"same captions.\n\n" + markdown_table(rows, COLUMNS))
+    payload = {"rows": rows, "train": asdict(cfg), "layers": a.layers, "gallery": a.gallery, "data": str(root),
+               "machine": machine_info(), "finetune_steps": a.finetune_steps}
+    name = "layerdrop" + (f"_{cfg.steps}steps" if cfg.steps != TRAIN.steps else "")
+    write_report(out, name + (f"_finetune{a.finetune_steps}" if a.finetune_steps else ""), payload, md, plot(rows))
+    print(md)
+    return payload
+
+
+def trained(a, drop: float, vocab_size: int, train_data, cfg, out: Path, prog: bool):
+    """Perceiver-VL tiny trained with LayerDrop ``drop`` (from scratch, or
+    with ``--finetune-steps`` fine-tuned from the run without LayerDrop) and
+    its training seconds; finished runs are reused."""
+    overrides = {"layers": a.layers, "cross_attn_drop": drop, "vocab_size": vocab_size, "max_text_len": TEXT_LEN}
+    base_run = out / "layerdrop" / f"drop0-{cfg.steps}steps"
+    if not a.finetune_steps:
+        return train_or_load("perceiver_vl_tiny", overrides, train_data, cfg,
+                             out / "layerdrop" / f"drop{drop:g}-{cfg.steps}steps", prog)
+    train_or_load("perceiver_vl_tiny", {**overrides, "cross_attn_drop": 0.0}, train_data, cfg, base_run, prog)
+    ft_cfg = replace(cfg, steps=a.finetune_steps, lr=a.finetune_lr, warmup_steps=20, seed=cfg.seed + 1)
+    ft_run = out / "layerdrop" / f"{base_run.name}-finetune{a.finetune_steps}_drop{drop:g}"
+    return train_or_load("perceiver_vl_tiny", overrides, train_data, ft_cfg, ft_run, prog,
+                         init_from=latest_checkpoint(base_run))
+
+
+def keep_rows(model, test, matmul_ref: float, min_run_time: float, prog: bool, **fields) -> list[dict]:
+    """The model with all, then fewer, cross-attentions: recalls, the R@1
+    difference against all of them (paired over the captions), GFLOPs and
+    latency per pair. ``fields`` are copied into every row."""
+    rows, hits_all = [], None  # per-caption hits with every cross-attention: the first keep evaluated
+    n_cross = model.config.num_cross_layers
+    for keep in range(n_cross, 0, -1):
+        model.cross_attn_keep = keep
+        scores = score_matrix(model, test, progress=prog)
+        m = recall_metrics(scores, test.caption_item)
+        hits = t2v_hits(scores, test.caption_item)
+        hits_all = hits if hits_all is None else hits_all
+        diff, ci = paired_difference(hits_all, hits)
+        cost = profile_model(model, FRAMES, TEXT_LEN, batch=64, min_run_time=min_run_time, matmul_ref=matmul_ref)
+        rows.append({**fields, "cross_attentions": keep, "of": n_cross, "t2v_r1": m["t2v_r1"],
+                     "t2v_r5": m["t2v_r5"], "v2t_r1": m["v2t_r1"],
+                     **{k: cost[k] for k in ("gflops_per_pair", "latency_ms_per_pair", "latency_ms_batch1")},
+                     "t2v_r1_points_vs_all": 100 * diff, "t2v_r1_points_ci95": 100 * ci})
+        show(rows[-1])
+    return rows
+
+
+def plot(rows: list[dict]):
+    """t2v R@1 against latency per pair: a line per LayerDrop rate, each
+    point labelled by the cross-attentions run."""
+    fig, (ax,) = figure(1, width=5.5)
     for drop in sorted({r["train_drop"] for r in rows}):
         rs = [r for r in rows if r["train_drop"] == drop]
         ax.plot([r["latency_ms_per_pair"] for r in rs], [r["t2v_r1"] for r in rs], "o-",
@@ -134,13 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     ax.set(xlabel="latency per pair (ms, batch 64)", ylabel="t2v R@1", title="cross-attentions run at inference")
     ax.legend()
     fig.tight_layout()
-    payload = {"rows": rows, "train": asdict(cfg), "layers": a.layers, "gallery": a.gallery, "data": str(root),
-               "machine": machine_info()}
-    payload["finetune_steps"] = a.finetune_steps
-    name = "layerdrop" + (f"_{cfg.steps}steps" if cfg.steps != TRAIN.steps else "")
-    write_report(out, name + (f"_finetune{a.finetune_steps}" if a.finetune_steps else ""), payload, md, fig)
-    print(md)
-    return payload
+    return fig
 
 
 @torch.inference_mode()

@@ -13,21 +13,60 @@ from __future__ import annotations
 import argparse
 import sys
 
-import matplotlib
+import torch
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from slimvl import create_model  # noqa: E402
-from slimvl.bench import matmul_gflops, profile_model  # noqa: E402
-from slimvl.bench.report import add_ratios, markdown_table, write_report  # noqa: E402
+from slimvl import create_model
+from slimvl.bench import matmul_gflops, profile_model
+from slimvl.bench.plots import figure, plot_lines
+from slimvl.bench.report import add_ratios, markdown_table, write_report
 
 PAIR_RATIOS = {"gflops_per_pair": "gflops_ratio", "latency_ms_per_pair": "latency_ratio"}
+is_single = lambda r: r["model"] == "single_stream"  # noqa: E731  (the baseline of every ratio)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    dtype = getattr(torch, a.dtype)
+    ref = matmul_gflops(a.device, dtype, min_run_time=a.min_run_time)
+    jobs = [("single_stream", None, t) for t in a.frames] + [("perceiver_vl", n, t) for n in a.latents
+                                                             for t in a.frames]
+    rows = []
+    for kind, n, t in tqdm(jobs, desc="scaling"):
+        model = create_model(f"{kind}_tiny", dim=a.dim, max_frames=max(a.frames), max_text_len=a.text_len,
+                             **({} if n is None else {"num_latents": n}))
+        cost = profile_model(model, t, a.text_len, batch=a.batch, device=a.device, dtype=dtype,
+                             min_run_time=a.min_run_time, matmul_ref=ref)
+        rows.append({"model": kind, "latents": n, "series": kind if n is None else f"perceiver_vl N={n}",
+                     "frames": t, **cost})
+    add_ratios(rows, is_single, PAIR_RATIOS, by=["frames"])
+    lo, hi = a.growth_from, max(a.frames)
+    per_pair = {(r["series"], r["frames"]): r["gflops_per_pair"] for r in rows}
+    growth = {s: per_pair[s, hi] / per_pair[s, lo] for s in dict.fromkeys(r["series"] for r in rows)}
+    cols = [("model", "model", "s"), ("latents", "N", ""), ("frames", "frames", "d"),
+            ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("gflops_ratio", "GFLOPs ratio", ".3f"),
+            ("latency_ms_batch1", "ms (batch 1)", ".2f"), ("latency_ms_per_pair", f"ms/pair (batch {a.batch})", ".3f"),
+            ("latency_ratio", "latency ratio", ".3f"), ("fraction_of_matmul", "of matmul peak", ".2f")]
+    md = (f"Width {a.dim}, text length {a.text_len}, device {a.device}, {a.dtype}; matmul reference "
+          f"{ref:.1f} GFLOP/s. Ratios are against single_stream at the same frame count, same run.\n\n"
+          + markdown_table(rows, cols) + f"\nGFLOPs growth from {lo} to {hi} frames: "
+          + ", ".join(f"{k} x{v:.1f}" for k, v in growth.items()) + "\n")
+    fig, axes = figure(2, width=5.5)
+    for ax, key, label in zip(axes, ("gflops_per_pair", "latency_ms_per_pair"),
+                              ("GFLOPs per pair", f"ms per pair (batch {a.batch})")):
+        plot_lines(ax, rows, "frames", key, by="series", yscale="log", xlabel="frames", ylabel=label)
+        ax.set_xscale("log", base=2)
+    fig.suptitle("cost vs frames: Perceiver-VL (linear) vs single-stream (quadratic)")
+    fig.tight_layout()
+    res_rows, res_md = resolution_sweep(a, dtype, ref)
+    payload = {"args": vars(a), "matmul_gflops_per_s": ref, "rows": rows, "gflops_growth": growth,
+               "resolution_rows": res_rows}
+    write_report(a.out, "scaling", payload, md + res_md, fig)
+    print(md + res_md)
+    return payload
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16, 32, 64])
@@ -51,58 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.sizes = a.sizes[:2]
     if a.growth_from not in a.frames:
         a.growth_from = min(a.frames)
-    dtype = getattr(torch, a.dtype)
-    common = dict(dim=a.dim, max_frames=max(a.frames), max_text_len=a.text_len)
-    ref = matmul_gflops(a.device, dtype, min_run_time=a.min_run_time)
-    jobs = [("single_stream", None, t) for t in a.frames] + [("perceiver_vl", n, t) for n in a.latents
-                                                             for t in a.frames]
-    rows = []
-    for kind, n, t in tqdm(jobs, desc="scaling"):
-        extra = {} if n is None else {"num_latents": n}
-        model = create_model(f"{kind}_tiny", **common, **extra)
-        cost = profile_model(model, t, a.text_len, batch=a.batch, device=a.device, dtype=dtype,
-                             min_run_time=a.min_run_time, matmul_ref=ref)
-        rows.append({"model": kind, "latents": n, "frames": t, **cost})
-    base = {r["frames"]: r for r in rows if r["model"] == "single_stream"}
-    for r in rows:
-        add_ratios([r], base[r["frames"]], PAIR_RATIOS)
-    growth = {}
-    lo, hi = a.growth_from, max(a.frames)
-    for key in ["single_stream"] + [f"perceiver_vl N={n}" for n in a.latents]:
-        sel = {r["frames"]: r for r in rows if (r["model"] if r["latents"] is None
-                                                else f"perceiver_vl N={r['latents']}") == key}
-        growth[key] = sel[hi]["gflops_per_pair"] / sel[lo]["gflops_per_pair"]
-
-    cols = [("model", "model", "s"), ("latents", "N", ""), ("frames", "frames", "d"),
-            ("gflops_per_pair", "GFLOPs/pair", ".4f"), ("gflops_ratio", "GFLOPs ratio", ".3f"),
-            ("latency_ms_batch1", "ms (batch 1)", ".2f"), ("latency_ms_per_pair", f"ms/pair (batch {a.batch})", ".3f"),
-            ("latency_ratio", "latency ratio", ".3f"), ("fraction_of_matmul", "of matmul peak", ".2f")]
-    md = (f"Width {a.dim}, text length {a.text_len}, device {a.device}, {a.dtype}; matmul reference "
-          f"{ref:.1f} GFLOP/s. Ratios are against single_stream at the same frame count, same run.\n\n"
-          + markdown_table(rows, cols)
-          + f"\nGFLOPs growth from {lo} to {hi} frames: "
-          + ", ".join(f"{k} x{v:.1f}" for k, v in growth.items()) + "\n")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in growth:
-        sel = [r for r in rows if (r["model"] if r["latents"] is None else f"perceiver_vl N={r['latents']}") == key]
-        axes[0].plot([r["frames"] for r in sel], [r["gflops_per_pair"] for r in sel], "o-", label=key)
-        axes[1].plot([r["frames"] for r in sel], [r["latency_ms_per_pair"] for r in sel], "o-", label=key)
-    for ax, label in zip(axes, ["GFLOPs per pair", f"ms per pair (batch {a.batch})"]):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("frames")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    fig.suptitle("cost vs frames: Perceiver-VL (linear) vs single-stream (quadratic)")
-    fig.tight_layout()
-    res_rows, res_md = resolution_sweep(a, dtype, ref)
-    md += res_md
-    payload = {"args": vars(a), "matmul_gflops_per_s": ref, "rows": rows, "gflops_growth": growth,
-               "resolution_rows": res_rows}
-    write_report(a.out, "scaling", payload, md, fig)
-    print(md)
-    return payload
+    return a
 
 
 def resolution_sweep(a, dtype, ref: float) -> tuple[list[dict], str]:
@@ -117,9 +105,7 @@ def resolution_sweep(a, dtype, ref: float) -> tuple[list[dict], str]:
                                  min_run_time=a.min_run_time, matmul_ref=ref)
             rows.append({"model": kind, "latents": extra.get("num_latents"), "image_size": size,
                          "visual_tokens": model.patch_embed.num_tokens(a.size_frames), **cost})
-    for r in rows:
-        b = next(x for x in rows if x["model"] == "single_stream" and x["image_size"] == r["image_size"])
-        add_ratios([r], b, PAIR_RATIOS)
+    add_ratios(rows, is_single, PAIR_RATIOS, by=["image_size"])
     cols = [("model", "model", "s"), ("latents", "N", ""), ("image_size", "side px", "d"),
             ("visual_tokens", "visual tokens", "d"), ("gflops_per_pair", "GFLOPs/pair", ".4f"),
             ("gflops_ratio", "GFLOPs ratio", ".3f"), ("latency_ms_per_pair", f"ms/pair (batch {a.batch})", ".3f"),

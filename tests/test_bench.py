@@ -190,3 +190,18 @@ def test_bench_refuses_text_longer_than_a_model_takes(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--model", "single_stream_tiny", "--text-len", "40", "--min-run-time", "0.02"])
     assert e.value.code == 2 and "L<=32" in capsys.readouterr().err
+
+
+def test_ratios_and_differences_against_the_matching_baseline():
+    from slimvl.bench.report import add_differences, add_ratios
+
+    rows = [{"model": "base", "frames": 4, "s": 2.0, "acc": 0.5}, {"model": "new", "frames": 4, "s": 1.0, "acc": 0.6},
+            {"model": "base", "frames": 8, "s": 8.0, "acc": 0.4}, {"model": "new", "frames": 8, "s": 2.0, "acc": None},
+            {"model": "new", "frames": 16, "s": 3.0, "acc": 0.1}]
+    is_base = lambda r: r["model"] == "base"  # noqa: E731
+    add_ratios(rows, is_base, {"s": "s_ratio"}, by=["frames"])
+    add_differences(rows, is_base, {"acc": "acc_gain"}, by=["frames"])
+    assert [r.get("s_ratio") for r in rows] == [1.0, 0.5, 1.0, 0.25, None]  # 16 frames: no baseline, no ratio
+    assert [r.get("acc_gain") for r in rows] == [0.0, pytest.approx(0.1), 0.0, None, None]  # no value, no gain
+    add_ratios(rows, rows[1], {"s": "vs_first_new"})
+    assert [r["vs_first_new"] for r in rows] == [2.0, 1.0, 8.0, 2.0, 3.0]

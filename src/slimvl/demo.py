@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .bench import matmul_gflops, profile_model
+from .bench.plots import figure
 from .bench.report import add_ratios
 from .bench.stats import paired_difference, t2v_hits
 from .checkpoint import latest_checkpoint
@@ -139,12 +140,9 @@ def render_report(results: dict) -> str:
 
 def plot_results(results: dict, curves: dict, path: Path) -> None:
     """Accuracy against GFLOPs per pair, and the training loss curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, ax2) = figure(2)
     for r in results["rows"]:
         ax.scatter(r["gflops_per_pair"], r["t2v_r1"], s=60)
         ax.annotate(r["model"], (r["gflops_per_pair"], r["t2v_r1"]), textcoords="offset points", xytext=(5, 5))

@@ -1,9 +1,11 @@
 """Helpers of the experiments behind BENCHMARKS.md (the scripts in
-``benchmarks/``): the demo's world with a larger test gallery, gallery
-subsets, training that resumes an interrupted run or reuses a finished one,
+``benchmarks/``): their common options, the demo's world with a larger test
+gallery and its splits, gallery subsets, training that resumes an
+interrupted run or reuses a finished one, a timed retrieval, counted FLOPs,
 and the image size a preset reads."""
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +18,10 @@ from .data import make_dataset
 from .models import create_model, get_config
 from .models.pretrained import init_from_checkpoint
 from .models.streams import cached_decoder_scores, decoder_kv
-from .recipes import DATA
+from .pipeline import load_split, load_tokenizer
+from .recipes import DATA, FRAMES, TEXT_LEN
 from .tasks import RetrievalData
+from .tasks.retrieval import recall_metrics, score_matrix
 from .train import TrainConfig, train
 
 
@@ -27,10 +31,52 @@ def preset_image_size(preset: str = "perceiver_vl_tiny", **overrides) -> int:
     return get_config(preset, **overrides).image_size
 
 
+def experiment_parser(doc: str, steps: int | None = None, data: bool = True) -> argparse.ArgumentParser:
+    """The options every experiment shares: ``--out`` (reports and runs),
+    ``--data`` (an existing dataset folder instead of the generated one),
+    ``--steps`` (training steps, when ``steps`` gives the default) and
+    ``--quiet`` (no progress bars). ``doc`` is the script's docstring, shown
+    by ``--help`` as written."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/out", help="folder of the reports and of the training runs")
+    if data:
+        p.add_argument("--data", help="dataset folder (default: made under OUT when missing)")
+    if steps is not None:
+        p.add_argument("--steps", type=int, default=steps, help="training steps of each model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
 def gallery_dataset(root: str | Path, n_test: int, progress: bool = True, n_train: int | None = None) -> Path:
     """The demo's synthetic video-text data with a test gallery of ``n_test``
     videos (and ``n_train`` training videos instead of the demo's, if given)."""
     return make_dataset(root, progress=progress, **{**DATA, "n_test": n_test, "n_train": n_train or DATA["n_train"]})
+
+
+def retrieval_splits(root: str | Path, gallery: int | None = None, progress: bool = True,
+                     preset: str = "perceiver_vl_tiny"):
+    """The tokenizer, training split and test split (its first ``gallery``
+    videos when given) of a video-text dataset, read as the demo's recipe
+    reads them (``FRAMES`` frames at ``preset``'s image size, ``TEXT_LEN``
+    tokens)."""
+    tok = load_tokenizer(root)
+    size = preset_image_size(preset)
+    train = load_split(root, "train", tok, FRAMES, size, TEXT_LEN, progress=progress)
+    test = load_split(root, "test", tok, FRAMES, size, TEXT_LEN, progress=progress)
+    return tok, train, test if gallery is None else subset(test, gallery)
+
+
+RECALLS = ("t2v_r1", "t2v_r5", "t2v_r10", "v2t_r1")
+
+
+def timed_retrieval(model, data: RetrievalData, progress: bool = True) -> dict[str, float]:
+    """Every caption of ``data`` retrieved against every video: recalls
+    (``RECALLS``) and the seconds spent encoding, scoring and in all."""
+    timings: dict = {}
+    m = recall_metrics(score_matrix(model, data, progress=progress, timings=timings), data.caption_item)
+    return {**{k: m[k] for k in RECALLS}, "seconds_encode": timings["encode_seconds"],
+            "seconds_score": timings["score_seconds"],
+            "seconds_total": timings["encode_seconds"] + timings["score_seconds"]}
 
 
 def subset(data: RetrievalData, n_items: int) -> RetrievalData:
@@ -91,3 +137,12 @@ def counted_retrieval_flops(model, frames: int, text_len: int) -> dict[str, floa
         pair = count_flops(lambda: model.score_cached(tc, vc), model)
     return {"video": count_flops(lambda: kv(model.cache_videos(video)), model) / 8,
             "text": count_flops(lambda: kv(model.cache_texts(ids, mask)), model) / 8, "pair": pair / 64}
+
+
+def retrieval_gflops(flops: dict[str, float], n_videos: int, n_captions: int) -> dict[str, float]:
+    """GFLOPs per cached video, caption and scored pair
+    (``counted_retrieval_flops``) and of a whole retrieval of ``n_captions``
+    captions over ``n_videos`` videos."""
+    total = n_videos * flops["video"] + n_captions * flops["text"] + n_videos * n_captions * flops["pair"]
+    return {"gflops_per_video": flops["video"] / 1e9, "gflops_per_caption": flops["text"] / 1e9,
+            "gflops_per_pair": flops["pair"] / 1e9, "gflops_total": total / 1e9}

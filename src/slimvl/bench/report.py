@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -19,14 +19,44 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def add_ratios(rows: list[dict], base: dict, ratios: dict[str, str]) -> list[dict]:
+def baseline(rows: list[dict], row: dict, is_base: Callable[[dict], bool], by: Sequence[str] = ()) -> dict | None:
+    """The row of ``rows`` that ``is_base`` picks and that shares ``row``'s
+    values of the keys ``by`` (e.g. the single-stream row at the same frame
+    count); None when there is none."""
+    return next((b for b in rows if is_base(b) and all(b[k] == row[k] for k in by)), None)
+
+
+def _compare(rows, base, pairs, by, op) -> list[dict]:
+    for r in rows:
+        b = base if isinstance(base, dict) else baseline(rows, r, base, by)
+        for key, name in pairs.items():
+            if b is not None and r.get(key) is not None and b.get(key) is not None:
+                r[name] = op(r[key], b[key])
+    return rows
+
+
+def add_ratios(rows: list[dict], base: dict | Callable[[dict], bool], ratios: dict[str, str],
+               by: Sequence[str] = ()) -> list[dict]:
     """Give every row ``row[name] = row[key] / base[key]`` for each
     ``key -> name`` of ``ratios``: costs against a baseline measured in the
-    same run (absolute times alone mean little on a shared machine)."""
-    for r in rows:
-        for key, name in ratios.items():
-            r[name] = r[key] / base[key]
-    return rows
+    same run (absolute times alone mean little on a shared machine).
+    ``base`` is the baseline row, or a predicate choosing baseline rows, each
+    row then compared with the one sharing its values of ``by``
+    (``baseline``). A row without a baseline or a value gets no ratio."""
+    return _compare(rows, base, ratios, by, lambda x, b: x / b)
+
+
+def add_differences(rows: list[dict], base: dict | Callable[[dict], bool], differences: dict[str, str],
+                    by: Sequence[str] = ()) -> list[dict]:
+    """As ``add_ratios``, with ``row[name] = row[key] - base[key]`` (accuracy
+    against a baseline)."""
+    return _compare(rows, base, differences, by, lambda x, b: x - b)
+
+
+def show(row: dict) -> None:
+    """Print one result row as it is measured, floats rounded to 4 places
+    (a long benchmark's progress in its log)."""
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

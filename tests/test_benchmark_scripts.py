@@ -1,0 +1,118 @@
+"""Every script of ``benchmarks/`` runs end to end on tiny data: two training
+steps, a gallery of a few videos, short timings. What they measure is in
+BENCHMARKS.md; here they must run, write their three reports and put the
+numbers they compute in them."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from slimvl.data import make_dataset
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run(script: str, *argv: str) -> dict:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script}", BENCHMARKS / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(argv))
+
+
+def reports(out: Path, name: str) -> dict:
+    for ext in ("md", "png"):
+        assert (out / f"{name}.{ext}").stat().st_size > 0, f"{name}.{ext} missing or empty"
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench") / "data"
+    return make_dataset(root, kind="video-text", seed=0, n_train=40, n_val=8, n_test=8, group_size=4, frames=4,
+                        size=64, progress=False)
+
+
+def test_streams(data, tmp_path):
+    out = run("streams", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--galleries", "4", "8",
+              "--quiet")
+    rows = reports(tmp_path, "streams")["rows"]
+    assert [(r["stream"], r["gallery"]) for r in rows] == [(s, g) for s in ("single", "multi", "mixed")
+                                                           for g in (4, 8)]
+    for r in rows:
+        base = next(b for b in rows if b["stream"] == "single" and b["gallery"] == r["gallery"])
+        assert math.isclose(r["speedup_vs_single"], base["seconds_total"] / r["seconds_total"])
+        assert math.isclose(r["t2v_r1_minus_single"], r["t2v_r1"] - base["t2v_r1"])
+        assert 0 <= r["t2v_r1"] <= 1 and r["gflops_total"] > 0
+    assert out["rows"] == rows
+
+
+def test_latents(data, tmp_path):
+    run("latents", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--latents", "8", "16",
+        "--gallery", "8", "--quiet")
+    rows = reports(tmp_path, "latents")["rows"]
+    assert [r["num_latents"] for r in rows] == [8, 16]
+    assert rows[0]["gflops_total_ratio"] == 1.0
+    assert rows[1]["gflops_per_video"] > rows[0]["gflops_per_video"]  # more latents, more work per video
+    # A cached video costs far less than a jointly encoded pair times the gallery.
+    assert rows[1]["gflops_joint_pair"] > rows[1]["gflops_per_pair"]
+
+
+def test_layerdrop(data, tmp_path):
+    run("layerdrop", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--gallery", "8",
+        "--min-run-time", "0.01", "--quiet")
+    rows = reports(tmp_path, "layerdrop_2steps")["rows"]
+    assert [(r["train_drop"], r["cross_attentions"]) for r in rows] == [(d, k) for d in (0.0, 0.5)
+                                                                       for k in (3, 2, 1)]
+    for r in rows:
+        assert (r["gflops_cut"] == 0) == (r["cross_attentions"] == 3)
+        assert (r["t2v_r1_points_vs_all"] == 0) or r["cross_attentions"] < 3
+    assert rows[2]["gflops_cut"] > rows[1]["gflops_cut"] > 0
+
+
+def test_layerdrop_latency_only(tmp_path):
+    run("layerdrop", "--out", str(tmp_path), "--latency-only", "--repeats", "2", "--min-run-time", "0.01")
+    rows = json.loads((tmp_path / "layerdrop_latency.json").read_text())["rows"]
+    assert [r["cross_attentions"] for r in rows] == [3, 2, 1]
+    assert rows[0]["gflops_cut"] == 0 < rows[1]["gflops_cut"] < rows[2]["gflops_cut"]
+
+
+def test_scaling(tmp_path):
+    run("scaling", "--out", str(tmp_path), "--quick", "--frames", "2", "4", "--latents", "8", "--sizes", "32",
+        "--min-run-time", "0.01")
+    report = reports(tmp_path, "scaling")
+    assert {r["model"] for r in report["rows"]} == {"single_stream", "perceiver_vl"}
+    for r in report["rows"] + report["resolution_rows"]:
+        assert (r["gflops_ratio"] == 1.0) == (r["model"] == "single_stream")
+    assert set(report["gflops_growth"]) == {"single_stream", "perceiver_vl N=8"}
+    # Joint attention over every token grows faster with frames than the latent bottleneck.
+    assert report["gflops_growth"]["single_stream"] > report["gflops_growth"]["perceiver_vl N=8"]
+
+
+def test_qa(data, tmp_path):
+    run("qa", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--batch-size", "8",
+        "--questions-per-item", "2", "--quiet")
+    rows = reports(tmp_path, "qa")["rows"]
+    assert [r["model"] for r in rows] == ["perceiver_vl_tiny", "single_stream_tiny"]
+    assert rows[0]["gflops_ratio"] == 1.0 and rows[1]["gflops_ratio"] > 1
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_pretrain(data, tmp_path):
+    run("pretrain", "--out", str(tmp_path), "--data", str(data), "--pretrain-steps", "2", "--finetune-steps", "2",
+        "--corpus-items", "40", "--gallery", "8", "--mlm-batch", "8", "--quiet")
+    report = reports(tmp_path, "pretrain")
+    assert [r["init"] for r in report["rows"]] == ["scratch", "pretrained"]
+    assert report["rows"][0]["t2v_r1_minus_scratch"] == 0
+    assert set(report["mlm_accuracy"]) == {"video-text", "image-text"}
+
+
+def test_ablation(data, tmp_path):
+    run("ablation", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--groups-per-step", "4",
+        "--variant", "a=lr=0.001", "--variant", "b=model.num_latents=8", "--eval-every", "1")
+    rows = reports(tmp_path, "ablation")["rows"]
+    assert [r["variant"] for r in rows] == ["a", "b"]
+    assert rows[1]["model_overrides"] == {"num_latents": 8}
