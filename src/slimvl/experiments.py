@@ -17,7 +17,6 @@ from .checkpoint import latest_checkpoint, load_model, read_meta
 from .data import make_dataset
 from .models import create_model, get_config
 from .models.pretrained import init_from_checkpoint
-from .models.streams import cached_decoder_scores, decoder_kv
 from .pipeline import load_split, load_tokenizer
 from .recipes import DATA, FRAMES, TEXT_LEN
 from .tasks import RetrievalData
@@ -126,17 +125,11 @@ def counted_retrieval_flops(model, frames: int, text_len: int) -> dict[str, floa
     if not model.cacheable:
         return {"video": 0.0, "text": 0.0, "pair": model_flops_per_pair(model, frames, text_len)}
     video, ids, mask = dummy_inputs(model, frames, text_len, 8)
-    mixed = model.config.stream == "mixed"
-    kv = (lambda x: [decoder_kv(b, x) for b in model.decoder]) if mixed else (lambda x: x)
-    vc, tc = model.cache_videos(video), model.cache_texts(ids, mask)
-    if mixed:
-        kv_t, kv_v = kv(tc), kv(vc)
-        pair = count_flops(lambda: cached_decoder_scores(model.decoder, model.vtm_query, model.vtm_head, kv_t, kv_v),
-                           model)
-    else:
-        pair = count_flops(lambda: model.score_cached(tc, vc), model)
-    return {"video": count_flops(lambda: kv(model.cache_videos(video)), model) / 8,
-            "text": count_flops(lambda: kv(model.cache_texts(ids, mask)), model) / 8, "pair": pair / 64}
+    videos = model.prepare_cached(model.cache_videos(video))
+    texts = model.prepare_cached(model.cache_texts(ids, mask))
+    return {"video": count_flops(lambda: model.prepare_cached(model.cache_videos(video)), model) / 8,
+            "text": count_flops(lambda: model.prepare_cached(model.cache_texts(ids, mask)), model) / 8,
+            "pair": count_flops(lambda: model.score_prepared(texts, videos), model) / 64}
 
 
 def retrieval_gflops(flops: dict[str, float], n_videos: int, n_captions: int) -> dict[str, float]:

@@ -236,7 +236,8 @@ class VLModel(nn.Module):
     def capabilities(self) -> frozenset[str]:
         """What this model offers besides scoring pairs: ``"answer"`` (QA
         head), ``"mlm"`` (masked language modelling head), ``"cache"``
-        (``cache_videos``/``cache_texts``/``score_cached``),
+        (``cache_videos``/``cache_texts``/``score_cached``, which is
+        ``score_prepared`` of each side's ``prepare_cached``),
         ``"cross_attn_keep"`` (choosable cross-attentions), ``"pretrained_init"``
         (``slimvl.models.pretrained`` can initialise it)."""
         return frozenset({"answer"} if getattr(self, "qa_head", None) is not None else ())
@@ -269,6 +270,16 @@ class VLModel(nn.Module):
         """Logits ``[P]`` of the pairs ``(video[video_index[p]], text[text_index[p]])``;
         ``reuse`` is ``encode_unimodal``'s third result for the same batch."""
         return self(video[video_index], text_ids[text_index], text_mask[text_index]).logits
+
+    def prepare_cached(self, cache: Any) -> Any:
+        """The per-item part of scoring a cache (for ``"cache"`` models),
+        done once per cached video or caption; nothing here."""
+        return cache
+
+    def score_prepared(self, texts: Any, videos: Any, max_pairs: int = 8192) -> Tensor:
+        """Logits ``[n_texts, n_videos]`` from ``prepare_cached`` of both
+        sides: the per-pair work (for ``"cache"`` models)."""
+        return self.score_cached(texts, videos, max_pairs)
 
     def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:
         """Retrieval cost split into per-video and per-caption encoding

@@ -281,20 +281,34 @@ class PerceiverVL(VLModel):
         return self.stream_tag(lat, TEXT)
 
     def score_cached(self, text_cache: Tensor, video_cache: Tensor, max_pairs: int = 8192) -> Tensor:
-        """Logits ``[n_texts, n_videos]`` of every pair, from the caches.
+        """Logits ``[n_texts, n_videos]`` of every pair, from the caches:
+        ``score_prepared`` of each side's ``prepare_cached``.
 
         The mixed stream projects each item's keys and values once, then runs
         only the per-pair part of the decoder (``streams.cached_decoder_scores``);
         ``max_pairs`` bounds the pairs in flight (memory).
         """
+        return self.score_prepared(self.prepare_cached(text_cache), self.prepare_cached(video_cache), max_pairs)
+
+    def prepare_cached(self, cache: Tensor):
+        """The per-item part of scoring a cache (``cache_videos`` or
+        ``cache_texts``), done once per item: the decoder's keys and values
+        per layer (mixed), or the embeddings as they are (multi). What a
+        cached retrieval pays per item besides encoding."""
         self._need_cache()
-        text_cache, video_cache = self.to_device(text_cache, video_cache)
+        (cache,) = self.to_device(cache)
         if self.config.stream == "multi":
-            with without_autocast(text_cache.device):
-                return self.logit_scale.float().exp().clamp(max=100) * (text_cache.float() @ video_cache.float().T)
-        kv_text = [decoder_kv(b, text_cache) for b in self.decoder]
-        kv_video = [decoder_kv(b, video_cache) for b in self.decoder]
-        return cached_decoder_scores(self.decoder, self.vtm_query, self.vtm_head, kv_text, kv_video, max_pairs)
+            return cache
+        return [decoder_kv(b, cache) for b in self.decoder]
+
+    def score_prepared(self, texts, videos, max_pairs: int = 8192) -> Tensor:
+        """Logits ``[n_texts, n_videos]`` from ``prepare_cached`` of both
+        sides: only the per-pair work."""
+        self._need_cache()
+        if self.config.stream == "multi":
+            with without_autocast(texts.device):
+                return self.logit_scale.float().exp().clamp(max=100) * (texts.float() @ videos.float().T)
+        return cached_decoder_scores(self.decoder, self.vtm_query, self.vtm_head, texts, videos, max_pairs)
 
     # -- cost -------------------------------------------------------------
     def encoder_flops(self, m: int) -> int:
