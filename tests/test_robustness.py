@@ -573,3 +573,48 @@ def test_init_from_uses_the_tokenizer_the_weights_were_trained_with(shapes, tmp_
     main(_train_args(data, tmp_path / "b", 2, "--init-from", str(tmp_path / "a")))
     assert read_meta(latest_checkpoint(tmp_path / "b"))["tokenizer"] == first
     capsys.readouterr()
+
+
+_DDP_VALIDATION_FAILS = '''
+import torch.distributed as dist
+from helpers import tiny_data, tiny_model
+from slimvl.evaluate import NonFiniteScores
+from slimvl.tasks import RetrievalTask
+from slimvl.train import TrainConfig, train
+
+
+class BrokenValidation(RetrievalTask):
+    def evaluate(self, model, data, device):
+        raise NonFiniteScores("3 of 8 scores are NaN or infinite")  # as a broken model's would be on rank 0
+
+
+try:
+    train(tiny_model(), BrokenValidation(tiny_data()), TrainConfig(steps=4, groups_per_step=4, groups_per_unit=2,
+          vtm_groups_per_unit=1, warmup_steps=1, eval_every=2, device="cpu"), progress=False, val_data=tiny_data())
+except ValueError as e:
+    print(f"rank {dist.get_rank()} stopped: {e}", flush=True)
+    raise SystemExit(3)
+'''
+
+
+def test_validation_failure_on_rank_0_stops_every_rank(tmp_path):
+    """Data-parallel, only rank 0 evaluates. When its scores are non-finite,
+    every other rank stops by itself, saying why. Before, they waited for rank
+    0 at the next collective: torchrun's agent killed them, and a launcher
+    without one (``mp.spawn``, one process per ``srun`` task) let them wait
+    for the collective's timeout."""
+    script = tmp_path / "ddp_val.py"
+    script.write_text(_DDP_VALIDATION_FAILS)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"),
+                                         env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    try:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(script)], env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 1 waited for rank 0's failed validation")
+    assert out.returncode != 0
+    assert "rank 0 stopped: 3 of 8 scores are NaN or infinite" in out.stdout
+    assert "rank 1 stopped: stopped: another process could not evaluate the model" in out.stdout

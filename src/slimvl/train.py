@@ -250,15 +250,18 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                                 **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
                                 "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1)})
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-            if val_data is not None and cfg.eval_every and rank == 0 and \
-                    ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
+            if val_data is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
+                # Rank 0 evaluates; a failure there (non-finite scores) stops
+                # every rank, instead of the others waiting for it forever.
                 t_eval = time.perf_counter()
-                metrics = task.evaluate(model, val_data, device)
-                evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
+                metrics = _agreed(lambda: task.evaluate(model, val_data, device) if rank == 0 else None,
+                                  distributed, device, what="evaluate the model", errors=Exception)
                 model.train()
+                if rank == 0:
+                    evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
+                    if task.headline in metrics and progress:
+                        bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
                 eval_seconds += time.perf_counter() - t_eval
-                if task.headline in metrics and progress:
-                    bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
             # Ctrl-C or SIGTERM: keep the step just finished, then stop.
             stopping = stop.requested(distributed, device)
             if run_dir is not None and rank == 0 and \
@@ -354,19 +357,22 @@ def _check_same_run(ckpt: Path, task: Task, cfg: TrainConfig) -> None:
                          f"one given now ({task.tokenizer.fingerprint})")
 
 
-def _agreed(fn, distributed: bool, device: torch.device):
-    """``fn()`` on every rank; if it fails on any, all ranks raise (instead of
-    the others waiting for the failed one at the next collective)."""
+def _agreed(fn, distributed: bool, device: torch.device, what: str = "start the run",
+            errors: type[BaseException] | tuple = ValueError):
+    """``fn()`` on every rank; if it raises ``errors`` on any, all ranks
+    raise (instead of the others waiting for the failed one at the next
+    collective); the others' error says the process that failed could not
+    do ``what``."""
     error = None
     try:
         out = fn()
-    except ValueError as e:
+    except errors as e:
         error = e
     if distributed:
         failed = torch.tensor([float(error is not None)], device=device)
         dist.all_reduce(failed)
         if failed.item() and error is None:
-            error = ValueError("stopped: another process could not start the run (its error names why)")
+            error = ValueError(f"stopped: another process could not {what} (its error names why)")
     if error is not None:
         raise error
     return out
