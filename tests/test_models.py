@@ -317,3 +317,29 @@ def test_num_params_counts_parameters():
     assert m.num_params() == sum(p.numel() for p in m.parameters()) > 0
     bigger = tiny("single_stream_tiny", depth=m.config.depth + 1)
     assert bigger.num_params() > m.num_params()
+
+
+@pytest.mark.parametrize("name", ["single_stream_tiny", "perceiver_vl_tiny"])
+def test_named_blocks_reach_every_layer_a_forward_runs(name):
+    """A per-layer technique (token merging's hook) reaches each model's
+    layers through ``named_blocks``, wherever the model keeps them."""
+    from slimvl.bench import dummy_inputs
+    from slimvl.nn import Block, CrossBlock
+
+    m = tiny(name).eval()
+    blocks = m.named_blocks()
+    assert {id(b) for _, b in blocks} == {id(x) for x in m.modules() if isinstance(x, (Block, CrossBlock))}
+    assert all(isinstance(b, Block) for _, b in m.named_blocks("self"))
+    assert all(isinstance(b, CrossBlock) for _, b in m.named_blocks("cross"))
+    assert len(m.named_blocks("self")) + len(m.named_blocks("cross")) == len(blocks)
+    video, ids, mask = dummy_inputs(m, 2, 8, 3)
+    with torch.no_grad():
+        plain = m(video, ids, mask).logits
+        calls = []
+        for name_, block in m.named_blocks("self"):
+            block.between = lambda x, metric, n=name_: (calls.append(n), x)[1]  # identity, recorded
+        hooked = m(video, ids, mask).logits
+    assert calls == [n for n, _ in m.named_blocks("self")]  # every self-attention layer, once, in order
+    torch.testing.assert_close(hooked, plain)
+    with pytest.raises(ValueError, match="kind='latent'"):
+        m.named_blocks("latent")

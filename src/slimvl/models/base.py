@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import TEXT, VIDEO, ModalityEmbed, PatchEmbed, TextEmbed
+from ..nn import TEXT, VIDEO, Block, CrossBlock, ModalityEmbed, PatchEmbed, TextEmbed
 from ..nn.modalities import MODALITIES
 from .config import VLConfig
 
@@ -270,6 +270,18 @@ class VLModel(nn.Module):
         """Logits ``[P]`` of the pairs ``(video[video_index[p]], text[text_index[p]])``;
         ``reuse`` is ``encode_unimodal``'s third result for the same batch."""
         return self(video[video_index], text_ids[text_index], text_mask[text_index]).logits
+
+    def named_blocks(self, kind: str | None = None) -> list[tuple[str, nn.Module]]:
+        """Every transformer layer of the model, as ``(name, layer)`` in the
+        order the modules were built: ``Block`` (self-attention, ``kind=
+        "self"``) and ``CrossBlock`` (``kind="cross"``); ``kind=None`` gives
+        both. What a technique that acts per layer reaches through (token
+        merging sets ``Block.between``; per-head masks), without knowing
+        where each model keeps its layers."""
+        kinds = {"self": (Block,), "cross": (CrossBlock,), None: (Block, CrossBlock)}
+        if kind not in kinds:
+            raise ValueError(f"kind={kind!r}: expected 'self', 'cross' or None")
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, kinds[kind])]
 
     def prepare_cached(self, cache: Any) -> Any:
         """The per-item part of scoring a cache (for ``"cache"`` models),
