@@ -343,3 +343,22 @@ def test_named_blocks_reach_every_layer_a_forward_runs(name):
     torch.testing.assert_close(hooked, plain)
     with pytest.raises(ValueError, match="kind='latent'"):
         m.named_blocks("latent")
+
+
+def test_qa_mlm_and_pair_scoring_read_an_inputs_mapping_as_the_positional_form():
+    from slimvl.bench import dummy_inputs
+
+    m = tiny("perceiver_vl_tiny", num_answers=5, mlm=True).eval()
+    video, ids, mask = dummy_inputs(m, 2, 8, 3)
+    inputs = {"video": video, "text": ids, "text_mask": mask}
+    masked = torch.zeros_like(mask)
+    masked[:, 2] = True
+    with torch.no_grad():
+        torch.testing.assert_close(m.answer(inputs), m.answer(video, ids, mask), rtol=0, atol=0)
+        torch.testing.assert_close(m.mlm_logits(inputs, masked=masked), m.mlm_logits(video, ids, mask, masked),
+                                   rtol=0, atol=0)
+        items, captions = torch.tensor([0, 2, 1]), torch.tensor([1, 1, 0])
+        pairs = m.score_pairs(inputs, items, captions)
+        torch.testing.assert_close(pairs, m(video[items], ids[captions], mask[captions]).logits, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="masked"):
+        m.mlm_logits(inputs)

@@ -132,3 +132,17 @@ def test_block_hook_sees_tokens_and_metric_between_attention_and_mlp():
     torch.testing.assert_close(out, plain[:, :3])  # the MLP acts per token: the kept ones are unchanged
     block.between = None
     assert torch.equal(block(x), plain)
+
+
+def test_pair_inputs_take_the_query_modality_and_the_items_from_their_own_rows():
+    from slimvl.nn.modalities import pair_inputs, rows_of, take
+
+    inputs = {"video": torch.arange(3).float().view(3, 1), "audio": 10 + torch.arange(3).view(3, 1),
+              "text": 100 + torch.arange(3).view(3, 1), "text_mask": torch.tensor([[True], [False], [True]])}
+    pairs = pair_inputs(inputs, item_index=torch.tensor([0, 2, 2]), query_index=torch.tensor([1, 1, 0]))
+    assert pairs["video"].flatten().tolist() == [0, 2, 2] and pairs["audio"].flatten().tolist() == [10, 12, 12]
+    assert pairs["text"].flatten().tolist() == [101, 101, 100]
+    assert pairs["text_mask"].flatten().tolist() == [False, False, True]  # the caption's mask travels with it
+    assert rows_of(take(inputs, slice(1, None))) == 2
+    with pytest.raises(ValueError, match="one batch size"):
+        rows_of({"video": torch.zeros(2, 1), "text": torch.zeros(3, 1)})

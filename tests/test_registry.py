@@ -143,7 +143,7 @@ def test_a_task_registered_outside_slimvl_is_on_the_command_line(tmp_path, capsy
 # ---------------------------------------------------------------- a third modality, from a test file alone
 
 from slimvl.nn import MODALITIES, Modality, register_modality  # noqa: E402
-from slimvl.tasks import Task  # noqa: E402
+from slimvl.tasks import InputsBatch, Task  # noqa: E402
 
 AUDIO_FRAMES = 10
 
@@ -193,6 +193,14 @@ class Tri(VLModel):
                 + block_flops(m, m, c.dim, c.mlp_ratio, cross=False) + linear_flops(1, c.dim, 1))
 
 
+@dataclass
+class MatchBatch(InputsBatch):
+    """Three modalities in one batch (the library's batch base), and the labels."""
+
+    inputs: dict
+    label: torch.Tensor
+
+
 class MatchTask(Task):
     """Random (video, audio, caption) triples; half have their audio swapped: a match is 1."""
 
@@ -208,7 +216,7 @@ class MatchTask(Task):
         label = (rows % 2 == 0).float().to(device)
         inputs["test_audio"] = torch.where(label[:, None, None] > 0, inputs["test_audio"],
                                            inputs["test_audio"].roll(1, 0))
-        return inputs, label
+        return MatchBatch(inputs, label)
 
     def objective(self, model, cfg):
         class Loss(nn.Module):
@@ -217,8 +225,8 @@ class MatchTask(Task):
                 self.model = model
 
             def forward(self, batch):
-                inputs, label = batch
-                loss = nn.functional.binary_cross_entropy_with_logits(self.model(inputs).logits.float(), label)
+                logits = self.model(batch.inputs).logits.float()
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
                 return loss, {"bce": loss.item()}
 
         return Loss()
@@ -228,12 +236,12 @@ class MatchTask(Task):
         return self._rows(rows[rank::world], device)
 
     def samples(self, batch):
-        return batch[1].shape[0]
+        return batch.size
 
     def evaluate(self, model, data, device):
-        inputs, label = self._rows(torch.arange(16), device)
+        b = self._rows(torch.arange(16), device)
         with torch.no_grad():
-            return {"accuracy": ((model.eval()(inputs).logits > 0).float() == label).float().mean().item()}
+            return {"accuracy": ((model.eval()(b.inputs).logits > 0).float() == b.label).float().mean().item()}
 
 
 import numpy as np  # noqa: E402

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import TEXT, VIDEO, Block, CrossBlock, ModalityEmbed, PatchEmbed, TextEmbed
-from ..nn.modalities import MODALITIES
+from ..nn.modalities import MODALITIES, pair_inputs
 from .config import VLConfig
 
 
@@ -260,16 +260,20 @@ class VLModel(nn.Module):
         (items encoded once per step serve the contrastive term and every pair)."""
         return False
 
-    def encode_unimodal(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """Embeddings ``[B, E]`` of the videos and of the texts, each encoded
-        alone, and what ``score_pairs`` may reuse of that work (None here)."""
+    def encode_unimodal(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Any]:
+        """Embeddings ``[B, E]`` of the items (videos) and of the captions of
+        an inputs mapping, each encoded alone, and what ``score_pairs`` may
+        reuse of that work (None here)."""
+        video, text_ids, text_mask = self.read_inputs(inputs)
         return self.embed_video(video), self.embed_text(text_ids, text_mask), None
 
-    def score_pairs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, video_index: Tensor,
-                    text_index: Tensor, reuse: Any = None) -> Tensor:
-        """Logits ``[P]`` of the pairs ``(video[video_index[p]], text[text_index[p]])``;
-        ``reuse`` is ``encode_unimodal``'s third result for the same batch."""
-        return self(video[video_index], text_ids[text_index], text_mask[text_index]).logits
+    def score_pairs(self, inputs: Mapping[str, Tensor], item_index: Tensor, query_index: Tensor,
+                    reuse: Any = None) -> Tensor:
+        """Logits ``[P]`` of the pairs (item ``item_index[p]``, caption
+        ``query_index[p]``) of an inputs mapping whose row ``i`` holds item
+        ``i`` and its own caption (``nn.modalities.pair_inputs``); ``reuse``
+        is ``encode_unimodal``'s third result for the same inputs."""
+        return self(pair_inputs(inputs, item_index, query_index)).logits
 
     def named_blocks(self, kind: str | None = None) -> list[tuple[str, nn.Module]]:
         """Every transformer layer of the model, as ``(name, layer)`` in the

@@ -143,19 +143,20 @@ class PerceiverVL(VLModel):
     def pairs_reuse_encodings(self) -> bool:
         return self.config.stream == "mixed"
 
-    def encode_unimodal(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor, Any]:
+    def encode_unimodal(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Any]:
         """The mixed stream keeps the latents: the decoder scores every pair from them."""
         if self.config.stream != "mixed":
-            return super().encode_unimodal(video, text_ids, text_mask)
+            return super().encode_unimodal(inputs)
+        video, text_ids, text_mask = self.read_inputs(inputs)
         v_lat, t_lat = self.video_latents(video), self.text_latents(text_ids, text_mask)
         return self.pool(v_lat), self.pool(t_lat), (v_lat, t_lat)
 
-    def score_pairs(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, video_index: Tensor,
-                    text_index: Tensor, reuse: Any = None) -> Tensor:
+    def score_pairs(self, inputs: Mapping[str, Tensor], item_index: Tensor, query_index: Tensor,
+                    reuse: Any = None) -> Tensor:
         if reuse is None:
-            return super().score_pairs(video, text_ids, text_mask, video_index, text_index)
+            return super().score_pairs(inputs, item_index, query_index)
         v_lat, t_lat = reuse
-        return self.score_latents(v_lat[video_index], t_lat[text_index])
+        return self.score_latents(v_lat[item_index], t_lat[query_index])
 
     # -- encoding ---------------------------------------------------------
     def encode(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
@@ -227,23 +228,32 @@ class PerceiverVL(VLModel):
         self.check_inputs(video, text_ids, text_mask)
         return self.encode(*self.embed_inputs(video, text_ids, text_mask))
 
-    def answer(self, video: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
+    def answer(self, video: Tensor | Mapping[str, Tensor], question_ids: Tensor | None = None,
+               question_mask: Tensor | None = None) -> Tensor:
         """Answer logits ``[B, num_answers]``: a [CLS] query reads the joint
-        latents of the video and the question, then the answer classifier."""
+        latents of the video and the question (given positionally, or as an
+        inputs mapping whose ``text``/``text_mask`` are the question), then
+        the answer classifier."""
         self._need_head("qa_head", "num_answers")
+        video, question_ids, question_mask = self.read_inputs(video, question_ids, question_mask)
         lat = self.joint_latents(video, question_ids, question_mask)
         cls = self.qa_decoder(repeat(self.qa_query, "q d -> b q d", b=lat.shape[0]), lat)
         return self.qa_head(cls[:, 0])
 
-    def mlm_logits(self, video: Tensor, text_ids: Tensor, text_mask: Tensor, masked: Tensor) -> Tensor:
+    def mlm_logits(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
+                   text_mask: Tensor | None = None, masked: Tensor | None = None) -> Tensor:
         """Token logits ``[B, L, vocab]`` at every text position.
 
         ``text_ids`` are the corrupted ids (masked positions already replaced,
-        see ``slimvl.tasks.mlm.mask_tokens``); ``masked`` ``[B, L]`` bool says
-        which positions were chosen. Each decoder query is the position's
-        embedding plus the masked/unmasked embedding.
+        see ``slimvl.tasks.mlm.mask_tokens``), given positionally or in an
+        inputs mapping (``mlm_logits(inputs, masked=...)``); ``masked``
+        ``[B, L]`` bool says which positions were chosen. Each decoder query
+        is the position's embedding plus the masked/unmasked embedding.
         """
         self._need_head("mlm_head", "mlm")
+        if masked is None:
+            raise TypeError("mlm_logits: masked [B, L] (the chosen positions) is required")
+        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
         (masked,) = self.to_device(masked)
         if masked.shape != text_ids.shape or masked.dtype != torch.bool:
             raise ValueError(f"masked: expected bool of shape {tuple(text_ids.shape)}, "

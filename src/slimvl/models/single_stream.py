@@ -53,12 +53,15 @@ class SingleStream(VLModel):
         cls = self.encode_cls(*self.embed_inputs(video, text_ids, text_mask))
         return VLOutput(logits=score_in_fp32(self.vtm_head, cls).squeeze(-1), pooled=self.proj(cls))
 
-    def answer(self, video: Tensor, question_ids: Tensor, question_mask: Tensor) -> Tensor:
-        """Answer logits ``[B, num_answers]`` from the final [CLS] (ViLT's VQA head)."""
+    def answer(self, video: Tensor | Mapping[str, Tensor], question_ids: Tensor | None = None,
+               question_mask: Tensor | None = None) -> Tensor:
+        """Answer logits ``[B, num_answers]`` from the final [CLS] (ViLT's VQA
+        head); the question given positionally, or as an inputs mapping's
+        ``text``/``text_mask``."""
         if self.qa_head is None:
             raise ValueError("this single_stream model has no qa_head: build it with num_answers set "
                              "(e.g. create_model(..., num_answers=N))")
-        video, question_ids, question_mask = self.to_device(video, question_ids, question_mask)
+        video, question_ids, question_mask = self.read_inputs(video, question_ids, question_mask)
         self.check_inputs(video, question_ids, question_mask)
         return self.qa_head(self.encode_cls(*self.embed_inputs(video, question_ids, question_mask)))
 

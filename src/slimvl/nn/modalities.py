@@ -11,6 +11,7 @@ modality (audio, say) registers here, or from the code that adds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -61,6 +62,29 @@ def dummy_batch(modalities: tuple[str, ...], config: Any, batch: int, sizes: dic
         for key, t in MODALITIES[name].dummy(config, batch, sizes, g).items():
             out[key] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
     return out
+
+
+def take(inputs: Mapping[str, Tensor], index: Tensor | slice) -> dict[str, Tensor]:
+    """The rows ``index`` of every tensor of an inputs mapping."""
+    return {k: t[index] for k, t in inputs.items()}
+
+
+def pair_inputs(inputs: Mapping[str, Tensor], item_index: Tensor, query_index: Tensor,
+                query: str = "text") -> dict[str, Tensor]:
+    """The inputs of the pairs ``(item item_index[p], query query_index[p])``
+    of a batch whose row ``i`` holds item ``i`` and its own query: the
+    ``query`` modality's tensors (a caption: ``text``, ``text_mask``) taken
+    at ``query_index``, every other modality's at ``item_index``."""
+    keys = MODALITIES[query].keys
+    return {k: t[query_index] if k in keys else t[item_index] for k, t in inputs.items()}
+
+
+def rows_of(inputs: Mapping[str, Tensor]) -> int:
+    """The batch size of an inputs mapping (its tensors' first dimension)."""
+    sizes = {k: t.shape[0] for k, t in inputs.items()}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise ValueError(f"inputs: expected tensors with one batch size, got {sizes or 'none'}")
+    return next(iter(sizes.values()))
 
 
 def _video(config, batch: int, sizes: dict[str, int], g: torch.Generator) -> dict[str, Tensor]:

@@ -77,6 +77,37 @@ def heldout_split(flags) -> list[tuple[str, Tensor]]:
     return [(name, rows) for name, rows in (("seen", ~held), ("heldout", held)) if rows.any()]
 
 
+class InputsBatch:
+    """A step's batch whose model inputs are one inputs mapping
+    (``inputs``: modality tensors by name, ``slimvl.nn.modalities``), of any
+    modalities; the task's own fields (answers, masked positions,
+    negatives) sit beside it. ``video``, ``ids`` and ``mask`` read a
+    video-text mapping's tensors."""
+
+    inputs: dict[str, Tensor]
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch (its tensors' first dimension)."""
+        return next(iter(self.inputs.values())).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.inputs.values())).device
+
+    @property
+    def video(self) -> Tensor:
+        return self.inputs["video"]
+
+    @property
+    def ids(self) -> Tensor:
+        return self.inputs["text"]
+
+    @property
+    def mask(self) -> Tensor:
+        return self.inputs["text_mask"]
+
+
 class Task:
     """Base class of training tasks (retrieval, QA, MLM, several at once).
 

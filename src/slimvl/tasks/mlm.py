@@ -10,13 +10,15 @@ latents, with the video's help.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..runtime import autocast_for, to_float_video
-from .base import MultiTask, Task, check_scores, for_inference, row_batches, used_width
+from .base import InputsBatch, MultiTask, Task, check_scores, for_inference, row_batches, used_width
 from .registry import TaskEntry, TaskSource, register_task
 from .retrieval.task import RetrievalTask, load_retrieval_split
 
@@ -48,11 +50,15 @@ def mask_tokens(ids: Tensor, mask: Tensor, rng: np.random.Generator, mask_id: in
     return torch.from_numpy(out), torch.from_numpy(chosen)
 
 
-class MLMBatch:
-    """Videos, corrupted captions, the chosen positions and their original ids."""
+@dataclass
+class MLMBatch(InputsBatch):
+    """Videos and corrupted captions (``inputs``: ``video``, ``text``,
+    ``text_mask``), the chosen positions ``masked`` ``[B, L]`` and their
+    original ids ``target`` ``[B, L]``."""
 
-    def __init__(self, video: Tensor, ids: Tensor, mask: Tensor, masked: Tensor, target: Tensor):
-        self.video, self.ids, self.mask, self.masked, self.target = video, ids, mask, masked, target
+    inputs: dict[str, Tensor]
+    masked: Tensor
+    target: Tensor
 
 
 class MLMObjective(nn.Module):
@@ -63,7 +69,7 @@ class MLMObjective(nn.Module):
         self.model = model
 
     def forward(self, b: MLMBatch) -> tuple[Tensor, dict[str, float]]:
-        logits = self.model.mlm_logits(b.video, b.ids, b.mask, b.masked).float()[b.masked]
+        logits = self.model.mlm_logits(b.inputs, masked=b.masked).float()[b.masked]
         target = b.target[b.masked]
         loss = F.cross_entropy(logits, target)
         return loss, {"mlm": loss.item(), "acc": (logits.argmax(-1) == target).float().mean().item()}
@@ -100,8 +106,8 @@ class MLMTask(Task):
         width = used_width(d.caption_mask[rows])
         ids, mask = d.caption_ids[rows, :width], d.caption_mask[rows, :width]
         corrupted, masked = mask_tokens(ids, mask, rng, self.mask_id, self.vocab_size, self.special, self.prob)
-        return MLMBatch(to_float_video(d.videos[d.caption_item[rows]]).to(device), corrupted.to(device),
-                        mask.to(device), masked.to(device), ids.to(device))
+        return MLMBatch({"video": to_float_video(d.videos[d.caption_item[rows]]).to(device),
+                         "text": corrupted.to(device), "text_mask": mask.to(device)}, masked.to(device), ids.to(device))
 
     def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> MLMBatch:
         rng = np.random.default_rng([cfg.seed, step, 2])
@@ -111,10 +117,10 @@ class MLMTask(Task):
         # global batch is the same whatever the number of processes.
         b = self.make_batch(rows, rng, device)
         keep = slice(rank, None, world)
-        return MLMBatch(b.video[keep], b.ids[keep], b.mask[keep], b.masked[keep], b.target[keep])
+        return MLMBatch({k: t[keep] for k, t in b.inputs.items()}, b.masked[keep], b.target[keep])
 
     def samples(self, batch: MLMBatch) -> int:
-        return batch.video.shape[0]
+        return batch.size
 
     def evaluate(self, model: nn.Module, data, device: torch.device) -> dict[str, float]:
         return evaluate_mlm(model, data, self, device)
@@ -131,7 +137,7 @@ def evaluate_mlm(model: nn.Module, data, task: MLMTask, device: str | torch.devi
     for rows in row_batches(len(data.caption_item), batch_size):
         b = task.make_batch(rows.numpy(), rng, dev, data)
         with autocast_for(dev, "auto"):
-            logits = model.mlm_logits(b.video, b.ids, b.mask, b.masked)
+            logits = model.mlm_logits(b.inputs, masked=b.masked)
         check_scores(logits[b.masked].float(), "MLM logits")
         right += int((logits.argmax(-1)[b.masked] == b.target[b.masked]).sum())
         total += int(b.masked.sum())

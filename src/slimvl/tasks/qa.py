@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..runtime import autocast_for, to_float_video
-from .base import Task, check_scores, for_inference, heldout_split, log_fitting, row_batches, used_width
+from .base import (InputsBatch, Task, check_scores, for_inference, heldout_split, log_fitting, row_batches,
+                   used_width)
 from .registry import TaskEntry, TaskSource, register_task
 
 if TYPE_CHECKING:
@@ -118,13 +119,12 @@ class QAData:
 
 
 @dataclass
-class QABatch:
-    """One step's questions: ``video`` float ``[B, T, 3, H, W]``, ``ids``/``mask``
-    ``[B, L]``, ``answer`` ``[B]``."""
+class QABatch(InputsBatch):
+    """One step's questions: ``inputs`` holds ``video`` float
+    ``[B, T, 3, H, W]`` and the questions as ``text``/``text_mask``
+    ``[B, L]``; ``answer`` ``[B]``."""
 
-    video: Tensor
-    ids: Tensor
-    mask: Tensor
+    inputs: dict[str, Tensor]
     answer: Tensor
 
 
@@ -132,9 +132,9 @@ def qa_batch(data: QAData, rows: np.ndarray | Tensor, device: torch.device) -> Q
     """Gather the tensors of the given questions."""
     rows = torch.as_tensor(rows)
     width = used_width(data.question_mask[rows])
-    return QABatch(to_float_video(data.videos[data.question_item[rows]]).to(device),
-                   data.question_ids[rows, :width].to(device), data.question_mask[rows, :width].to(device),
-                   data.answer[rows].to(device))
+    return QABatch({"video": to_float_video(data.videos[data.question_item[rows]]).to(device),
+                    "text": data.question_ids[rows, :width].to(device),
+                    "text_mask": data.question_mask[rows, :width].to(device)}, data.answer[rows].to(device))
 
 
 class QAObjective(nn.Module):
@@ -145,7 +145,7 @@ class QAObjective(nn.Module):
         self.model = model
 
     def forward(self, b: QABatch) -> tuple[Tensor, dict[str, float]]:
-        logits = self.model.answer(b.video, b.ids, b.mask).float()
+        logits = self.model.answer(b.inputs).float()
         loss = F.cross_entropy(logits, b.answer)
         return loss, {"qa": loss.item(), "acc": (logits.argmax(-1) == b.answer).float().mean().item()}
 
@@ -198,7 +198,7 @@ class QATask(Task):
         return qa_batch(self.data, rows[rank::world], device)
 
     def samples(self, batch: QABatch) -> int:
-        return batch.video.shape[0]
+        return batch.size
 
     def evaluate(self, model: nn.Module, data: QAData, device: torch.device) -> dict[str, float]:
         return evaluate_qa(model, data, device=device)
@@ -218,7 +218,7 @@ def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256,
     for rows in row_batches(data.n_questions, batch_size):
         b = qa_batch(data, rows, dev)
         with autocast_for(dev, amp):
-            logits = model.answer(b.video, b.ids, b.mask).float()
+            logits = model.answer(b.inputs).float()
         check_scores(logits, f"answer logits of questions {int(rows[0])}..{int(rows[-1])}")
         out.append(logits.argmax(-1).cpu())
     return torch.cat(out)

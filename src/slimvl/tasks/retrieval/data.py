@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ...runtime import to_float_video
-from ..base import log_fitting, used_width
+from ..base import InputsBatch, log_fitting, used_width
 from .losses import gumbel_noise, random_negatives
 
 if TYPE_CHECKING:
@@ -102,19 +102,18 @@ def sample_units(data: RetrievalData, n_units: int, groups_per_unit: int, seed: 
 
 
 @dataclass
-class UnitBatch:
+class UnitBatch(InputsBatch):
     """One step's tensors for ``U`` units of ``P`` items (one caption each).
 
-    ``video`` is float ``[U*P, T, 3, H, W]``, ``ids``/``mask`` the items'
-    captions ``[U*P, L]``. The other-group negatives are drawn from the
-    step's seed, so a resumed or data-parallel run draws the same ones:
-    ``negatives`` ``[U, P, E]`` (``"shared"``) or ``noise`` ``[U, 2, P, P]``
-    (Gumbel noise that draws random or similarity-mined negatives).
+    ``inputs`` holds row ``i``'s item and its own caption: ``video`` float
+    ``[U*P, T, 3, H, W]``, ``text``/``text_mask`` ``[U*P, L]``. The
+    other-group negatives are drawn from the step's seed, so a resumed or
+    data-parallel run draws the same ones: ``negatives`` ``[U, P, E]``
+    (``"shared"``) or ``noise`` ``[U, 2, P, P]`` (Gumbel noise that draws
+    random or similarity-mined negatives).
     """
 
-    video: torch.Tensor
-    ids: torch.Tensor
-    mask: torch.Tensor
+    inputs: dict[str, torch.Tensor]
     units: int
     negatives: torch.Tensor | None = None
     noise: torch.Tensor | None = None
@@ -126,9 +125,9 @@ def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
     caps = torch.as_tensor(captions).flatten()
     width = used_width(data.caption_mask[caps])
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return UnitBatch(to_float_video(data.videos[data.caption_item[caps]]).to(device),
-                     data.caption_ids[caps, :width].to(device), data.caption_mask[caps, :width].to(device),
-                     len(captions), move(negatives), move(noise))
+    inputs = {"video": to_float_video(data.videos[data.caption_item[caps]]).to(device),
+              "text": data.caption_ids[caps, :width].to(device), "text_mask": data.caption_mask[caps, :width].to(device)}
+    return UnitBatch(inputs, len(captions), move(negatives), move(noise))
 
 
 def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, world: int,

@@ -55,11 +55,11 @@ class RetrievalObjective(torch.nn.Module):
     def _unimodal(self, b: UnitBatch) -> tuple[torch.Tensor, torch.Tensor, object]:
         """Unit-shaped embeddings ``[U, P, E]`` of the videos and texts, and what pairs may reuse."""
         e = self.model.config.embed_dim
-        v, t, reuse = self.model.encode_unimodal(b.video, b.ids, b.mask)
+        v, t, reuse = self.model.encode_unimodal(b.inputs)
         return v.float().view(b.units, -1, e), t.float().view(b.units, -1, e), reuse
 
     def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        u, p = b.units, b.video.shape[0] // b.units
+        u, p = b.units, b.size // b.units
         parts: dict[str, float] = {}
         itc = v = t = reuse = None
         if self.itc_weight or self.model.pairs_reuse_encodings:
@@ -82,9 +82,9 @@ class RetrievalObjective(torch.nn.Module):
                 t2v_neg, v2t_neg = mined_negatives(sim, self.group_size, self.n_neg, b.noise)
                 # Only the first q items are VTM queries; their negatives may be any other-group item.
                 layout = pair_layout(self.group_size, t2v_neg[:, :q], v2t_neg[:, :q])
-            offset = (torch.arange(u, device=b.video.device) * p)[:, None]
+            offset = (torch.arange(u, device=b.device) * p)[:, None]
             cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
-        logits = self.model.score_pairs(b.video, b.ids, b.mask, vid, cap, reuse).float()
+        logits = self.model.score_pairs(b.inputs, vid, cap, reuse).float()
         vtm = vtm_group_loss(logits.view(u, -1), layout)
         parts["vtm"] = vtm.item()
         loss = vtm if itc is None else vtm + self.itc_weight * itc
@@ -114,7 +114,7 @@ class RetrievalTask(Task):
         return step_batch(self.data, cfg, step, rank, world, device)
 
     def samples(self, batch: UnitBatch) -> int:
-        return batch.video.shape[0]
+        return batch.size
 
     def evaluate(self, model: torch.nn.Module, data: RetrievalData, device: torch.device) -> dict[str, float]:
         m = evaluate(model, data, device=device, progress=False)
