@@ -94,7 +94,8 @@ class MLMTask(Task):
 
     def objective(self, model: nn.Module, cfg) -> nn.Module:
         if "mlm" not in model.capabilities:
-            raise ValueError(f"task 'mlm' needs a model built with mlm=True ({model.config.model_type} has no MLM head)")
+            raise ValueError(f"task 'mlm' needs a model built with mlm=True "
+                             f"({model.config.model_type} has no MLM head)")
         if model.config.vocab_size != self.vocab_size:
             raise ValueError(f"model vocab_size={model.config.vocab_size}, tokenizer has {self.vocab_size} ids")
         return MLMObjective(model)

@@ -126,7 +126,8 @@ def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
     width = used_width(data.caption_mask[caps])
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     inputs = {"video": to_float_video(data.videos[data.caption_item[caps]]).to(device),
-              "text": data.caption_ids[caps, :width].to(device), "text_mask": data.caption_mask[caps, :width].to(device)}
+              "text": data.caption_ids[caps, :width].to(device),
+              "text_mask": data.caption_mask[caps, :width].to(device)}
     return UnitBatch(inputs, len(captions), move(negatives), move(noise))
 
 
