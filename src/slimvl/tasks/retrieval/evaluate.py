@@ -37,7 +37,7 @@ def score_matrix(model: torch.nn.Module, data: RetrievalData, batch_size: int = 
     ``encode_seconds`` (per-item work) and ``score_seconds`` (per-pair work).
     """
     dev = for_inference(model, device)
-    if getattr(model, "cacheable", False):
+    if model.cacheable:
         return _cached_score_matrix(model, data, batch_size, dev, amp, progress, timings)
     t0 = time.perf_counter()
     n_caps, n_items = len(data.caption_item), data.videos.shape[0]
