@@ -91,7 +91,7 @@ def dummy_batch(model: nn.Module, frames: int, text_len: int, batch: int,
     (``slimvl.nn.modalities``), as an inputs mapping (for counting and timing)."""
     device = device or next(model.parameters()).device
     sizes = {"frames": frames, "text_len": text_len}
-    return modality_dummies(getattr(model, "modalities", ("video", "text")), model.config, batch, sizes, device, dtype)
+    return modality_dummies(model.modalities, model.config, batch, sizes, device, dtype)
 
 
 def call_model(model: nn.Module, inputs: dict):
@@ -99,7 +99,7 @@ def call_model(model: nn.Module, inputs: dict):
     positionally, as every slimvl model can be (so a subclass written with
     ``forward(video, text_ids, text_mask)`` keeps working); a model of other
     modalities takes the mapping."""
-    if tuple(getattr(model, "modalities", ("video", "text"))) == ("video", "text"):
+    if tuple(model.modalities) == ("video", "text"):
         return model(inputs["video"], inputs["text"], inputs["text_mask"])
     return model(inputs)
 
