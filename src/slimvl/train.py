@@ -212,7 +212,7 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
     objective = task.objective(model, cfg)
-    frozen = [p for n, p in model.named_parameters() if n in getattr(model, "pretrained_names", ())]
+    frozen = [p for n, p in model.named_parameters() if n in model.pretrained_names]
     if cfg.frozen_pretrained_steps and not frozen:
         raise ValueError(f"TrainConfig.frozen_pretrained_steps={cfg.frozen_pretrained_steps}: nothing was loaded "
                          "from a pretrained checkpoint (slimvl.models.pretrained) to keep frozen")

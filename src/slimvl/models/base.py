@@ -104,6 +104,9 @@ class VLModel(nn.Module):
         # Temperature of contrastive scores between pooled embeddings (CLIP's
         # learnable logit scale, starting at 1/0.07).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Parameters initialised from pretrained weights (slimvl.models.pretrained),
+        # which TrainConfig.frozen_pretrained_steps keeps frozen at first.
+        self.pretrained_names: set[str] = set()
 
     # -- boundary -------------------------------------------------------
     def read_inputs(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,

@@ -108,7 +108,7 @@ def _assign(model: torch.nn.Module, new: dict[str, Tensor], source: str, report:
         for k, v in new.items():
             own[k].copy_(v.to(own[k].dtype))
     report.loaded += list(new)
-    model.pretrained_names = set(getattr(model, "pretrained_names", set())) | set(new)
+    model.pretrained_names = model.pretrained_names | set(new)
 
 
 def load_vision_layers(model: torch.nn.Module, path: str | Path) -> InitReport:
