@@ -37,7 +37,7 @@ FORMAT = "slimvl-checkpoint"
 # 2: Perceiver-VL's encoder and decoder became submodules (parameter names changed).
 VERSION = 2
 # Config fields that choose what runs at inference, not what the weights are.
-_INFERENCE_ONLY = {"cross_attn_keep"}
+_INFERENCE_ONLY = {"cross_attn_keep", "active_latents"}
 
 
 class CheckpointError(ValueError):

@@ -211,7 +211,7 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                                already_finished=True)
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
-    objective = task.objective(model, cfg)
+    objective = model.training_objective(task.objective(model, cfg))
     frozen = [p for n, p in model.named_parameters() if n in model.pretrained_names]
     if cfg.frozen_pretrained_steps and not frozen:
         raise ValueError(f"TrainConfig.frozen_pretrained_steps={cfg.frozen_pretrained_steps}: nothing was loaded "

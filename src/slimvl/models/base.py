@@ -278,6 +278,12 @@ class VLModel(nn.Module):
         is ``encode_unimodal``'s third result for the same inputs."""
         return self(pair_inputs(inputs, item_index, query_index)).logits
 
+    def training_objective(self, objective: nn.Module) -> nn.Module:
+        """The module the training loop optimises, given the task's
+        objective: a model that trains in its own way (nested latents)
+        wraps it; unchanged here."""
+        return objective
+
     def named_blocks(self, kind: str | None = None) -> list[tuple[str, nn.Module]]:
         """Every transformer layer of the model, as ``(name, layer)`` in the
         order the modules were built: ``Block`` (self-attention, ``kind=

@@ -53,8 +53,10 @@ class VLConfig:
             self._fail("num_answers", "must be a non-negative integer (0: no question-answering head)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form, tagged with ``model_type``."""
-        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+        """Plain-dict form, tagged with ``model_type`` (tuples as lists, as
+        JSON gives them back, so that a saved config compares equal)."""
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {"model_type": self.model_type, **fields}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VLConfig":
@@ -89,6 +91,15 @@ class PerceiverVLConfig(VLConfig):
         cross_attn_keep: which cross-attentions run (indices among the ``c``
             layers, e.g. ``[0]``), or an int ``n`` for the first ``n``; None
             runs all. The inference-time counterpart of ``cross_attn_drop``.
+        active_latents: how many latents run, the first ``Q`` of the array
+            (None: all ``num_latents``). Everything after the first
+            cross-attention costs O(Q^2) or O(Q); a model trained with
+            ``nested_latents`` keeps working at every Q it was trained on.
+        nested_latents: nested ("first-Q") training: the latent counts
+            trained as working models, ascending, e.g. ``[2, 4, 8, 16]``
+            (``[]``: off). ``nested_mode="sample"`` draws one count per step
+            from torch's generator (a resumed run draws the same);
+            ``"all"`` trains every count each step and sums the losses.
 
     Retrieval streams:
         stream: ``"single"`` encodes video and text jointly and scores a pair
@@ -112,6 +123,9 @@ class PerceiverVLConfig(VLConfig):
     layers: str = "csscss"
     cross_attn_drop: float = 0.0
     cross_attn_keep: Any = None
+    active_latents: Any = None
+    nested_latents: Any = dataclasses.field(default_factory=list)
+    nested_mode: str = "sample"
     stream: str = "single"
     share_encoder: bool = True
     decoder_layers: int = 1
@@ -128,6 +142,17 @@ class PerceiverVLConfig(VLConfig):
         if not isinstance(self.cross_attn_drop, (int, float)) or not 0.0 <= self.cross_attn_drop < 1.0:
             self._fail("cross_attn_drop", "must be a probability in [0, 1)")
         self.kept_cross_layers()  # validates cross_attn_keep
+        self.latents_run()  # validates active_latents
+        n, nested = self.num_latents, self.nested_latents
+        if not isinstance(nested, (list, tuple)) or any(isinstance(q, bool) or not isinstance(q, int) for q in nested):
+            self._fail("nested_latents", "must be a list of latent counts, e.g. [2, 4, 8, 16] ([] turns it off)")
+        self.nested_latents = nested = list(nested)  # one form, whichever a user gave: it is compared and saved
+        if nested != sorted(set(nested)):
+            self._fail("nested_latents", "must be ascending without duplicates")
+        if nested and not 1 <= nested[0] <= nested[-1] <= n:
+            self._fail("nested_latents", f"every count must be in 1..num_latents={n}")
+        if self.nested_mode not in ("sample", "all"):
+            self._fail("nested_mode", "must be 'sample' (one count per step) or 'all' (every count, losses summed)")
         if self.stream not in STREAMS:
             self._fail("stream", f"must be one of {list(STREAMS)}")
         if not isinstance(self.decoder_layers, int) or self.decoder_layers < 0:
@@ -160,6 +185,15 @@ class PerceiverVLConfig(VLConfig):
             self._fail("cross_attn_keep", f"must list distinct cross-attention indices in 0..{n - 1} "
                                           f"(layers={self.layers!r} has {n} cross-attentions)")
         return tuple(sorted(keep))
+
+    def latents_run(self) -> int:
+        """How many latents run: ``active_latents``, or all of them."""
+        q = self.active_latents
+        if q is None:
+            return self.num_latents
+        if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= self.num_latents:
+            self._fail("active_latents", f"must be None (all) or a count in 1..num_latents={self.num_latents}")
+        return q
 
     @property
     def num_self_layers(self) -> int:

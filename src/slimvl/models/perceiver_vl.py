@@ -3,7 +3,8 @@ video+text input array through cross-attention, then thinks in latent
 self-attention; cost is linear in the input length."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from ..nn import TEXT, VIDEO, AnswerHead, Block, CrossBlock, ModalityEmbed, QueryDecoder
 from .base import VLModel, VLOutput, block_flops, linear_flops, score_in_fp32, without_autocast
 from .config import PerceiverVLConfig
+from .nested import NestedLatents
 from .registry import register_model
 from .streams import cached_decoder_scores, decoder_kv
 
@@ -43,8 +45,12 @@ class LatentEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(c.dim)
 
-    def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0) -> Tensor:
-        lat = repeat(self.latents + self.latent_pos, "n d -> b n d", b=inputs.shape[0])
+    def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0,
+                num: int | None = None) -> Tensor:
+        """``num``: run only the first ``num`` latents (all when None); the
+        rest of the array is never touched, so the cost follows ``num``."""
+        n = self.latents.shape[0] if num is None else num
+        lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
         cross, read = -1, False
         for kind, layer in zip(self.pattern, self.layers):
             if kind == "s":
@@ -129,8 +135,35 @@ class PerceiverVL(VLModel):
         self.config = self.config.replace(cross_attn_keep=list(keep) if isinstance(keep, tuple) else keep)
 
     @property
+    def active_latents(self) -> int | None:
+        """How many latents run, the first Q of the array (None: all);
+        settable: ``model.active_latents = 4`` (validated, stored in the
+        config). Everything the latents feed (self-attention, pooling, the
+        decoders) works on those Q."""
+        return self.config.active_latents
+
+    @active_latents.setter
+    def active_latents(self, q: int | None) -> None:
+        self.config = self.config.replace(active_latents=q)
+
+    @contextmanager
+    def using_latents(self, q: int | None) -> Iterator[None]:
+        """Run the first ``q`` latents inside the block, then restore."""
+        before = self.active_latents
+        self.active_latents = q
+        try:
+            yield
+        finally:
+            self.active_latents = before
+
+    def training_objective(self, objective: nn.Module) -> nn.Module:
+        """With ``nested_latents``, the task's objective trained over the
+        nested latent counts (``NestedLatents``); else unchanged."""
+        return NestedLatents(objective, self) if self.config.nested_latents else objective
+
+    @property
     def capabilities(self) -> frozenset[str]:
-        caps = set(super().capabilities) | {"cross_attn_keep", "pretrained_init"}
+        caps = set(super().capabilities) | {"cross_attn_keep", "active_latents", "pretrained_init"}
         caps |= {"mlm"} if self.config.mlm else set()
         caps |= {"cache"} if self.config.stream != "single" else set()  # multi and mixed streams
         return frozenset(caps)
@@ -160,10 +193,12 @@ class PerceiverVL(VLModel):
 
     # -- encoding ---------------------------------------------------------
     def encode(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
-        """Run the encoder: input array ``[B, M, D]`` -> latents ``[B, N, D]``.
-        ``modality=TEXT`` picks the text encoder when it is separate."""
+        """Run the encoder: input array ``[B, M, D]`` -> latents ``[B, Q, D]``
+        (``Q = active_latents``, else all ``N``). ``modality=TEXT`` picks the
+        text encoder when it is separate."""
         enc = self.text_encoder if modality == TEXT and self.text_encoder is not None else self.encoder
-        return enc(inputs, mask, self.config.kept_cross_layers(), self.config.cross_attn_drop)
+        c = self.config
+        return enc(inputs, mask, c.kept_cross_layers(), c.cross_attn_drop, c.latents_run())
 
     def video_latents(self, video: Tensor) -> Tensor:
         """Latents ``[B, N, D]`` of videos encoded alone."""
@@ -325,14 +360,13 @@ class PerceiverVL(VLModel):
         """FLOPs of the encoder (cross-attentions that run, self-attention
         layers) over an input array of ``m`` tokens."""
         c, f, cross = self.config, 0, -1
-        keep = c.kept_cross_layers()
+        keep, q = c.kept_cross_layers(), c.latents_run()
         for kind in c.layers:
             if kind == "c":
                 cross += 1
                 if cross not in keep:
                     continue
-            f += block_flops(c.num_latents, m if kind == "c" else c.num_latents, c.dim, c.mlp_ratio,
-                             cross=kind == "c")
+            f += block_flops(q, m if kind == "c" else q, c.dim, c.mlp_ratio, cross=kind == "c")
         return f
 
     def decoder_flops(self, n_context: int) -> int:
@@ -352,7 +386,8 @@ class PerceiverVL(VLModel):
         if c.stream == "multi":
             pool = linear_flops(1, c.dim, c.embed_dim)
             return {"video": video + pool, "text": text + pool, "pair": 2 * c.embed_dim}
-        n, kv = c.num_latents, c.decoder_layers * linear_flops(c.num_latents, c.dim, 2 * c.dim)
+        n = c.latents_run()
+        kv = c.decoder_layers * linear_flops(n, c.dim, 2 * c.dim)
         pair = c.decoder_layers * (block_flops(1, 2 * n, c.dim, c.mlp_ratio, cross=True)
                                    - linear_flops(2 * n, c.dim, 2 * c.dim))
         return {"video": video + kv, "text": text + kv, "pair": pair + linear_flops(1, c.dim, 1)}
@@ -362,10 +397,10 @@ class PerceiverVL(VLModel):
         mv = self.patch_embed.num_tokens(frames)
         f = self.embed_flops(frames)
         if c.stream == "single":
-            f += self.encoder_flops(mv + text_len) + self.decoder_flops(c.num_latents)
+            f += self.encoder_flops(mv + text_len) + self.decoder_flops(c.latents_run())
             return f + linear_flops(1, c.dim, c.embed_dim)  # the pooled projection
         f += self.encoder_flops(mv) + self.encoder_flops(text_len)
         if c.stream == "multi":
             return f + 2 * linear_flops(1, c.dim, c.embed_dim)
-        return f + self.decoder_flops(2 * c.num_latents)
+        return f + self.decoder_flops(2 * c.latents_run())
 
