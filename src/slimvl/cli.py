@@ -129,7 +129,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import read_meta, resolve_checkpoint
-    from .models import create_model
+    from .models import create_model, get_config, list_models
     from .pipeline import checkpoint_tokenizer, load_tokenizer
     from .tasks import TASKS
     from .train import open_run_dir, train
@@ -147,7 +147,14 @@ def cmd_train(a: argparse.Namespace) -> None:
     else:
         tok = load_tokenizer(a.data, a.vocab, qa=qa)
     entry, source = _task(a, tok)
-    for key, value in {"vocab_size": tok.vocab_size, **entry.model_overrides(source)}.items():
+    needs = entry.model_overrides(source)
+    fields = get_config(model_name).to_dict()
+    missing = sorted(set(needs) - set(fields))
+    if missing:
+        fit = [m for m in list_models() if set(needs) <= set(get_config(m).to_dict())]
+        raise ValueError(f"--task {a.task} needs a model with {missing}; {model_name} has none "
+                         f"(models that have: {', '.join(fit) or 'none'})")
+    for key, value in {"vocab_size": tok.vocab_size, **needs}.items():
         overrides.setdefault(key, value)  # what the user sets wins
     cfg = _train_config(a)
     torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too

@@ -6,6 +6,7 @@ from pathlib import Path
 from .data import Tokenizer, VideoTextDataset
 from .data.readers import available_splits, dataset_fingerprint
 from .data.qa import answer_vocab, read_vqa
+from .tasks.classify import ClassData
 from .tasks.qa import QAData
 from .tasks.retrieval import RetrievalData
 
@@ -78,3 +79,12 @@ def load_qa_split(root: str | Path, split: str, tokenizer: Tokenizer, frames: in
     _need_items(ds, root, split)
     ds.fingerprint = dataset_fingerprint(root, qa=True)  # the questions are part of what QA trains on
     return QAData.from_dataset(ds, records, tokenizer, max_len, answers)
+
+
+def load_class_split(root: str | Path, split: str, target: str, frames: int, size: int, skip_bad: bool = False,
+                     progress: bool = True) -> ClassData:
+    """Read one split of a synthetic dataset into ``ClassData``: its clips and
+    the ``target`` labels of their scenes (``"shapes"`` or ``"count"``)."""
+    ds = VideoTextDataset(root, split, frames=frames, size=size, skip_bad=skip_bad, progress=progress)
+    _need_items(ds, root, split)
+    return ClassData.from_dataset(ds, target)

@@ -1,10 +1,12 @@
-"""Models: Perceiver-VL, the single-stream baseline, and the registry
+"""Models: Perceiver-VL, the single-stream baseline, the Perceiver classifier, and the registry
 (``register_model``) that ``create_model`` and checkpoints read."""
 from .base import VLModel, VLOutput
 from .config import PerceiverVLConfig, SingleStreamConfig, VLConfig
+from .perceiver_cls import PerceiverClassifier, PerceiverClassifierConfig
 from .perceiver_vl import PerceiverVL
 from .registry import build_model, config_from_dict, create_model, get_config, list_models, register_model
 from .single_stream import SingleStream
 
 __all__ = ["VLModel", "VLOutput", "VLConfig", "PerceiverVLConfig", "SingleStreamConfig", "config_from_dict",
-           "PerceiverVL", "SingleStream", "build_model", "create_model", "get_config", "list_models", "register_model"]
+           "PerceiverVL", "PerceiverClassifier", "PerceiverClassifierConfig", "SingleStream", "build_model",
+           "create_model", "get_config", "list_models", "register_model"]

@@ -99,7 +99,8 @@ class VLModel(nn.Module):
         self.config = config
         c = config
         self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.tubelet, c.max_frames, c.dim)
-        self.text_embed = TextEmbed(c.vocab_size, c.max_text_len, c.dim)
+        # A model that reads no text (a video classifier) has no text embedding.
+        self.text_embed = TextEmbed(c.vocab_size, c.max_text_len, c.dim) if "text" in self.modalities else None
         self.modality = ModalityEmbed(self.modalities, c.dim)
         # Temperature of contrastive scores between pooled embeddings (CLIP's
         # learnable logit scale, starting at 1/0.07).

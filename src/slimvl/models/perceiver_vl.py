@@ -68,6 +68,64 @@ class LatentEncoder(nn.Module):
         return self.norm(lat)
 
 
+class LatentOptions:
+    """What every model built on ``LatentEncoder`` can choose at inference
+    and how it trains: which cross-attentions run (LayerDrop's counterpart),
+    how many latents run (nested latents), and the training objective that
+    nests them. Mixed into ``nn.Module`` models whose ``config`` is a
+    ``PerceiverVLConfig``."""
+
+    @property
+    def cross_attn_keep(self):
+        """Which cross-attentions run (see ``PerceiverVLConfig``); settable:
+        ``model.cross_attn_keep = [0]`` (validated, stored in the config)."""
+        return self.config.cross_attn_keep
+
+    @cross_attn_keep.setter
+    def cross_attn_keep(self, keep) -> None:
+        self.config = self.config.replace(cross_attn_keep=list(keep) if isinstance(keep, tuple) else keep)
+
+    @property
+    def active_latents(self) -> int | None:
+        """How many latents run, the first Q of the array (None: all);
+        settable: ``model.active_latents = 4`` (validated, stored in the
+        config). Everything the latents feed (self-attention, pooling, the
+        decoders) works on those Q."""
+        return self.config.active_latents
+
+    @active_latents.setter
+    def active_latents(self, q: int | None) -> None:
+        self.config = self.config.replace(active_latents=q)
+
+    @contextmanager
+    def using_latents(self, q: int | None) -> Iterator[None]:
+        """Run the first ``q`` latents inside the block, then restore."""
+        before = self.active_latents
+        self.active_latents = q
+        try:
+            yield
+        finally:
+            self.active_latents = before
+
+    def training_objective(self, objective: nn.Module) -> nn.Module:
+        """With ``nested_latents``, the task's objective trained over the
+        nested latent counts (``NestedLatents``); else unchanged."""
+        return NestedLatents(objective, self) if self.config.nested_latents else objective
+
+    def encoder_flops(self, m: int) -> int:
+        """FLOPs of the encoder (cross-attentions that run, self-attention
+        layers, over the latents that run) over an input array of ``m`` tokens."""
+        c, f, cross = self.config, 0, -1
+        keep, q = c.kept_cross_layers(), c.latents_run()
+        for kind in c.layers:
+            if kind == "c":
+                cross += 1
+                if cross not in keep:
+                    continue
+            f += block_flops(q, m if kind == "c" else q, c.dim, c.mlp_ratio, cross=kind == "c")
+        return f
+
+
 # The "tiny" preset matches single_stream_tiny (width, heads, number of
 # self-attention layers) so that demo comparisons are fair; "base" is the
 # paper's shape (N=128, D=768, k=3 blocks of l=4 self-attention layers).
@@ -77,7 +135,7 @@ class LatentEncoder(nn.Module):
     "perceiver_vl_base": dict(image_size=224, patch_size=32, tubelet=1, max_frames=16, vocab_size=30522,
                               max_text_len=40, dim=768, heads=12, num_latents=128, layers="cssss" * 3, embed_dim=256),
 })
-class PerceiverVL(VLModel):
+class PerceiverVL(LatentOptions, VLModel):
     """Perceiver-VL for retrieval, in the single, multi or mixed stream.
 
     Encoder: the depth pattern ``config.layers`` (``c`` = latents cross-attend
@@ -122,44 +180,6 @@ class PerceiverVL(VLModel):
             self.mlm_state = nn.Parameter(torch.randn(2, c.dim) * 0.02)  # [unmasked, masked]
             self.mlm_decoder = QueryDecoder(c.dim, c.heads, c.mlp_ratio, 1, c.dropout)
             self.mlm_head = nn.Linear(c.dim, c.vocab_size)
-
-    # -- options ----------------------------------------------------------
-    @property
-    def cross_attn_keep(self):
-        """Which cross-attentions run (see ``PerceiverVLConfig``); settable:
-        ``model.cross_attn_keep = [0]`` (validated, stored in the config)."""
-        return self.config.cross_attn_keep
-
-    @cross_attn_keep.setter
-    def cross_attn_keep(self, keep) -> None:
-        self.config = self.config.replace(cross_attn_keep=list(keep) if isinstance(keep, tuple) else keep)
-
-    @property
-    def active_latents(self) -> int | None:
-        """How many latents run, the first Q of the array (None: all);
-        settable: ``model.active_latents = 4`` (validated, stored in the
-        config). Everything the latents feed (self-attention, pooling, the
-        decoders) works on those Q."""
-        return self.config.active_latents
-
-    @active_latents.setter
-    def active_latents(self, q: int | None) -> None:
-        self.config = self.config.replace(active_latents=q)
-
-    @contextmanager
-    def using_latents(self, q: int | None) -> Iterator[None]:
-        """Run the first ``q`` latents inside the block, then restore."""
-        before = self.active_latents
-        self.active_latents = q
-        try:
-            yield
-        finally:
-            self.active_latents = before
-
-    def training_objective(self, objective: nn.Module) -> nn.Module:
-        """With ``nested_latents``, the task's objective trained over the
-        nested latent counts (``NestedLatents``); else unchanged."""
-        return NestedLatents(objective, self) if self.config.nested_latents else objective
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -356,19 +376,6 @@ class PerceiverVL(VLModel):
         return cached_decoder_scores(self.decoder, self.vtm_query, self.vtm_head, texts, videos, max_pairs)
 
     # -- cost -------------------------------------------------------------
-    def encoder_flops(self, m: int) -> int:
-        """FLOPs of the encoder (cross-attentions that run, self-attention
-        layers) over an input array of ``m`` tokens."""
-        c, f, cross = self.config, 0, -1
-        keep, q = c.kept_cross_layers(), c.latents_run()
-        for kind in c.layers:
-            if kind == "c":
-                cross += 1
-                if cross not in keep:
-                    continue
-            f += block_flops(q, m if kind == "c" else q, c.dim, c.mlp_ratio, cross=kind == "c")
-        return f
-
     def decoder_flops(self, n_context: int) -> int:
         """FLOPs of the VTM decoder and head over ``n_context`` latents."""
         c = self.config
