@@ -1,0 +1,21 @@
+"""Dynamic query selection: how many latents each input gets at inference.
+
+A Perceiver trained with nested latents (``nested_latents``) works with the
+first Q latents for every Q it was trained on. A policy chooses Q per input:
+``Fixed`` (one Q for all) or ``Cascade`` (the smallest Q first; an input
+stops at the first level whose prediction is confident enough, thresholds
+calibrated on a validation split to meet an accuracy tolerance or a compute
+budget). Inputs are grouped by the Q they run at, so one hard input never
+makes a whole batch run at full Q.
+
+The Dancette & Cord paper this follows has no public method text or code;
+the design is ours (nested "first-Q" training as in MQT-LLaVA and Matryoshka
+models; calibrated confidence exits as in Dynamic Perceiver).
+"""
+from .calibrate import calibrate
+from .confidence import CONFIDENCES, confidence
+from .policies import Cascade, Fixed, cascade_exits, default_levels
+from .run import by_level, classifier_levels, run_classifier
+
+__all__ = ["calibrate", "CONFIDENCES", "confidence", "Cascade", "Fixed", "cascade_exits", "default_levels",
+           "by_level", "classifier_levels", "run_classifier"]

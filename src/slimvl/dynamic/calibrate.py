@@ -1,0 +1,110 @@
+"""Cascade thresholds calibrated on a held-out split: the cheapest cascade
+within an accuracy tolerance of the full model, or the most accurate one
+within a compute budget. Exact on the calibration split: the thresholds
+returned meet the constraint there (the test split is where it is reported).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .policies import cascade_exits
+
+NEVER = 1.5  # a threshold above every confidence (they lie in [0, 1]): no input stops at that level
+
+
+def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float], thresholds: list[float]) -> dict:
+    """Accuracy, mean cost per input and the share stopping at each level of
+    a cascade, from every level's confidence and correctness ``[L, n]``;
+    ``costs[k]`` is what running level ``k`` costs (an input stopping at
+    ``k`` pays levels ``0..k``)."""
+    exits = cascade_exits(confidences, thresholds)
+    paid = torch.tensor(costs, dtype=torch.float64).cumsum(0)
+    right = correct.gather(0, exits[None]).squeeze(0)
+    return {"accuracy": right.double().mean().item(), "cost": paid[exits].mean().item(),
+            "exit_fractions": torch.bincount(exits, minlength=len(costs)).double().div(len(exits)).tolist()}
+
+
+def _outcomes(confidences: Tensor, correct: Tensor, paid: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+    """Accuracy and mean cost ``[m]`` of the cascades with one shared threshold per row of ``grid [m]``."""
+    n_levels, n = confidences.shape
+    stop = confidences[None, :-1] >= grid[:, None, None]  # [m, L-1, n]
+    stop = torch.cat([stop, torch.ones(len(grid), 1, n, dtype=torch.bool)], 1)
+    exits = stop.float().argmax(1)  # [m, n]: the first level that stops each input
+    acc = correct[exits, torch.arange(n)[None]].double().mean(1)
+    return acc, paid[exits].mean(1)
+
+
+def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], tolerance: float | None = None,
+              budget: float | None = None, labels: Tensor | None = None, grid_size: int = 256,
+              passes: int = 2) -> tuple[list[float], dict]:
+    """Thresholds for a cascade over ``L`` levels, from every level's
+    confidence and correctness on a calibration split (``[L, n]`` each).
+
+    Exactly one of:
+        tolerance: in (0, 1); the cheapest cascade whose accuracy is at least
+            the last level's minus ``tolerance``.
+        budget: the most accurate cascade whose mean cost per input is at
+            most ``budget`` (in the units of ``costs``, e.g. GFLOPs); below
+            the cheapest level's cost it is an error.
+    ``labels`` (optional) are checked to hold at least two classes: a split
+    of one class calibrates nothing. Returns the thresholds and the outcome
+    on the calibration split (``cascade_outcome``, plus the reference
+    accuracy of the last level and ``last_level_cost``: an input that goes
+    through every level pays them all, so a cascade can cost more than the
+    last level alone, and the report lets the caller see it).
+
+    The search starts from the best threshold shared by all levels (over a
+    grid of the confidences' quantiles), then moves one level's threshold at
+    a time while that improves the objective and keeps the constraint.
+    """
+    if (tolerance is None) == (budget is None):
+        raise ValueError("calibrate: give exactly one of tolerance= and budget=")
+    if confidences.dim() != 2 or confidences.shape != correct.shape or confidences.shape[0] != len(costs):
+        raise ValueError(f"confidences {tuple(confidences.shape)} and correct {tuple(correct.shape)}: expected "
+                         f"the same [L, n] with L={len(costs)} levels (one cost each)")
+    n_levels, n = confidences.shape
+    if n == 0:
+        raise ValueError("calibrate: the calibration split is empty")
+    if labels is not None and len(torch.unique(labels, dim=0)) < 2:
+        raise ValueError("calibrate: the calibration split has one class only; its confidences say nothing "
+                         "about mistakes")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
+        raise ValueError(f"tolerance={tolerance!r}: must be in (0, 1), an accuracy drop such as 0.01")
+    if budget is not None and not (isinstance(budget, (int, float)) and budget >= costs[0]):
+        raise ValueError(f"budget={budget!r}: below the cheapest level's cost {costs[0]:.6g} per input "
+                         "(every input pays at least the first level)")
+    confidences, correct = confidences.float(), correct.bool()
+    paid = torch.tensor(costs, dtype=torch.float64).cumsum(0)
+    reference = correct[-1].double().mean().item()
+
+    def better(acc: float, cost: float, best: tuple[float, float] | None) -> bool:
+        if tolerance is not None:
+            return acc >= reference - tolerance - 1e-12 and (best is None or cost < best[1] - 1e-12)
+        return cost <= budget + 1e-12 and (best is None or acc > best[0] + 1e-12
+                                           or (abs(acc - best[0]) <= 1e-12 and cost < best[1] - 1e-12))
+
+    def quantiles(x: Tensor) -> Tensor:
+        q = torch.quantile(x.flatten(), torch.linspace(0, 1, grid_size))
+        return torch.cat([torch.unique(q), torch.tensor([NEVER])])
+
+    report = {"reference_accuracy": reference, "last_level_cost": float(costs[-1])}
+    if n_levels == 1:
+        return [], {**cascade_outcome(confidences, correct, costs, []), **report}
+    grid = quantiles(confidences[:-1])
+    acc, cost = _outcomes(confidences, correct, paid, grid)
+    best, thresholds = None, [NEVER] * (n_levels - 1)  # NEVER everywhere: the last level alone
+    for t, a, c in zip(grid.tolist(), acc.tolist(), cost.tolist()):
+        if better(a, c, best):
+            best, thresholds = (a, c), [t] * (n_levels - 1)
+    if best is None:  # nothing meets it but sending everything to the last level
+        out = cascade_outcome(confidences, correct, costs, thresholds)
+        best = (out["accuracy"], out["cost"])
+    for _ in range(passes):
+        for k in range(n_levels - 1):
+            for t in quantiles(confidences[k]).tolist():
+                trial = thresholds[:k] + [t] + thresholds[k + 1:]
+                out = cascade_outcome(confidences, correct, costs, trial)
+                if better(out["accuracy"], out["cost"], best):
+                    best, thresholds = (out["accuracy"], out["cost"]), trial
+    return thresholds, {**cascade_outcome(confidences, correct, costs, thresholds), **report}

@@ -1,0 +1,161 @@
+"""Dynamic query selection: confidences, cascades, calibration and
+per-sample latent counts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slimvl import create_model
+from slimvl.dynamic import (Cascade, Fixed, by_level, calibrate, cascade_exits, classifier_levels, confidence,
+                            default_levels, run_classifier)
+from slimvl.dynamic.calibrate import cascade_outcome
+from slimvl.dynamic.policies import check_levels
+from slimvl.tasks import ClassData
+
+LEVELS = [2, 4, 8]
+
+
+def classifier(**kw):
+    torch.manual_seed(0)
+    kw = {"num_classes": 3, "multi_label": False, **kw}
+    return create_model("perceiver_cls_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscs",
+                        nested_latents=LEVELS, **kw).eval()
+
+
+def clips(n: int = 24, multi_label: bool = False) -> ClassData:
+    g = torch.Generator().manual_seed(1)
+    videos = torch.randint(0, 256, (n, 2, 3, 32, 32), generator=g, dtype=torch.uint8)
+    if multi_label:
+        return ClassData(videos, (torch.rand(n, 6, generator=g) > 0.5).float(), [str(i) for i in range(6)], "shapes")
+    return ClassData(videos, torch.arange(n) % 3, ["1", "2", "3"], "count")
+
+
+def test_confidences():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, -8.0]])
+    p = torch.softmax(logits, -1)
+    assert torch.allclose(confidence(logits), p.max(-1).values)
+    assert torch.allclose(confidence(logits, "margin"), torch.tensor([p[0, 0] - p[0, 1], 0.0]), atol=1e-6)
+    # multi-label: the least sure label; 0 on a decision boundary
+    assert confidence(torch.tensor([[10.0, -10.0], [10.0, 0.0]]), multi_label=True).tolist() == \
+        pytest.approx([1.0, 0.0], abs=1e-4)
+    with pytest.raises(ValueError, match="confidence 'entropy'"):
+        confidence(logits, "entropy")
+
+
+def test_cascade_exits_follow_the_thresholds():
+    conf = torch.tensor([[0.9, 0.2, 0.5, 0.1],
+                         [0.1, 0.8, 0.5, 0.1],
+                         [0.0, 0.0, 0.0, 0.0]])
+    assert cascade_exits(conf, [0.5, 0.6]).tolist() == [0, 1, 0, 2]
+    assert cascade_exits(conf, [1.5, 1.5]).tolist() == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_a_cascade_stops_exactly_where_its_thresholds_say(multi_label):
+    m = classifier(num_classes=6 if multi_label else 3, multi_label=multi_label)
+    data = clips(multi_label=multi_label)
+    every = classifier_levels(m, data, LEVELS)  # [L, n, C]
+    conf = torch.stack([confidence(x, "margin", multi_label) for x in every])
+    thresholds = [float(conf[0].median()), float(conf[1].median())]  # about half stop at each level
+    want = cascade_exits(conf, thresholds)
+    assert 0 < (want == 0).sum() < len(want)  # a real cascade: some stop early, some go on
+    out = run_classifier(m, data, Cascade(LEVELS, thresholds, "margin"))
+    assert torch.equal(out["level"], want)
+    torch.testing.assert_close(out["logits"], every[want, torch.arange(data.n)], rtol=1e-5, atol=1e-5)
+    costs = out["level_gflops"]
+    assert costs[0] < costs[1] < costs[2]
+    paid = [sum(costs[: k + 1]) for k in range(3)]
+    assert out["gflops_per_clip"] == pytest.approx(sum(paid[k] for k in want.tolist()) / data.n)
+    assert out["latents"].tolist() == [LEVELS[k] for k in want.tolist()]
+
+
+def test_a_fixed_policy_is_the_model_at_that_count():
+    m, data = classifier(num_classes=3), clips()
+    out = run_classifier(m, data, Fixed(4))
+    torch.testing.assert_close(out["logits"], classifier_levels(m, data, [4])[0])
+    assert out["latents"].tolist() == [4] * data.n and out["gflops_per_clip"] == pytest.approx(out["level_gflops"][0])
+
+
+def test_inputs_grouped_by_count_equal_inputs_run_one_by_one():
+    m = classifier(num_classes=3)
+    video = torch.randn(6, 2, 3, 32, 32)
+    q = torch.tensor([8, 2, 4, 2, 8, 2])
+    with torch.no_grad():
+        grouped = by_level(m, {"video": video}, q, lambda model, x: model(x))
+        for i in range(6):
+            with m.using_latents(int(q[i])):
+                torch.testing.assert_close(grouped[i], m(video[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def _calibration_set(n: int = 400, seed: int = 0):
+    """Three levels; confident predictions are right more often, later levels are better."""
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(3, n, generator=g)
+    skill = torch.tensor([0.55, 0.7, 0.85])[:, None]
+    correct = torch.rand(3, n, generator=g) < (skill + 0.4 * (conf - 0.5)).clamp(0, 1)
+    return conf, correct, [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("tolerance", [0.01, 0.05, 0.2])
+def test_calibration_meets_its_tolerance_on_the_calibration_split(tolerance):
+    conf, correct, costs = _calibration_set()
+    thresholds, report = calibrate(conf, correct, costs, tolerance=tolerance)
+    out = cascade_outcome(conf, correct, costs, thresholds)
+    assert out == {k: report[k] for k in out}
+    assert out["accuracy"] >= report["reference_accuracy"] - tolerance - 1e-9
+    assert report["reference_accuracy"] == correct[-1].double().mean().item()
+    if tolerance == 0.2:  # a loose tolerance buys savings: most inputs stop before the last level
+        assert out["cost"] < sum(costs) and out["exit_fractions"][2] < 0.5
+
+
+def test_calibration_to_a_budget_stays_within_it_and_spends_it_well():
+    conf, correct, costs = _calibration_set()
+    for budget in (1.0, 2.5, 7.0):
+        thresholds, report = calibrate(conf, correct, costs, budget=budget)
+        assert report["cost"] <= budget + 1e-9
+    # The whole budget of every level: as accurate as the last level alone or better.
+    assert report["accuracy"] >= correct[-1].double().mean().item() - 1e-9
+    cheapest = calibrate(conf, correct, costs, budget=1.0)[1]
+    assert cheapest["exit_fractions"][0] == 1.0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tolerance=0.0), r"tolerance=0.0: must be in \(0, 1\)"),
+    (dict(tolerance=1.0), "tolerance=1.0"),
+    (dict(budget=0.5), r"budget=0.5: below the cheapest level's cost 1 per input"),
+    (dict(), "exactly one of tolerance= and budget="),
+    (dict(tolerance=0.01, budget=3.0), "exactly one of"),
+])
+def test_bad_calibration_options_are_refused(kwargs, message):
+    conf, correct, costs = _calibration_set()
+    with pytest.raises(ValueError, match=message):
+        calibrate(conf, correct, costs, **kwargs)
+
+
+def test_an_empty_or_one_class_calibration_split_is_refused():
+    conf, correct, costs = _calibration_set()
+    with pytest.raises(ValueError, match="calibration split is empty"):
+        calibrate(conf[:, :0], correct[:, :0], costs, tolerance=0.01)
+    with pytest.raises(ValueError, match="has one class only"):
+        calibrate(conf, correct, costs, tolerance=0.01, labels=torch.zeros(conf.shape[1]))
+
+
+def test_levels_and_policies_are_checked():
+    assert default_levels(16) == [2, 4, 8, 16] and default_levels(4) == [1, 2, 4]
+    assert default_levels(16, [4, 16]) == [4, 16]
+    with pytest.raises(ValueError, match=r"levels=\[4, 32\]: every count must be in 1..num_latents=16"):
+        check_levels([4, 32], 16)
+    with pytest.raises(ValueError, match="ascending without duplicates"):
+        check_levels([8, 4, 4], 16)
+    with pytest.raises(ValueError, match="non-empty"):
+        check_levels([], 16)
+    with pytest.raises(ValueError, match="Fixed"):
+        Fixed(0)
+    with pytest.raises(ValueError, match="expected 2"):
+        Cascade([2, 4, 8], [0.5])
+    with pytest.raises(ValueError, match="must be numbers"):
+        Cascade([2, 4], [math.nan])
+    with pytest.raises(ValueError, match=r"levels=\[2, 16\]: every count must be in 1..num_latents=8"):
+        run_classifier(classifier(num_classes=3), clips(), Cascade([2, 16], [0.5]))
