@@ -159,3 +159,35 @@ def test_levels_and_policies_are_checked():
         Cascade([2, 4], [math.nan])
     with pytest.raises(ValueError, match=r"levels=\[2, 16\]: every count must be in 1..num_latents=8"):
         run_classifier(classifier(num_classes=3), clips(), Cascade([2, 16], [0.5]))
+
+
+def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path, capsys):
+    import json
+
+    from slimvl.cli import main
+    from slimvl.data import make_dataset
+
+    root = make_dataset(tmp_path / "d", n_train=16, n_val=12, n_test=8, frames=2, size=32, progress=False)
+    common = ["--data", str(root), "--frames", "2", "--task", "classify_count"]
+    main(["-q", "train", *common, "--model", "perceiver_cls_tiny", "--set", "dim=32", "--set", "heads=2", "--set",
+          "image_size=32", "--set", "num_latents=8", "--set", "nested_latents=[2,4,8]", "--steps", "3",
+          "--train-set", "batch_size=4", "--train-set", "warmup_steps=1", "--out", str(tmp_path / "run")])
+    capsys.readouterr()
+    ev = ["-q", "eval", *common, "--checkpoint", str(tmp_path / "run")]
+    main([*ev, "--queries", "fixed:2"])
+    fixed = json.loads(capsys.readouterr().out)
+    assert fixed["mean_latents"] == 2 and fixed["gflops_ratio"] < 0.6 and fixed["n_clips"] == 8
+    main([*ev, "--queries", "cascade", "--tolerance", "0.05", "--confidence", "margin"])
+    cascade = json.loads(capsys.readouterr().out)
+    calib = cascade["calibration"]
+    assert cascade["levels"] == [2, 4, 8] and len(cascade["thresholds"]) == 2 and calib["split_clips"] == 12
+    assert calib["accuracy"] >= calib["reference_accuracy"] - 0.05 - 1e-9
+    assert sum(cascade["exit_fractions"]) == pytest.approx(1.0)
+    lo, hi = cascade["accuracy_drop_ci95"]
+    assert lo <= cascade["accuracy_drop"] <= hi
+    for argv, message in ((["--queries", "fixed:9"], "fixed:Q needs a latent count Q in 1..8"),
+                          (["--tolerance", "0.01"], "--tolerance: only with --queries cascade"),
+                          (["--queries", "fixed:2", "--tolerance", "0.01"], "use them with --queries cascade")):
+        with pytest.raises(SystemExit) as e:
+            main([*ev, *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err

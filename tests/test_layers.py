@@ -21,7 +21,7 @@ ALLOWED = {
     "bench": {"checkpoint", "tasks", "nn"},
     "evaluate": {"tasks"},
     "recipes": {"train"},
-    "dynamic": {"tasks", "runtime"},
+    "dynamic": {"tasks", "runtime", "bench"},
 }
 # The command, the demo, the benchmarks' helpers and the package's own __init__ may import anything.
 TOP = {"cli", "demo", "experiments", ""}

@@ -189,14 +189,39 @@ def cmd_eval(a: argparse.Namespace) -> None:
     # A classifier's answers are the ones it was trained with (kept in the
     # checkpoint); the data's answers outside them count as wrong.
     entry, source = _task(a, tok, read_meta(ckpt).get("answers"))
+    queries = _queries(a, entry, model)
     data = entry.load(source, a.split, model.config)
     try:
-        metrics = entry.evaluate(model, data, source, device, a.batch_size, not a.quiet)
+        if queries is None:
+            metrics = entry.evaluate(model, data, source, device, a.batch_size, not a.quiet)
+        else:
+            calibration = lambda: entry.load(source, a.calib_split, model.config)  # noqa: E731
+            metrics = entry.evaluate_policy(model, data, calibration, source, device, a.batch_size, queries)
     except NonFiniteScores as e:
         raise ValueError(f"{ckpt}: {e}") from None
     print(json.dumps({"checkpoint": str(ckpt), "task": a.task,
                       "cross_attn_keep": getattr(model.config, "cross_attn_keep", None), "device": str(device),
                       **metrics}, indent=2))
+
+
+def _queries(a: argparse.Namespace, entry, model) -> dict | None:
+    """``--queries`` and its options as ``evaluate_policy`` keywords (None: no policy)."""
+    given = [f for f, v in (("--tolerance", a.tolerance), ("--budget-gflops", a.budget_gflops),
+                            ("--levels", a.levels)) if v is not None]
+    if a.queries is None:
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --queries cascade")
+        return None
+    if "active_latents" not in model.capabilities:
+        raise ValueError(f"--queries: a {model.config.model_type} has no latents to choose")
+    if entry.evaluate_policy is None:
+        from .tasks import TASKS
+
+        takers = sorted(n for n, e in TASKS.items() if e.evaluate_policy is not None)
+        raise ValueError(f"--queries: --task {entry.name} has no latent policy yet (tasks that have: "
+                         f"{', '.join(takers)})")
+    return {"spec": a.queries, "tolerance": a.tolerance, "budget_gflops": a.budget_gflops, "levels": a.levels,
+            "kind": a.confidence}
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -326,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256, help="pairs (or questions) per forward pass")
     ev.add_argument("--cross-attn-keep", help="Perceiver-VL: cross-attentions that run: 'all', a count "
                                               "(1 = the first) or indices '0,2' (default: as trained, all)")
+    ev.add_argument("--queries", metavar="POLICY", help="latents per input, against the same model with all of "
+                    "them: 'fixed:Q' (the first Q) or 'cascade' (the smallest count first, more for inputs the "
+                    "model is unsure of; calibrated on --calib-split to --tolerance or --budget-gflops)")
+    ev.add_argument("--tolerance", type=float, help="--queries cascade: the accuracy drop allowed, in (0, 1)")
+    ev.add_argument("--budget-gflops", type=float, help="--queries cascade: mean GFLOPs per input allowed")
+    ev.add_argument("--calib-split", default="val", help="--queries cascade: the split its thresholds are "
+                                                         "calibrated on")
+    ev.add_argument("--levels", type=int, nargs="+", help="--queries cascade: latent counts tried, ascending "
+                    "(default: those the model was trained on, else N/8, N/4, N/2, N)")
+    ev.add_argument("--confidence", choices=["max_softmax", "margin"], default="max_softmax",
+                    help="--queries cascade: how sure a prediction is")
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair", **fmt)

@@ -15,7 +15,8 @@ models; calibrated confidence exits as in Dynamic Perceiver).
 from .calibrate import calibrate
 from .confidence import CONFIDENCES, confidence
 from .policies import Cascade, Fixed, cascade_exits, default_levels
+from .evaluate import evaluate_classifier_policy, parse_queries
 from .run import by_level, classifier_levels, run_classifier
 
 __all__ = ["calibrate", "CONFIDENCES", "confidence", "Cascade", "Fixed", "cascade_exits", "default_levels",
-           "by_level", "classifier_levels", "run_classifier"]
+           "by_level", "classifier_levels", "run_classifier", "evaluate_classifier_policy", "parse_queries"]

@@ -219,10 +219,18 @@ def _entry(target: str) -> TaskEntry:
     def evaluate(model, data: ClassData, source: TaskSource, device, batch_size: int, progress: bool) -> dict:
         return evaluate_classifier(model, data, batch_size, device=device)
 
+    def evaluate_policy(model, data: ClassData, calibration, source: TaskSource, device, batch_size: int,
+                        queries: dict) -> dict:
+        from ..dynamic import evaluate_classifier_policy
+
+        return evaluate_classifier_policy(model, data, calibration=calibration, batch_size=batch_size, device=device,
+                                          **queries)
+
     kind = "which shapes a clip shows (multi-label)" if target == "shapes" else "how many objects a clip holds"
     return TaskEntry(f"classify_{target}", f"classify {kind}, from the synthetic world's scenes; accuracy",
                      load=load, build=lambda source, data, config: ClassTask(data), evaluate=evaluate,
-                     model_overrides=lambda source: {"num_classes": len(classes), "multi_label": target == "shapes"})
+                     model_overrides=lambda source: {"num_classes": len(classes), "multi_label": target == "shapes"},
+                     evaluate_policy=evaluate_policy)
 
 
 for _target in TARGETS:

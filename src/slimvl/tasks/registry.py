@@ -48,6 +48,10 @@ class TaskEntry:
         validation: how ``train(val_data=...)`` wants the validation split.
         qa_tokenizer: the dataset's question-aware tokenizer (``qa/``).
         options: the task options it takes (others are refused).
+        evaluate_policy: ``(model, data, calibration, source, device,
+            batch_size, queries: dict) -> metrics`` under a latent policy
+            (``slimvl eval --queries``; ``calibration()`` reads the held-out
+            split), or None when the task has none yet.
     """
 
     name: str
@@ -59,6 +63,7 @@ class TaskEntry:
     validation: Callable[[Any], Any] = lambda data: data
     qa_tokenizer: bool = False
     options: tuple[str, ...] = ()
+    evaluate_policy: Callable[..., dict] | None = None
 
 
 TASKS: dict[str, TaskEntry] = {}
