@@ -116,3 +116,15 @@ def test_ablation(data, tmp_path):
     rows = reports(tmp_path, "ablation")["rows"]
     assert [r["variant"] for r in rows] == ["a", "b"]
     assert rows[1]["model_overrides"] == {"num_latents": 8}
+
+
+def test_dynamic_queries(data, tmp_path):
+    run("dynamic_queries", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--levels", "2", "4",
+        "--targets", "count", "--batch-size", "8", "--tolerance", "0.2", "--quiet")
+    rows = reports(tmp_path, "dynamic_queries")["rows"]
+    assert [(r["training"], r["policy"]) for r in rows] == [("nested", "fixed:2"), ("nested", "fixed:4"),
+                                                            ("nested", "cascade"), ("plain", "fixed:2"),
+                                                            ("plain", "fixed:4")]
+    full = [r for r in rows if r["policy"] == "fixed:4"]
+    assert all(r["accuracy_drop"] == 0 and r["gflops_ratio"] == 1 for r in full)
+    assert rows[0]["gflops_ratio"] < 1 and rows[0]["mean_latents"] == 2

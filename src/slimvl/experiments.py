@@ -46,10 +46,13 @@ def experiment_parser(doc: str, steps: int | None = None, data: bool = True) -> 
     return p
 
 
-def gallery_dataset(root: str | Path, n_test: int, progress: bool = True, n_train: int | None = None) -> Path:
+def gallery_dataset(root: str | Path, n_test: int, progress: bool = True, n_train: int | None = None,
+                    **params) -> Path:
     """The demo's synthetic video-text data with a test gallery of ``n_test``
-    videos (and ``n_train`` training videos instead of the demo's, if given)."""
-    return make_dataset(root, progress=progress, **{**DATA, "n_test": n_test, "n_train": n_train or DATA["n_train"]})
+    videos (and ``n_train`` training videos instead of the demo's, if given;
+    ``params`` change other ``make_dataset`` parameters, e.g. ``n_val``)."""
+    return make_dataset(root, progress=progress,
+                        **{**DATA, "n_test": n_test, "n_train": n_train or DATA["n_train"], **params})
 
 
 def retrieval_splits(root: str | Path, gallery: int | None = None, progress: bool = True,
