@@ -30,8 +30,8 @@ from slimvl.train import TrainConfig
 
 COLUMNS = [("target", "target", ""), ("training", "training", ""), ("policy", "policy", ""),
            ("accuracy", "accuracy", ".3f"), ("drop", "drop vs all latents (95% CI)", ""),
-           ("mean_latents", "mean latents", ".1f"), ("gflops_per_clip", "GFLOPs/clip", ".4f"),
-           ("gflops_ratio", "GFLOPs x all", ".2f"), ("ms_per_clip", "ms/clip", ".3f"),
+           ("mean_latents", "mean latents", ".1f"), ("gflops_per_input", "GFLOPs/clip", ".4f"),
+           ("gflops_ratio", "GFLOPs x all", ".2f"), ("ms_per_input", "ms/clip", ".3f"),
            ("latency_ratio", "latency x all", ".2f")]
 
 
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     for ax, target in zip(axes, a.targets):
         fixed = [dict(r, line=f"{r['training']}, fixed Q") for r in rows
                  if r["target"] == target and r["policy"].startswith("fixed")]
-        plot_lines(ax, fixed, "gflops_per_clip", "accuracy", by="line")
+        plot_lines(ax, fixed, "gflops_per_input", "accuracy", by="line")
         for r in (r for r in rows if r["target"] == target and r["policy"] == "cascade"):
-            ax.plot(r["gflops_per_clip"], r["accuracy"], "k*", markersize=12, label=f"cascade, tol {a.tolerance}")
+            ax.plot(r["gflops_per_input"], r["accuracy"], "k*", markersize=12, label=f"cascade, tol {a.tolerance}")
         ax.set(xlabel="GFLOPs per clip", ylabel="test accuracy", title=target)
         ax.legend(fontsize=8)
     fig.tight_layout()

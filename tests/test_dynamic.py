@@ -67,7 +67,7 @@ def test_a_cascade_stops_exactly_where_its_thresholds_say(multi_label):
     costs = out["level_gflops"]
     assert costs[0] < costs[1] < costs[2]
     paid = [sum(costs[: k + 1]) for k in range(3)]
-    assert out["gflops_per_clip"] == pytest.approx(sum(paid[k] for k in want.tolist()) / data.n)
+    assert out["gflops_per_input"] == pytest.approx(sum(paid[k] for k in want.tolist()) / data.n)
     assert out["latents"].tolist() == [LEVELS[k] for k in want.tolist()]
 
 
@@ -75,7 +75,7 @@ def test_a_fixed_policy_is_the_model_at_that_count():
     m, data = classifier(num_classes=3), clips()
     out = run_classifier(m, data, Fixed(4))
     torch.testing.assert_close(out["logits"], classifier_levels(m, data, [4])[0])
-    assert out["latents"].tolist() == [4] * data.n and out["gflops_per_clip"] == pytest.approx(out["level_gflops"][0])
+    assert out["latents"].tolist() == [4] * data.n and out["gflops_per_input"] == pytest.approx(out["level_gflops"][0])
 
 
 def test_inputs_grouped_by_count_equal_inputs_run_one_by_one():
@@ -180,7 +180,7 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
     main([*ev, "--queries", "cascade", "--tolerance", "0.05", "--confidence", "margin"])
     cascade = json.loads(capsys.readouterr().out)
     calib = cascade["calibration"]
-    assert cascade["levels"] == [2, 4, 8] and len(cascade["thresholds"]) == 2 and calib["split_clips"] == 12
+    assert cascade["levels"] == [2, 4, 8] and len(cascade["thresholds"]) == 2 and calib["inputs"] == 12
     assert calib["accuracy"] >= calib["reference_accuracy"] - 0.05 - 1e-9
     assert sum(cascade["exit_fractions"]) == pytest.approx(1.0)
     lo, hi = cascade["accuracy_drop_ci95"]
@@ -191,3 +191,29 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
         with pytest.raises(SystemExit) as e:
             main([*ev, *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_qa_under_a_cascade_stops_where_its_thresholds_say():
+    from slimvl.dynamic import QAInputs, evaluate_qa_policy, level_logits, run_policy
+    from slimvl.tasks import QAData
+
+    torch.manual_seed(0)
+    m = create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscs",
+                     vocab_size=50, max_text_len=12, num_answers=4, nested_latents=LEVELS).eval()
+    g = torch.Generator().manual_seed(2)
+    n = 20
+    data = QAData(torch.randint(0, 256, (5, 2, 3, 32, 32), generator=g, dtype=torch.uint8),
+                  torch.randint(5, 50, (n, 9), generator=g), torch.ones(n, 9, dtype=torch.bool),
+                  torch.arange(n) % 5, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+    inputs = QAInputs(data)
+    every = level_logits(m, inputs, LEVELS)
+    conf = torch.stack([confidence(x, "margin") for x in every])
+    thresholds = [float(conf[0].median()), float(conf[1].median())]
+    out = run_policy(m, inputs, Cascade(LEVELS, thresholds, "margin"))
+    want = cascade_exits(conf, thresholds)
+    assert torch.equal(out["level"], want) and 0 < (want == 0).sum() < n
+    torch.testing.assert_close(out["logits"], every[want, torch.arange(n)], rtol=1e-5, atol=1e-5)
+    costs = out["level_gflops"]  # counted by torch's counter: they grow with the latent count
+    assert costs[0] < costs[1] < costs[2]
+    report = evaluate_qa_policy(m, data, "fixed:4")
+    assert report["mean_latents"] == 4 and report["n_questions"] == n and report["gflops_ratio"] < 1

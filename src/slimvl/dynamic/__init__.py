@@ -15,8 +15,9 @@ models; calibrated confidence exits as in Dynamic Perceiver).
 from .calibrate import calibrate
 from .confidence import CONFIDENCES, confidence
 from .policies import Cascade, Fixed, cascade_exits, default_levels
-from .evaluate import evaluate_classifier_policy, parse_queries
-from .run import by_level, classifier_levels, run_classifier
+from .evaluate import evaluate_classifier_policy, evaluate_policy, evaluate_qa_policy, parse_queries
+from .run import ClassInputs, QAInputs, by_level, classifier_levels, level_logits, run_classifier, run_policy
 
 __all__ = ["calibrate", "CONFIDENCES", "confidence", "Cascade", "Fixed", "cascade_exits", "default_levels",
-           "by_level", "classifier_levels", "run_classifier", "evaluate_classifier_policy", "parse_queries"]
+           "by_level", "classifier_levels", "run_classifier", "evaluate_classifier_policy", "parse_queries",
+           "evaluate_policy", "evaluate_qa_policy", "ClassInputs", "QAInputs", "level_logits", "run_policy"]

@@ -1,6 +1,7 @@
-"""A classifier evaluated under a latent policy, against the same model at
-every latent in the same run: accuracy (the drop with a paired 95%
-interval), GFLOPs and seconds per clip, and where the clips stopped."""
+"""A model evaluated under a latent policy, against the same model with all
+its latents in the same run: the task's metrics, the accuracy drop with a
+paired 95% interval, GFLOPs and milliseconds per input, and where the
+inputs stopped."""
 from __future__ import annotations
 
 import time
@@ -10,11 +11,12 @@ import torch
 from torch import nn
 
 from ..bench.stats import paired_difference
-from ..tasks.classify import ClassData, class_metrics, correct
+from ..tasks.classify import ClassData
+from ..tasks.qa import QAData
 from .calibrate import calibrate
 from .confidence import confidence
 from .policies import Cascade, Fixed, check_levels, default_levels
-from .run import classifier_levels, level_costs, run_classifier
+from .run import ClassInputs, QAInputs, level_costs, level_logits, run_policy
 
 POLICIES = ("fixed:Q", "cascade")
 
@@ -36,17 +38,18 @@ def parse_queries(spec: str, num_latents: int) -> Fixed | str:
     raise ValueError(f"--queries {spec!r}: expected one of {list(POLICIES)}")
 
 
-def evaluate_classifier_policy(model: nn.Module, data: ClassData, spec: str,
-                               calibration: Callable[[], ClassData] | None = None, tolerance: float | None = None,
-                               budget_gflops: float | None = None, levels: list[int] | None = None,
-                               kind: str = "max_softmax", batch_size: int = 256,
-                               device: str | torch.device | None = None) -> dict:
-    """``class_metrics`` of ``model`` on ``data`` under the policy ``spec``
-    (``parse_queries``), next to the same model with all its latents.
+def evaluate_policy(model: nn.Module, inputs, spec: str, calibration: Callable[[], object] | None = None,
+                    tolerance: float | None = None, budget_gflops: float | None = None,
+                    levels: list[int] | None = None, kind: str = "max_softmax", batch_size: int = 256,
+                    device: str | torch.device | None = None) -> dict:
+    """The task's metrics of ``model`` on ``inputs`` (``ClassInputs``,
+    ``QAInputs``) under the policy ``spec`` (``parse_queries``), next to the
+    same model with all its latents.
 
-    A cascade's thresholds are calibrated on ``calibration()`` (a held-out
-    split, read only then) to ``tolerance`` or ``budget_gflops``, over
-    ``levels`` (default: the counts the model was trained on, else N/8..N).
+    A cascade's thresholds are calibrated on ``calibration()`` (held-out
+    inputs of the same kind, read only then) to ``tolerance`` or
+    ``budget_gflops``, over ``levels`` (default: the counts the model was
+    trained on, else N/8..N).
     """
     c = model.config
     policy = parse_queries(spec, c.num_latents)
@@ -56,30 +59,41 @@ def evaluate_classifier_policy(model: nn.Module, data: ClassData, spec: str,
             raise ValueError("--queries cascade needs a calibration split")
         levels = check_levels(levels or default_levels(c.num_latents, c.nested_latents), c.num_latents)
         calib = calibration()
-        every = classifier_levels(model, calib, levels, batch_size, device)
+        every = level_logits(model, calib, levels, batch_size, device)
         conf = torch.stack([confidence(x, kind, calib.multi_label) for x in every])
-        right = torch.stack([correct(x, calib.labels) for x in every])
-        thresholds, report = calibrate(conf, right, level_costs(model, levels, calib.videos.shape[1]),
-                                       tolerance=tolerance, budget=budget_gflops, labels=calib.labels)
+        right = torch.stack([calib.correct(x) for x in every])
+        thresholds, report = calibrate(conf, right, level_costs(model, calib, levels), tolerance=tolerance,
+                                       budget=budget_gflops, labels=calib.labels)
         policy = Cascade(levels, thresholds, kind)
-        out.update(levels=levels, thresholds=thresholds, confidence=kind,
-                   calibration={"split_clips": calib.n, **report})
+        out.update(levels=levels, thresholds=thresholds, confidence=kind, calibration={"inputs": calib.n, **report})
     elif tolerance is not None or budget_gflops is not None:
         raise ValueError("--tolerance and --budget-gflops calibrate a cascade: use them with --queries cascade")
-    with model.using_latents(None):  # the same model at every latent, measured in the same run
-        full = run_classifier(model, data, Fixed(c.num_latents), batch_size, device)
+    full = run_policy(model, inputs, Fixed(c.num_latents), batch_size, device)  # measured in the same run
     t0 = time.perf_counter()
-    run = run_classifier(model, data, policy, batch_size, device)
+    run = run_policy(model, inputs, policy, batch_size, device)
     seconds = time.perf_counter() - t0
-    drop, ci = paired_difference(correct(run["logits"], data.labels).double(),
-                                 correct(full["logits"], data.labels).double())
-    out.update(class_metrics(run["logits"], data))
-    out.update(accuracy_all_latents=class_metrics(full["logits"], data)["accuracy"], accuracy_drop=drop,
-               accuracy_drop_ci95=[drop - ci, drop + ci], gflops_per_clip=run["gflops_per_clip"],
-               gflops_all_latents=full["gflops_per_clip"],
-               gflops_ratio=run["gflops_per_clip"] / full["gflops_per_clip"],
-               ms_per_clip=1e3 * seconds / data.n, ms_per_clip_all_latents=1e3 * full["seconds"] / data.n,
+    drop, ci = paired_difference(inputs.correct(run["logits"]).double(), inputs.correct(full["logits"]).double())
+    out.update(inputs.metrics(run["logits"]))
+    out.update(accuracy_all_latents=inputs.correct(full["logits"]).double().mean().item(), accuracy_drop=drop,
+               accuracy_drop_ci95=[drop - ci, drop + ci], gflops_per_input=run["gflops_per_input"],
+               gflops_all_latents=full["gflops_per_input"],
+               gflops_ratio=run["gflops_per_input"] / full["gflops_per_input"],
+               ms_per_input=1e3 * seconds / inputs.n, ms_per_input_all_latents=1e3 * full["seconds"] / inputs.n,
                latency_ratio=seconds / full["seconds"], mean_latents=run["latents"].double().mean().item(),
                exit_fractions=torch.bincount(run["level"], minlength=len(policy.levels)).double()
-               .div(data.n).tolist())
+               .div(inputs.n).tolist())
     return out
+
+
+def evaluate_classifier_policy(model: nn.Module, data: ClassData, spec: str,
+                               calibration: Callable[[], ClassData] | None = None, **options) -> dict:
+    """``evaluate_policy`` over clips (``calibration()`` gives held-out clips)."""
+    calib = None if calibration is None else (lambda: ClassInputs(calibration()))
+    return evaluate_policy(model, ClassInputs(data), spec, calib, **options)
+
+
+def evaluate_qa_policy(model: nn.Module, data: QAData, spec: str, calibration: Callable[[], QAData] | None = None,
+                       **options) -> dict:
+    """``evaluate_policy`` over questions (``calibration()`` gives held-out questions)."""
+    calib = None if calibration is None else (lambda: QAInputs(calibration()))
+    return evaluate_policy(model, QAInputs(data), spec, calib, **options)

@@ -1,14 +1,22 @@
-"""Running a policy: inputs grouped by the latent count they run at."""
+"""Running a policy: inputs grouped by the latent count they run at.
+
+A task takes part through a small adapter (``ClassInputs``, ``QAInputs``):
+how many inputs it has, a subset of them, the model's logits over them,
+which predictions are right, and what one input costs at the model's
+current latent count.
+"""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from ..tasks.classify import ClassData, check_classifier, predict_logits
+from ..bench.flops import count_flops, dummy_inputs
+from ..tasks.classify import ClassData, check_classifier, class_metrics, correct, predict_logits
+from ..tasks.qa import QAData, answer_logits, qa_metrics
 from .confidence import confidence
 from .policies import Cascade, Fixed, check_levels
 
@@ -31,54 +39,132 @@ def by_level(model: nn.Module, inputs: Mapping[str, Tensor], q: Tensor,
     return out
 
 
-def classifier_levels(model: nn.Module, data: ClassData, levels: list[int], batch_size: int = 256,
-                      device: str | torch.device | None = None) -> Tensor:
-    """Every clip's logits at every latent count: ``[L, n, C]`` (what
+@dataclass
+class ClassInputs:
+    """Clips to classify (``ClassData``) as a policy sees them."""
+
+    data: ClassData
+
+    @property
+    def n(self) -> int:
+        return self.data.n
+
+    @property
+    def multi_label(self) -> bool:
+        return self.data.multi_label
+
+    @property
+    def labels(self) -> Tensor:
+        return self.data.labels
+
+    def check(self, model: nn.Module) -> None:
+        check_classifier(model, self.data)
+
+    def subset(self, rows: Tensor) -> "ClassInputs":
+        d = self.data
+        return ClassInputs(replace(d, videos=d.videos[rows], labels=d.labels[rows],
+                                   heldout=None if d.heldout is None else [d.heldout[i] for i in rows.tolist()]))
+
+    def logits(self, model: nn.Module, batch_size: int, device) -> Tensor:
+        return predict_logits(model, self.data, batch_size, device)
+
+    def correct(self, logits: Tensor) -> Tensor:
+        return correct(logits, self.data.labels)
+
+    def metrics(self, logits: Tensor) -> dict:
+        return class_metrics(logits, self.data)
+
+    def gflops(self, model: nn.Module) -> float:
+        """One clip at the model's current latent count (its FLOP formula)."""
+        return model.analytic_flops(self.data.videos.shape[1]) / 1e9
+
+
+@dataclass
+class QAInputs:
+    """Questions (``QAData``) as a policy sees them; confidence is the
+    answer softmax's (its top-1/top-2 margin with ``confidence="margin"``)."""
+
+    data: QAData
+    multi_label = False
+
+    @property
+    def n(self) -> int:
+        return self.data.n_questions
+
+    @property
+    def labels(self) -> Tensor:
+        return self.data.answer
+
+    def check(self, model: nn.Module) -> None:
+        if "answer" not in model.capabilities:
+            raise ValueError(f"a {model.config.model_type} without a QA head cannot answer (num_answers=0)")
+
+    def subset(self, rows: Tensor) -> "QAInputs":
+        d, keep = self.data, rows.tolist()
+        return QAInputs(replace(d, question_ids=d.question_ids[rows], question_mask=d.question_mask[rows],
+                                question_item=d.question_item[rows], answer=d.answer[rows],
+                                answer_text=[d.answer_text[i] for i in keep],
+                                question_type=[d.question_type[i] for i in keep],
+                                heldout=None if d.heldout is None else [d.heldout[i] for i in keep]))
+
+    def logits(self, model: nn.Module, batch_size: int, device) -> Tensor:
+        return answer_logits(model, self.data, batch_size, device)
+
+    def correct(self, logits: Tensor) -> Tensor:
+        return (logits.argmax(-1) == self.data.answer) & (self.data.answer >= 0)
+
+    def metrics(self, logits: Tensor) -> dict:
+        return qa_metrics(logits.argmax(-1), self.data)
+
+    @torch.inference_mode()
+    def gflops(self, model: nn.Module) -> float:
+        """One question at the model's current latent count (torch's counter)."""
+        video, ids, mask = dummy_inputs(model, self.data.videos.shape[1], self.data.question_ids.shape[1], 2)
+        return count_flops(lambda: model.answer(video, ids, mask), model) / 2 / 1e9
+
+
+def level_logits(model: nn.Module, inputs, levels: list[int], batch_size: int = 256, device=None) -> Tensor:
+    """Every input's logits at every latent count: ``[L, n, C]`` (what
     calibration reads: each level's confidence and correctness)."""
     check_levels(levels, model.config.num_latents)
     out = []
     for q in levels:
         with model.using_latents(q):
-            out.append(predict_logits(model, data, batch_size, device))
+            out.append(inputs.logits(model, batch_size, device))
     return torch.stack(out)
 
 
-def level_costs(model: nn.Module, levels: list[int], frames: int) -> list[float]:
-    """GFLOPs of one clip at each latent count (the model's formula, which
-    the tests hold to torch's counter)."""
+def level_costs(model: nn.Module, inputs, levels: list[int]) -> list[float]:
+    """GFLOPs of one input at each latent count."""
     costs = []
     for q in levels:
         with model.using_latents(q):
-            costs.append(model.analytic_flops(frames) / 1e9)
+            costs.append(inputs.gflops(model))
     return costs
 
 
-def run_classifier(model: nn.Module, data: ClassData, policy: Fixed | Cascade, batch_size: int = 256,
-                   device: str | torch.device | None = None) -> dict:
-    """Classify every clip of ``data`` under ``policy``.
+def run_policy(model: nn.Module, inputs, policy: Fixed | Cascade, batch_size: int = 256, device=None) -> dict:
+    """Run every input of ``inputs`` (``ClassInputs``, ``QAInputs``) under ``policy``.
 
-    Returns ``logits`` ``[n, C]`` (each clip's at the level it stopped at),
-    ``level`` ``[n]`` (index into the policy's levels), ``latents`` ``[n]``,
-    ``gflops_per_clip`` (mean: a cascade's clip pays every level it tried)
-    and ``seconds``. A cascade runs each level on the clips still open, in
-    batches, and each level runs the model again: latents attend to each
-    other, so the work of Q latents is not part of the work of 2Q.
+    Returns ``logits`` ``[n, C]`` (each input's at the level it stopped
+    at), ``level`` ``[n]`` (index into the policy's levels), ``latents``
+    ``[n]``, ``gflops_per_input`` (mean: a cascade's input pays every level
+    it tried) and ``seconds``. A cascade runs each level on the inputs still
+    open, in batches, and each level runs the model again: latents attend to
+    each other, so the work of Q latents is not part of the work of 2Q.
     """
-    check_classifier(model, data)
+    inputs.check(model)
     levels = check_levels(policy.levels, model.config.num_latents)
-    costs = level_costs(model, levels, data.videos.shape[1])
+    costs = level_costs(model, inputs, levels)
     t0 = time.perf_counter()
-    n = data.n
-    logits = torch.empty(n, len(data.classes))
-    level = torch.full((n,), len(levels) - 1, dtype=torch.long)
-    open_ = torch.arange(n)
+    logits, level, open_ = None, torch.full((inputs.n,), len(levels) - 1, dtype=torch.long), torch.arange(inputs.n)
     for k, q in enumerate(levels):
-        part = replace(data, videos=data.videos[open_], labels=data.labels[open_],
-                       heldout=None if data.heldout is None else [data.heldout[i] for i in open_.tolist()])
         with model.using_latents(q):
-            out = predict_logits(model, part, batch_size, device)
+            out = inputs.subset(open_).logits(model, batch_size, device)
+        if logits is None:
+            logits = torch.empty(inputs.n, out.shape[1])
         if k < len(levels) - 1:
-            stop = confidence(out, policy.confidence, data.multi_label) >= policy.thresholds[k]
+            stop = confidence(out, policy.confidence, inputs.multi_label) >= policy.thresholds[k]
         else:
             stop = torch.ones(len(open_), dtype=torch.bool)
         logits[open_[stop]] = out[stop]
@@ -88,5 +174,17 @@ def run_classifier(model: nn.Module, data: ClassData, policy: Fixed | Cascade, b
             break
     paid = torch.tensor(costs, dtype=torch.float64).cumsum(0)
     return {"logits": logits, "level": level, "latents": torch.tensor(levels)[level],
-            "gflops_per_clip": paid[level].mean().item(), "seconds": time.perf_counter() - t0,
+            "gflops_per_input": paid[level].mean().item(), "seconds": time.perf_counter() - t0,
             "levels": levels, "level_gflops": costs}
+
+
+def classifier_levels(model: nn.Module, data: ClassData, levels: list[int], batch_size: int = 256,
+                      device=None) -> Tensor:
+    """``level_logits`` of clips: ``[L, n, C]``."""
+    return level_logits(model, ClassInputs(data), levels, batch_size, device)
+
+
+def run_classifier(model: nn.Module, data: ClassData, policy: Fixed | Cascade, batch_size: int = 256,
+                   device=None) -> dict:
+    """``run_policy`` over clips."""
+    return run_policy(model, ClassInputs(data), policy, batch_size, device)

@@ -208,11 +208,11 @@ class QATask(Task):
 
 
 @torch.inference_mode()
-def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256,
-                    device: str | torch.device | None = None, amp: str = "auto") -> Tensor:
-    """Predicted answer index ``[n_questions]`` for every question (on
-    ``device``, default where the model is). Non-finite answer logits stop
-    it with ``NonFiniteScores``: their argmax would be an arbitrary answer."""
+def answer_logits(model: nn.Module, data: QAData, batch_size: int = 256,
+                  device: str | torch.device | None = None, amp: str = "auto") -> Tensor:
+    """Answer logits ``[n_questions, n_answers]`` (float32, CPU) of every
+    question (on ``device``, default where the model is). Non-finite logits
+    stop it with ``NonFiniteScores``: their argmax would be an arbitrary answer."""
     dev = for_inference(model, device)
     out = []
     for rows in row_batches(data.n_questions, batch_size):
@@ -220,8 +220,14 @@ def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256,
         with autocast_for(dev, amp):
             logits = model.answer(b.inputs).float()
         check_scores(logits, f"answer logits of questions {int(rows[0])}..{int(rows[-1])}")
-        out.append(logits.argmax(-1).cpu())
+        out.append(logits.cpu())
     return torch.cat(out)
+
+
+def predict_answers(model: nn.Module, data: QAData, batch_size: int = 256,
+                    device: str | torch.device | None = None, amp: str = "auto") -> Tensor:
+    """Predicted answer index ``[n_questions]`` for every question (the arg-max of ``answer_logits``)."""
+    return answer_logits(model, data, batch_size, device, amp).argmax(-1)
 
 
 def qa_metrics(pred: Tensor, data: QAData) -> dict[str, float]:
@@ -271,7 +277,14 @@ def _evaluate(model, data: QAData, source: TaskSource, device, batch_size: int, 
     return evaluate_qa(model, data, batch_size, device=device)
 
 
+def _evaluate_policy(model, data: QAData, calibration, source: TaskSource, device, batch_size: int,
+                     queries: dict) -> dict:
+    from ..dynamic import evaluate_qa_policy
+
+    return evaluate_qa_policy(model, data, calibration=calibration, batch_size=batch_size, device=device, **queries)
+
+
 register_task(TaskEntry(
     "qa", "answer classifier over the questions of `slimvl data qa`; accuracy by type", load=_load,
     build=lambda source, data, config: QATask(data, source.options.get("question_types")), evaluate=_evaluate,
-    model_overrides=_answers, qa_tokenizer=True, options=("question_types",)))
+    model_overrides=_answers, qa_tokenizer=True, options=("question_types",), evaluate_policy=_evaluate_policy))
