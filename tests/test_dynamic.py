@@ -32,6 +32,14 @@ def clips(n: int = 24, multi_label: bool = False) -> ClassData:
     return ClassData(videos, torch.arange(n) % 3, ["1", "2", "3"], "count")
 
 
+def midpoint(values: torch.Tensor) -> float:
+    """A threshold halfway between two neighbouring distinct values near the
+    median: no input sits on it, so rounding cannot move an input across."""
+    v = torch.unique(values)
+    i = len(v) // 2
+    return float((v[i - 1] + v[i]) / 2)
+
+
 def test_confidences():
     logits = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, -8.0]])
     p = torch.softmax(logits, -1)
@@ -58,7 +66,7 @@ def test_a_cascade_stops_exactly_where_its_thresholds_say(multi_label):
     data = clips(multi_label=multi_label)
     every = classifier_levels(m, data, LEVELS)  # [L, n, C]
     conf = torch.stack([confidence(x, "margin", multi_label) for x in every])
-    thresholds = [float(conf[0].median()), float(conf[1].median())]  # about half stop at each level
+    thresholds = [midpoint(conf[0]), midpoint(conf[1])]  # about half stop at each level
     want = cascade_exits(conf, thresholds)
     assert 0 < (want == 0).sum() < len(want)  # a real cascade: some stop early, some go on
     out = run_classifier(m, data, Cascade(LEVELS, thresholds, "margin"))
@@ -74,7 +82,9 @@ def test_a_cascade_stops_exactly_where_its_thresholds_say(multi_label):
 def test_a_fixed_policy_is_the_model_at_that_count():
     m, data = classifier(num_classes=3), clips()
     out = run_classifier(m, data, Fixed(4))
-    torch.testing.assert_close(out["logits"], classifier_levels(m, data, [4])[0])
+    with torch.no_grad(), m.using_latents(4):
+        direct = m(data.videos.float() / 127.5 - 1)
+    torch.testing.assert_close(out["logits"], direct, rtol=1e-5, atol=1e-5)
     assert out["latents"].tolist() == [4] * data.n and out["gflops_per_input"] == pytest.approx(out["level_gflops"][0])
 
 
@@ -142,9 +152,34 @@ def test_an_empty_or_one_class_calibration_split_is_refused():
         calibrate(conf, correct, costs, tolerance=0.01, labels=torch.zeros(conf.shape[1]))
 
 
+def test_a_level_no_input_can_stop_at_is_skipped_and_not_paid_for():
+    m, data = classifier(num_classes=3), clips()
+    last = run_classifier(m, data, Fixed(8))
+    out = run_classifier(m, data, Cascade(LEVELS, [1.5, 1.5]))  # thresholds above every confidence
+    assert out["gflops_per_input"] == pytest.approx(last["gflops_per_input"])  # the last level alone
+    torch.testing.assert_close(out["logits"], last["logits"])
+    conf, correct, costs = _calibration_set()
+    assert cascade_outcome(conf, correct, costs, [1.5, 0.5])["cost"] <= costs[1] + costs[2]  # level 0 not paid
+    # A constraint only the last level meets: calibration costs what the last level costs, no more.
+    flat = torch.full_like(conf, 0.5)
+    thresholds, report = calibrate(flat, correct, costs, tolerance=0.01)
+    assert report["cost"] == pytest.approx(costs[-1]) and report["accuracy"] == report["reference_accuracy"]
+
+
+def test_calibration_works_on_tensors_from_any_device_and_tiny_splits():
+    conf, correct, costs = _calibration_set(n=1)
+    thresholds, report = calibrate(conf, correct, costs, budget=1.0)
+    assert report["cost"] == 1.0 and len(thresholds) == 2
+    assert calibrate(conf[-1:], correct[-1:], costs[-1:], tolerance=0.1)[0] == []  # one level: nothing to choose
+    if torch.cuda.is_available():
+        conf, correct, costs = _calibration_set()
+        assert calibrate(conf.cuda(), correct.cuda(), costs, tolerance=0.05)[1] == \
+            calibrate(conf, correct, costs, tolerance=0.05)[1]
+
+
 def test_levels_and_policies_are_checked():
     assert default_levels(16) == [2, 4, 8, 16] and default_levels(4) == [1, 2, 4]
-    assert default_levels(16, [4, 16]) == [4, 16]
+    assert default_levels(16, [4, 16]) == [4, 16] and default_levels(16, [2, 4]) == [2, 4, 16]
     with pytest.raises(ValueError, match=r"levels=\[4, 32\]: every count must be in 1..num_latents=16"):
         check_levels([4, 32], 16)
     with pytest.raises(ValueError, match="ascending without duplicates"):
@@ -187,7 +222,12 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
     assert lo <= cascade["accuracy_drop"] <= hi
     for argv, message in ((["--queries", "fixed:9"], "fixed:Q needs a latent count Q in 1..8"),
                           (["--tolerance", "0.01"], "--tolerance: only with --queries cascade"),
-                          (["--queries", "fixed:2", "--tolerance", "0.01"], "use them with --queries cascade")):
+                          (["--queries", "fixed:2", "--levels", "2", "8"], "--levels: only with --queries cascade"),
+                          (["--queries", "cascade"], "give one of --tolerance (an accuracy drop) or --budget-gflops"),
+                          (["--queries", "cascade", "--tolerance", "0.1", "--levels", "2", "4"],
+                           "a cascade's last level must be num_latents=8"),
+                          (["--queries", "cascade", "--tolerance", "0.1", "--calib-split", "test"],
+                           "calibrated on another split than the one evaluated")):
         with pytest.raises(SystemExit) as e:
             main([*ev, *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -208,7 +248,7 @@ def test_qa_under_a_cascade_stops_where_its_thresholds_say():
     inputs = QAInputs(data)
     every = level_logits(m, inputs, LEVELS)
     conf = torch.stack([confidence(x, "margin") for x in every])
-    thresholds = [float(conf[0].median()), float(conf[1].median())]
+    thresholds = [midpoint(conf[0]), midpoint(conf[1])]
     out = run_policy(m, inputs, Cascade(LEVELS, thresholds, "margin"))
     want = cascade_exits(conf, thresholds)
     assert torch.equal(out["level"], want) and 0 < (want == 0).sum() < n
@@ -217,3 +257,20 @@ def test_qa_under_a_cascade_stops_where_its_thresholds_say():
     assert costs[0] < costs[1] < costs[2]
     report = evaluate_qa_policy(m, data, "fixed:4")
     assert report["mean_latents"] == 4 and report["n_questions"] == n and report["gflops_ratio"] < 1
+
+
+def test_costs_are_counted_in_eval_mode_whatever_mode_the_model_is_in():
+    from slimvl.dynamic import QAInputs
+    from slimvl.dynamic.run import level_costs
+    from slimvl.tasks import QAData
+
+    torch.manual_seed(0)
+    m = create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscscs",
+                     cross_attn_drop=0.9, vocab_size=50, max_text_len=12, num_answers=4)
+    n = 4
+    data = QAData(torch.zeros(2, 2, 3, 32, 32, dtype=torch.uint8), torch.full((n, 6), 7),
+                  torch.ones(n, 6, dtype=torch.bool), torch.arange(n) % 2, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+    m.eval()
+    want = level_costs(m, QAInputs(data), [2, 8])
+    m.train()  # LayerDrop would skip cross-attentions at random here
+    assert [level_costs(m, QAInputs(data), [2, 8]) for _ in range(3)] == [want] * 3 and m.training

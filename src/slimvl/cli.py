@@ -200,17 +200,19 @@ def cmd_eval(a: argparse.Namespace) -> None:
     except NonFiniteScores as e:
         raise ValueError(f"{ckpt}: {e}") from None
     print(json.dumps({"checkpoint": str(ckpt), "task": a.task,
-                      "cross_attn_keep": getattr(model.config, "cross_attn_keep", None), "device": str(device),
+                      "cross_attn_keep": getattr(model.config, "cross_attn_keep", None),
+                      "active_latents": getattr(model.config, "active_latents", None), "device": str(device),
                       **metrics}, indent=2))
 
 
 def _queries(a: argparse.Namespace, entry, model) -> dict | None:
-    """``--queries`` and its options as ``evaluate_policy`` keywords (None: no policy)."""
-    given = [f for f, v in (("--tolerance", a.tolerance), ("--budget-gflops", a.budget_gflops),
-                            ("--levels", a.levels)) if v is not None]
+    """``--queries`` and its options as ``evaluate_policy`` keywords (None:
+    no policy), checked before any data is read."""
+    cascade_only = [f for f, v in (("--tolerance", a.tolerance), ("--budget-gflops", a.budget_gflops),
+                                   ("--levels", a.levels), ("--confidence", a.confidence)) if v is not None]
+    if a.queries != "cascade" and cascade_only:
+        raise ValueError(f"{', '.join(cascade_only)}: only with --queries cascade")
     if a.queries is None:
-        if given:
-            raise ValueError(f"{', '.join(given)}: only with --queries cascade")
         return None
     if "active_latents" not in model.capabilities:
         raise ValueError(f"--queries: a {model.config.model_type} has no latents to choose")
@@ -220,8 +222,14 @@ def _queries(a: argparse.Namespace, entry, model) -> dict | None:
         takers = sorted(n for n, e in TASKS.items() if e.evaluate_policy is not None)
         raise ValueError(f"--queries: --task {entry.name} has no latent policy yet (tasks that have: "
                          f"{', '.join(takers)})")
+    if a.queries == "cascade":
+        if (a.tolerance is None) == (a.budget_gflops is None):
+            raise ValueError("--queries cascade: give one of --tolerance (an accuracy drop) or --budget-gflops")
+        if a.calib_split == a.split:
+            raise ValueError(f"--calib-split {a.calib_split}: the thresholds must be calibrated on another split "
+                             f"than the one evaluated (--split {a.split})")
     return {"spec": a.queries, "tolerance": a.tolerance, "budget_gflops": a.budget_gflops, "levels": a.levels,
-            "kind": a.confidence}
+            "kind": a.confidence or "max_softmax"}
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
@@ -360,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "calibrated on")
     ev.add_argument("--levels", type=int, nargs="+", help="--queries cascade: latent counts tried, ascending "
                     "(default: those the model was trained on, else N/8, N/4, N/2, N)")
-    ev.add_argument("--confidence", choices=["max_softmax", "margin"], default="max_softmax",
-                    help="--queries cascade: how sure a prediction is")
+    ev.add_argument("--confidence", choices=["max_softmax", "margin"],
+                    help="--queries cascade: how sure a prediction is (default: max_softmax)")
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair", **fmt)

@@ -8,31 +8,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .policies import cascade_exits
+from .policies import cascade_exits, paid_costs
 
-NEVER = 1.5  # a threshold above every confidence (they lie in [0, 1]): no input stops at that level
+NEVER = 1.5  # a threshold above every confidence (they lie in [0, 1]): the level is skipped
 
 
 def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float], thresholds: list[float]) -> dict:
     """Accuracy, mean cost per input and the share stopping at each level of
     a cascade, from every level's confidence and correctness ``[L, n]``;
     ``costs[k]`` is what running level ``k`` costs (an input stopping at
-    ``k`` pays levels ``0..k``)."""
+    ``k`` pays the levels run up to ``k``; ``policies.paid_costs``)."""
     exits = cascade_exits(confidences, thresholds)
-    paid = torch.tensor(costs, dtype=torch.float64).cumsum(0)
-    right = correct.gather(0, exits[None]).squeeze(0)
-    return {"accuracy": right.double().mean().item(), "cost": paid[exits].mean().item(),
+    right = correct.detach().cpu().gather(0, exits[None]).squeeze(0)
+    return {"accuracy": right.double().mean().item(), "cost": paid_costs(costs, thresholds)[exits].mean().item(),
             "exit_fractions": torch.bincount(exits, minlength=len(costs)).double().div(len(exits)).tolist()}
 
 
-def _outcomes(confidences: Tensor, correct: Tensor, paid: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
-    """Accuracy and mean cost ``[m]`` of the cascades with one shared threshold per row of ``grid [m]``."""
+def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float], grid: Tensor) -> tuple[Tensor, Tensor]:
+    """Accuracy and mean cost ``[m]`` of the cascades with one shared threshold per entry of ``grid [m]``."""
     n_levels, n = confidences.shape
     stop = confidences[None, :-1] >= grid[:, None, None]  # [m, L-1, n]
     stop = torch.cat([stop, torch.ones(len(grid), 1, n, dtype=torch.bool)], 1)
     exits = stop.float().argmax(1)  # [m, n]: the first level that stops each input
     acc = correct[exits, torch.arange(n)[None]].double().mean(1)
-    return acc, paid[exits].mean(1)
+    paid = torch.stack([paid_costs(costs, [float(t)] * (n_levels - 1)) for t in grid])  # [m, L]
+    return acc, paid.gather(1, exits).mean(1)
 
 
 def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], tolerance: float | None = None,
@@ -54,9 +54,12 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     through every level pays them all, so a cascade can cost more than the
     last level alone, and the report lets the caller see it).
 
-    The search starts from the best threshold shared by all levels (over a
-    grid of the confidences' quantiles), then moves one level's threshold at
-    a time while that improves the objective and keeps the constraint.
+    A threshold of ``NEVER`` skips its level (it is neither run nor paid
+    for), so sending every input to the last level costs the last level
+    alone. The search is local, not exhaustive: it starts from the best
+    threshold shared by all levels (over a grid of the confidences'
+    quantiles, plus ``NEVER``), then moves one level's threshold at a time
+    while that improves the objective and keeps the constraint.
     """
     if (tolerance is None) == (budget is None):
         raise ValueError("calibrate: give exactly one of tolerance= and budget=")
@@ -66,7 +69,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     n_levels, n = confidences.shape
     if n == 0:
         raise ValueError("calibrate: the calibration split is empty")
-    if labels is not None and len(torch.unique(labels, dim=0)) < 2:
+    if labels is not None and len(torch.unique(labels.detach().cpu(), dim=0)) < 2:
         raise ValueError("calibrate: the calibration split has one class only; its confidences say nothing "
                          "about mistakes")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
@@ -74,8 +77,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     if budget is not None and not (isinstance(budget, (int, float)) and budget >= costs[0]):
         raise ValueError(f"budget={budget!r}: below the cheapest level's cost {costs[0]:.6g} per input "
                          "(every input pays at least the first level)")
-    confidences, correct = confidences.float(), correct.bool()
-    paid = torch.tensor(costs, dtype=torch.float64).cumsum(0)
+    confidences, correct = confidences.detach().float().cpu(), correct.detach().bool().cpu()
     reference = correct[-1].double().mean().item()
 
     def better(acc: float, cost: float, best: tuple[float, float] | None) -> bool:
@@ -92,7 +94,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     if n_levels == 1:
         return [], {**cascade_outcome(confidences, correct, costs, []), **report}
     grid = quantiles(confidences[:-1])
-    acc, cost = _outcomes(confidences, correct, paid, grid)
+    acc, cost = _outcomes(confidences, correct, costs, grid)
     best, thresholds = None, [NEVER] * (n_levels - 1)  # NEVER everywhere: the last level alone
     for t, a, c in zip(grid.tolist(), acc.tolist(), cost.tolist()):
         if better(a, c, best):

@@ -12,9 +12,10 @@ from .confidence import CONFIDENCES
 
 def default_levels(num_latents: int, nested: list[int] | None = None) -> list[int]:
     """The latent counts a cascade tries: those the model was trained on
-    (``nested_latents``), else N/8, N/4, N/2 and N (the distinct positive ones)."""
+    (``nested_latents``, with N added when missing), else N/8, N/4, N/2 and
+    N (the distinct positive ones)."""
     if nested:
-        return list(nested)
+        return sorted(set(nested) | {num_latents})
     return sorted({q for q in (num_latents // 8, num_latents // 4, num_latents // 2, num_latents) if q > 0})
 
 
@@ -73,10 +74,18 @@ class Cascade:
             raise ValueError(f"Cascade confidence={self.confidence!r}: expected one of {list(CONFIDENCES)}")
 
 
+def skipped(thresholds: list[float]) -> list[bool]:
+    """Per level, whether a cascade skips it: a threshold above 1 (no
+    confidence reaches it) means no input could stop there, so the level is
+    not run at all. The last level is never skipped."""
+    return [t > 1 for t in thresholds] + [False]
+
+
 def cascade_exits(confidences: Tensor, thresholds: list[float]) -> Tensor:
-    """The level each input stops at ``[n]`` (long), given every level's
-    confidence ``[L, n]``: the first ``k < L-1`` with ``confidences[k] >=
-    thresholds[k]``, else ``L-1``."""
+    """The level each input stops at ``[n]`` (long, CPU), given every
+    level's confidence ``[L, n]``: the first ``k < L-1`` with
+    ``confidences[k] >= thresholds[k]``, else ``L-1``."""
+    confidences = confidences.detach().cpu()
     n_levels = confidences.shape[0]
     if len(thresholds) != n_levels - 1:
         raise ValueError(f"{len(thresholds)} thresholds for {n_levels} levels: expected {n_levels - 1}")
@@ -87,3 +96,11 @@ def cascade_exits(confidences: Tensor, thresholds: list[float]) -> Tensor:
         exits[stop] = k
         open_ &= ~stop
     return exits
+
+
+def paid_costs(costs: list[float], thresholds: list[float]) -> Tensor:
+    """What an input stopping at each level has paid ``[L]`` (float64): the
+    costs of every level run up to it; skipped levels (``skipped``) are
+    neither run nor paid for."""
+    run = torch.tensor([0.0 if skip else c for c, skip in zip(costs, skipped(thresholds))], dtype=torch.float64)
+    return run.cumsum(0)

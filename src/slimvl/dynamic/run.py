@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from ..bench.flops import count_flops, dummy_inputs
 from ..tasks.classify import ClassData, check_classifier, class_metrics, correct, predict_logits
+from ..tasks.base import used_width
 from ..tasks.qa import QAData, answer_logits, qa_metrics
 from .confidence import confidence
-from .policies import Cascade, Fixed, check_levels
+from .policies import Cascade, Fixed, check_levels, paid_costs, skipped
 
 
 def by_level(model: nn.Module, inputs: Mapping[str, Tensor], q: Tensor,
@@ -118,8 +119,10 @@ class QAInputs:
 
     @torch.inference_mode()
     def gflops(self, model: nn.Module) -> float:
-        """One question at the model's current latent count (torch's counter)."""
-        video, ids, mask = dummy_inputs(model, self.data.videos.shape[1], self.data.question_ids.shape[1], 2)
+        """One question at the model's current latent count (torch's counter),
+        at the longest question's length: what a batch is trimmed to at most."""
+        width = used_width(self.data.question_mask)
+        video, ids, mask = dummy_inputs(model, self.data.videos.shape[1], width, 2)
         return count_flops(lambda: model.answer(video, ids, mask), model) / 2 / 1e9
 
 
@@ -135,11 +138,16 @@ def level_logits(model: nn.Module, inputs, levels: list[int], batch_size: int = 
 
 
 def level_costs(model: nn.Module, inputs, levels: list[int]) -> list[float]:
-    """GFLOPs of one input at each latent count."""
-    costs = []
-    for q in levels:
-        with model.using_latents(q):
-            costs.append(inputs.gflops(model))
+    """GFLOPs of one input at each latent count, in eval mode (a training
+    model would skip cross-attentions at random under LayerDrop)."""
+    was_training, costs = model.training, []
+    model.eval()
+    try:
+        for q in levels:
+            with model.using_latents(q):
+                costs.append(inputs.gflops(model))
+    finally:
+        model.train(was_training)
     return costs
 
 
@@ -149,22 +157,28 @@ def run_policy(model: nn.Module, inputs, policy: Fixed | Cascade, batch_size: in
     Returns ``logits`` ``[n, C]`` (each input's at the level it stopped
     at), ``level`` ``[n]`` (index into the policy's levels), ``latents``
     ``[n]``, ``gflops_per_input`` (mean: a cascade's input pays every level
-    it tried) and ``seconds``. A cascade runs each level on the inputs still
-    open, in batches, and each level runs the model again: latents attend to
-    each other, so the work of Q latents is not part of the work of 2Q.
+    it tried) and ``seconds`` (the inputs' passes only). A cascade runs each
+    level on the inputs still open, in batches (each batch of one latent
+    count), and each level runs the model again: latents attend to each
+    other, so the work of Q latents is not part of the work of 2Q. A level
+    whose threshold is above 1 is skipped.
     """
     inputs.check(model)
     levels = check_levels(policy.levels, model.config.num_latents)
+    thresholds = getattr(policy, "thresholds", [])
     costs = level_costs(model, inputs, levels)
     t0 = time.perf_counter()
     logits, level, open_ = None, torch.full((inputs.n,), len(levels) - 1, dtype=torch.long), torch.arange(inputs.n)
-    for k, q in enumerate(levels):
+    for k, (q, skip) in enumerate(zip(levels, skipped(thresholds))):
+        if skip:  # no input could stop here: the level is not run
+            continue
+        part = inputs if len(open_) == inputs.n else inputs.subset(open_)
         with model.using_latents(q):
-            out = inputs.subset(open_).logits(model, batch_size, device)
+            out = part.logits(model, batch_size, device)
         if logits is None:
             logits = torch.empty(inputs.n, out.shape[1])
         if k < len(levels) - 1:
-            stop = confidence(out, policy.confidence, inputs.multi_label) >= policy.thresholds[k]
+            stop = confidence(out, policy.confidence, inputs.multi_label) >= thresholds[k]
         else:
             stop = torch.ones(len(open_), dtype=torch.bool)
         logits[open_[stop]] = out[stop]
@@ -172,10 +186,9 @@ def run_policy(model: nn.Module, inputs, policy: Fixed | Cascade, batch_size: in
         open_ = open_[~stop]
         if len(open_) == 0:
             break
-    paid = torch.tensor(costs, dtype=torch.float64).cumsum(0)
     return {"logits": logits, "level": level, "latents": torch.tensor(levels)[level],
-            "gflops_per_input": paid[level].mean().item(), "seconds": time.perf_counter() - t0,
-            "levels": levels, "level_gflops": costs}
+            "gflops_per_input": paid_costs(costs, thresholds)[level].mean().item(),
+            "seconds": time.perf_counter() - t0, "levels": levels, "level_gflops": costs}
 
 
 def classifier_levels(model: nn.Module, data: ClassData, levels: list[int], batch_size: int = 256,
