@@ -269,7 +269,8 @@ def test_costs_are_counted_in_eval_mode_whatever_mode_the_model_is_in():
                      cross_attn_drop=0.9, vocab_size=50, max_text_len=12, num_answers=4)
     n = 4
     data = QAData(torch.zeros(2, 2, 3, 32, 32, dtype=torch.uint8), torch.full((n, 6), 7),
-                  torch.ones(n, 6, dtype=torch.bool), torch.arange(n) % 2, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+                  torch.ones(n, 6, dtype=torch.bool), torch.arange(n) % 2, torch.arange(n) % 4, ["a", "b", "c", "d"],
+                  ["a"] * n, ["colour"] * n)
     m.eval()
     want = level_costs(m, QAInputs(data), [2, 8])
     m.train()  # LayerDrop would skip cross-attentions at random here
