@@ -99,9 +99,9 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     for t, a, c in zip(grid.tolist(), acc.tolist(), cost.tolist()):
         if better(a, c, best):
             best, thresholds = (a, c), [t] * (n_levels - 1)
-    if best is None:  # nothing meets it but sending everything to the last level
-        out = cascade_outcome(confidences, correct, costs, thresholds)
-        best = (out["accuracy"], out["cost"])
+    # The grid holds NEVER (the last level alone: within any tolerance) and the
+    # smallest confidence (everything stops at level 0: within any budget the
+    # check above allows), so some shared threshold always qualifies.
     for _ in range(passes):
         for k in range(n_levels - 1):
             for t in quantiles(confidences[k]).tolist():
