@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
-SIZES = dict(n_train=32, n_val=8, n_test=8, frames=4, size=32)
+SIZES = dict(n_train=32, n_val=16, n_test=8, frames=4, size=32)
 STEPS = 2
 
 

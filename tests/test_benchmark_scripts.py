@@ -32,7 +32,7 @@ def reports(out: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench") / "data"
-    return make_dataset(root, kind="video-text", seed=0, n_train=40, n_val=8, n_test=8, group_size=4, frames=4,
+    return make_dataset(root, kind="video-text", seed=0, n_train=40, n_val=16, n_test=8, group_size=4, frames=4,
                         size=64, progress=False)
 
 
@@ -123,8 +123,14 @@ def test_dynamic_queries(data, tmp_path):
         "--targets", "count", "--batch-size", "8", "--tolerance", "0.2", "--quiet")
     rows = reports(tmp_path, "dynamic_queries")["rows"]
     assert [(r["training"], r["policy"]) for r in rows] == [("nested", "fixed:2"), ("nested", "fixed:4"),
-                                                            ("nested", "cascade"), ("plain", "fixed:2"),
+                                                            ("nested", "cascade"), ("nested", "learned"),
+                                                            ("plain", "fixed:2"),
                                                             ("plain", "fixed:4")]
     full = [r for r in rows if r["policy"] == "fixed:4"]
     assert all(r["accuracy_drop"] == 0 and r["gflops_ratio"] == 1 for r in full)
     assert rows[0]["gflops_ratio"] < 1 and rows[0]["mean_latents"] == 2
+    learned = rows[3]
+    assert learned["probe_gflops"] > 0 and sum(learned["exit_fractions"]) == pytest.approx(1)
+    (nesting,) = reports(tmp_path, "dynamic_queries")["nesting_cost"]
+    lo, hi = nesting["difference_ci95"]
+    assert lo <= nesting["difference"] <= hi

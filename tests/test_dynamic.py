@@ -202,7 +202,7 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
     from slimvl.cli import main
     from slimvl.data import make_dataset
 
-    root = make_dataset(tmp_path / "d", n_train=16, n_val=12, n_test=8, frames=2, size=32, progress=False)
+    root = make_dataset(tmp_path / "d", n_train=16, n_val=16, n_test=8, frames=2, size=32, progress=False)
     common = ["--data", str(root), "--frames", "2", "--task", "classify_count"]
     main(["-q", "train", *common, "--model", "perceiver_cls_tiny", "--set", "dim=32", "--set", "heads=2", "--set",
           "image_size=32", "--set", "num_latents=8", "--set", "nested_latents=[2,4,8]", "--steps", "3",
@@ -215,17 +215,25 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
     main([*ev, "--queries", "cascade", "--tolerance", "0.05", "--confidence", "margin"])
     cascade = json.loads(capsys.readouterr().out)
     calib = cascade["calibration"]
-    assert cascade["levels"] == [2, 4, 8] and len(cascade["thresholds"]) == 2 and calib["inputs"] == 12
+    assert cascade["levels"] == [2, 4, 8] and len(cascade["thresholds"]) == 2 and calib["inputs"] == 16
     assert calib["accuracy"] >= calib["reference_accuracy"] - 0.05 - 1e-9
     assert sum(cascade["exit_fractions"]) == pytest.approx(1.0)
     lo, hi = cascade["accuracy_drop_ci95"]
     assert lo <= cascade["accuracy_drop"] <= hi
+    main([*ev, "--queries", "learned", "--budget-gflops", str(fixed["gflops_all_latents"] * 1.5)])
+    learned = json.loads(capsys.readouterr().out)
+    calib = learned["calibration"]
+    assert learned["levels"] == [2, 4, 8] and calib["head_inputs"] == 8 and calib["inputs"] == 8
+    assert calib["cost"] <= fixed["gflops_all_latents"] * 1.5 + 1e-12 and learned["probe_gflops"] > 0
     for argv, message in ((["--queries", "fixed:9"], "fixed:Q needs a latent count Q in 1..8"),
+                          (["--queries", "learned", "--tolerance", "0.1", "--confidence", "margin"],
+                           "--confidence: only with --queries cascade"),
+                          (["--queries", "learned"], "--queries learned: give one of --tolerance"),
                           (["--tolerance", "0.01"], "--tolerance: only with --queries cascade"),
                           (["--queries", "fixed:2", "--levels", "2", "8"], "--levels: only with --queries cascade"),
                           (["--queries", "cascade"], "give one of --tolerance (an accuracy drop) or --budget-gflops"),
                           (["--queries", "cascade", "--tolerance", "0.1", "--levels", "2", "4"],
-                           "a cascade's last level must be num_latents=8"),
+                           "a calibrated policy's last level must be num_latents=8"),
                           (["--queries", "cascade", "--tolerance", "0.1", "--calib-split", "test"],
                            "calibrated on another split than the one evaluated")):
         with pytest.raises(SystemExit) as e:

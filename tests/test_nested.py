@@ -89,6 +89,8 @@ def test_cached_retrieval_cost_follows_q():
     ("nested_latents", [2, 16], "every count must be in 1..num_latents=8"),
     ("nested_latents", "2,4", "must be a list of latent counts"),
     ("nested_mode", "each", "nested_mode='each': must be 'sample'"),
+    ("nested_distill", -0.5, "nested_distill=-0.5: must be a non-negative weight"),
+    ("nested_distill", 1.0, "nested_distill=1.0: distils the nested counts: set nested_latents too"),
 ])
 def test_bad_latent_counts_are_refused_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -155,3 +157,73 @@ def test_cli_trains_nested_and_refuses_a_bad_count(tmp_path, capsys):
         main([*args, "--out", str(tmp_path / "bad"), "--set", "nested_latents=[4,32]"])
     assert e.value.code == 2 and "nested_latents=[4, 32]: every count must be in 1..num_latents=16" in \
         capsys.readouterr().err
+
+
+class _Squares(torch.nn.Module):
+    """An objective: the mean square of the classifier's logits, recording a
+    random draw per call (as LayerDrop or sampled negatives would make)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m, self.draws = m, []
+
+    def forward(self, video):
+        self.draws.append(float(torch.rand(())))
+        return self.m(video).pow(2).mean(), {"sq": 0.0}
+
+
+def _classifier(**kw):
+    torch.manual_seed(0)
+    from slimvl import create_model
+
+    return create_model("perceiver_cls_tiny", dim=32, heads=2, image_size=32, num_latents=N, layers="cscs",
+                        num_classes=3, multi_label=False, **kw)
+
+
+def test_self_distillation_pulls_small_counts_towards_all_latents_without_moving_the_teacher():
+    from slimvl.models.nested import NestedLatents
+
+    m = _classifier(nested_latents=[2, N], nested_mode="all", nested_distill=0.5)
+    video = torch.randn(3, 2, 3, 32, 32)
+    objective = _Squares(m)
+    loss, parts = NestedLatents(objective, m)(video)
+    def decoded(q):
+        with torch.no_grad(), m.using_latents(q):
+            lat = m.latents(video)
+            return m.decoder(m.cls_query.expand(3, 1, -1), lat), m(video)
+
+    (small_cls, small), (full_cls, full) = decoded(2), decoded(None)
+    want = torch.nn.functional.mse_loss(small_cls, full_cls).item()
+    assert parts["distill@2"] == pytest.approx(want, rel=1e-5) and f"distill@{N}" not in parts
+    assert loss.item() == pytest.approx(small.pow(2).mean().item() + 0.5 * want + full.pow(2).mean().item(), rel=1e-5)
+    # The teacher pass and each student pass start from the same random state.
+    teacher, *students = objective.draws
+    assert students == [teacher, teacher]
+    # No gradient reaches the teacher: a step at 2 latents with distillation
+    # never moves the latents beyond the first two (the full pass read them).
+    m.zero_grad()
+    m.config = m.config.replace(nested_latents=[2])
+    d_loss, d_parts = NestedLatents(_Squares(m), m)(video)
+    d_loss.backward()
+    assert d_parts["distill@2"] > 0
+    assert m.encoder.latents.grad[2:].abs().sum() == 0 and m.encoder.latents.grad[:2].abs().sum() > 0
+
+
+def test_sampled_distillation_reports_its_term_and_keeps_the_random_stream():
+    from slimvl.models.nested import NestedLatents
+
+    video = torch.randn(2, 2, 3, 32, 32)
+    plain, distilled = _classifier(nested_latents=[2]), _classifier(nested_latents=[2], nested_distill=1.0)
+    torch.manual_seed(3)
+    NestedLatents(_Squares(plain), plain)(video)
+    after_plain = torch.rand(())
+    torch.manual_seed(3)
+    loss, parts = NestedLatents(_Squares(distilled), distilled)(video)
+    assert parts["latents"] == 2 and parts["distill"] > 0
+    assert torch.rand(()) == after_plain  # the teacher pass does not shift later draws
+
+
+def test_perceiver_vl_trains_with_self_distillation():
+    m = tiny_model(num_latents=N, nested_latents=[2, 4], nested_distill=1.0, num_answers=0, device=DEVICE)
+    history = train(m, tiny_data(), TrainConfig(**{**CFG, "steps": 3}), progress=False).history
+    assert all(h["distill"] > 0 for h in history)  # every count drawn is below N

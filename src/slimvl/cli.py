@@ -43,6 +43,15 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _level(text: str):
+    from .dynamic.policies import parse_level
+
+    try:
+        return parse_level(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_keep(text: str) -> Any:
     """``--cross-attn-keep``: ``all``, a count (``1``: the first) or listed
     indices (``0,2``)."""
@@ -208,10 +217,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def _queries(a: argparse.Namespace, entry, model) -> dict | None:
     """``--queries`` and its options as ``evaluate_policy`` keywords (None:
     no policy), checked before any data is read."""
-    cascade_only = [f for f, v in (("--tolerance", a.tolerance), ("--budget-gflops", a.budget_gflops),
-                                   ("--levels", a.levels), ("--confidence", a.confidence)) if v is not None]
-    if a.queries != "cascade" and cascade_only:
-        raise ValueError(f"{', '.join(cascade_only)}: only with --queries cascade")
+    calibrated = a.queries in ("cascade", "learned")
+    options = [f for f, v in (("--tolerance", a.tolerance), ("--budget-gflops", a.budget_gflops),
+                              ("--levels", a.levels)) if v is not None]
+    if not calibrated and options:
+        raise ValueError(f"{', '.join(options)}: only with --queries cascade or learned")
+    if a.queries != "cascade" and a.confidence is not None:
+        raise ValueError("--confidence: only with --queries cascade (a learned policy predicts its own)")
     if a.queries is None:
         return None
     if "active_latents" not in model.capabilities:
@@ -222,9 +234,10 @@ def _queries(a: argparse.Namespace, entry, model) -> dict | None:
         takers = sorted(n for n, e in TASKS.items() if e.evaluate_policy is not None)
         raise ValueError(f"--queries: --task {entry.name} has no latent policy yet (tasks that have: "
                          f"{', '.join(takers)})")
-    if a.queries == "cascade":
+    if calibrated:
         if (a.tolerance is None) == (a.budget_gflops is None):
-            raise ValueError("--queries cascade: give one of --tolerance (an accuracy drop) or --budget-gflops")
+            raise ValueError(f"--queries {a.queries}: give one of --tolerance (an accuracy drop) or "
+                             "--budget-gflops")
         if a.calib_split == a.split:
             raise ValueError(f"--calib-split {a.calib_split}: the thresholds must be calibrated on another split "
                              f"than the one evaluated (--split {a.split})")
@@ -360,14 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cross-attn-keep", help="Perceiver-VL: cross-attentions that run: 'all', a count "
                                               "(1 = the first) or indices '0,2' (default: as trained, all)")
     ev.add_argument("--queries", metavar="POLICY", help="latents per input, against the same model with all of "
-                    "them: 'fixed:Q' (the first Q) or 'cascade' (the smallest count first, more for inputs the "
-                    "model is unsure of; calibrated on --calib-split to --tolerance or --budget-gflops)")
-    ev.add_argument("--tolerance", type=float, help="--queries cascade: the accuracy drop allowed, in (0, 1)")
-    ev.add_argument("--budget-gflops", type=float, help="--queries cascade: mean GFLOPs per input allowed")
-    ev.add_argument("--calib-split", default="val", help="--queries cascade: the split its thresholds are "
-                                                         "calibrated on")
-    ev.add_argument("--levels", type=int, nargs="+", help="--queries cascade: latent counts tried, ascending "
-                    "(default: those the model was trained on, else N/8, N/4, N/2, N)")
+                    "them: 'fixed:Q' (the first Q), 'cascade' (the smallest count first, more for inputs the "
+                    "model is unsure of) or 'learned' (a small head picks each input's count from a cheap "
+                    "probe); the last two calibrated on --calib-split to --tolerance or --budget-gflops")
+    ev.add_argument("--tolerance", type=float, help="--queries cascade|learned: the accuracy drop allowed, "
+                                                    "in (0, 1)")
+    ev.add_argument("--budget-gflops", type=float, help="--queries cascade|learned: mean GFLOPs per input allowed")
+    ev.add_argument("--calib-split", default="val", help="--queries cascade|learned: the split its thresholds "
+                                                         "(and the learned head) are fitted on")
+    ev.add_argument("--levels", type=_level, nargs="+", help="--queries cascade|learned: latent counts, ascending "
+                    "(default: those the model was trained on, else N/8, N/4, N/2, N); Q/K also keeps only the "
+                    "first K cross-attentions (e.g. 4/1 8/1 16/2: latents and LayerDrop chosen jointly, "
+                    "cheapest first)")
     ev.add_argument("--confidence", choices=["max_softmax", "margin"],
                     help="--queries cascade: how sure a prediction is (default: max_softmax)")
     ev.set_defaults(func=cmd_eval)

@@ -13,31 +13,43 @@ from .policies import cascade_exits, paid_costs
 NEVER = 1.5  # a threshold above every confidence (they lie in [0, 1]): the level is skipped
 
 
-def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float], thresholds: list[float]) -> dict:
+def paid(costs: list[float], thresholds: list[float], cumulative: bool = True, overhead: float = 0.0) -> Tensor:
+    """What an input stopping at each level pays ``[L]`` (float64): in a
+    cascade (``cumulative``) every level run up to it (``policies.paid_costs``);
+    when the level is chosen up front (a learned policy), that level alone;
+    plus ``overhead`` (e.g. the features a learned policy reads)."""
+    base = paid_costs(costs, thresholds) if cumulative else torch.tensor(costs, dtype=torch.float64)
+    return base + overhead
+
+
+def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float], thresholds: list[float],
+                    cumulative: bool = True, overhead: float = 0.0) -> dict:
     """Accuracy, mean cost per input and the share stopping at each level of
     a cascade, from every level's confidence and correctness ``[L, n]``;
     ``costs[k]`` is what running level ``k`` costs (an input stopping at
-    ``k`` pays the levels run up to ``k``; ``policies.paid_costs``)."""
+    ``k`` pays ``paid(costs, thresholds, cumulative, overhead)[k]``)."""
     exits = cascade_exits(confidences, thresholds)
     right = correct.detach().cpu().gather(0, exits[None]).squeeze(0)
-    return {"accuracy": right.double().mean().item(), "cost": paid_costs(costs, thresholds)[exits].mean().item(),
+    cost = paid(costs, thresholds, cumulative, overhead)[exits].mean().item()
+    return {"accuracy": right.double().mean().item(), "cost": cost,
             "exit_fractions": torch.bincount(exits, minlength=len(costs)).double().div(len(exits)).tolist()}
 
 
-def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float], grid: Tensor) -> tuple[Tensor, Tensor]:
+def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float], grid: Tensor, cumulative: bool,
+              overhead: float) -> tuple[Tensor, Tensor]:
     """Accuracy and mean cost ``[m]`` of the cascades with one shared threshold per entry of ``grid [m]``."""
     n_levels, n = confidences.shape
     stop = confidences[None, :-1] >= grid[:, None, None]  # [m, L-1, n]
     stop = torch.cat([stop, torch.ones(len(grid), 1, n, dtype=torch.bool)], 1)
     exits = stop.float().argmax(1)  # [m, n]: the first level that stops each input
     acc = correct[exits, torch.arange(n)[None]].double().mean(1)
-    paid = torch.stack([paid_costs(costs, [float(t)] * (n_levels - 1)) for t in grid])  # [m, L]
-    return acc, paid.gather(1, exits).mean(1)
+    spent = torch.stack([paid(costs, [float(t)] * (n_levels - 1), cumulative, overhead) for t in grid])  # [m, L]
+    return acc, spent.gather(1, exits).mean(1)
 
 
 def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], tolerance: float | None = None,
               budget: float | None = None, labels: Tensor | None = None, grid_size: int = 256,
-              passes: int = 2) -> tuple[list[float], dict]:
+              passes: int = 2, cumulative: bool = True, overhead: float = 0.0) -> tuple[list[float], dict]:
     """Thresholds for a cascade over ``L`` levels, from every level's
     confidence and correctness on a calibration split (``[L, n]`` each).
 
@@ -60,6 +72,10 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     threshold shared by all levels (over a grid of the confidences'
     quantiles, plus ``NEVER``), then moves one level's threshold at a time
     while that improves the objective and keeps the constraint.
+
+    ``cumulative=False, overhead=c`` calibrates a policy that picks one level
+    per input up front from predicted "confidences" (``Learned``): an input
+    pays ``c`` plus its level's cost alone (``paid``).
     """
     if (tolerance is None) == (budget is None):
         raise ValueError("calibrate: give exactly one of tolerance= and budget=")
@@ -74,8 +90,9 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
                          "about mistakes")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise ValueError(f"tolerance={tolerance!r}: must be in (0, 1), an accuracy drop such as 0.01")
-    if budget is not None and not (isinstance(budget, (int, float)) and budget >= costs[0]):
-        raise ValueError(f"budget={budget!r}: below the cheapest level's cost {costs[0]:.6g} per input "
+    cheapest = float(costs[0]) + overhead
+    if budget is not None and not (isinstance(budget, (int, float)) and budget >= cheapest):
+        raise ValueError(f"budget={budget!r}: below the cheapest level's cost {cheapest:.6g} per input "
                          "(every input pays at least the first level)")
     confidences, correct = confidences.detach().float().cpu(), correct.detach().bool().cpu()
     reference = correct[-1].double().mean().item()
@@ -91,10 +108,11 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
         return torch.cat([torch.unique(q), torch.tensor([NEVER])])
 
     report = {"reference_accuracy": reference, "last_level_cost": float(costs[-1])}
+    how = {"cumulative": cumulative, "overhead": overhead}
     if n_levels == 1:
-        return [], {**cascade_outcome(confidences, correct, costs, []), **report}
+        return [], {**cascade_outcome(confidences, correct, costs, [], **how), **report}
     grid = quantiles(confidences[:-1])
-    acc, cost = _outcomes(confidences, correct, costs, grid)
+    acc, cost = _outcomes(confidences, correct, costs, grid, **how)
     best, thresholds = None, [NEVER] * (n_levels - 1)  # NEVER everywhere: the last level alone
     for t, a, c in zip(grid.tolist(), acc.tolist(), cost.tolist()):
         if better(a, c, best):
@@ -106,7 +124,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
         for k in range(n_levels - 1):
             for t in quantiles(confidences[k]).tolist():
                 trial = thresholds[:k] + [t] + thresholds[k + 1:]
-                out = cascade_outcome(confidences, correct, costs, trial)
+                out = cascade_outcome(confidences, correct, costs, trial, **how)
                 if better(out["accuracy"], out["cost"], best):
                     best, thresholds = (out["accuracy"], out["cost"]), trial
-    return thresholds, {**cascade_outcome(confidences, correct, costs, thresholds), **report}
+    return thresholds, {**cascade_outcome(confidences, correct, costs, thresholds, **how), **report}

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -19,30 +22,102 @@ def default_levels(num_latents: int, nested: list[int] | None = None) -> list[in
     return sorted({q for q in (num_latents // 8, num_latents // 4, num_latents // 2, num_latents) if q > 0})
 
 
-def check_levels(levels: list[int], num_latents: int) -> list[int]:
-    """``levels`` if they are distinct ascending counts in 1..num_latents, else a ``ValueError`` naming them."""
-    if not levels or any(isinstance(q, bool) or not isinstance(q, int) for q in levels):
+Level = Union[int, tuple[int, int]]  # Q latents, or (Q, the first k cross-attentions kept)
+
+
+def level_q(level: Level) -> int:
+    """The latent count of a level."""
+    return level if isinstance(level, int) else level[0]
+
+
+def level_keep(level: Level) -> int | None:
+    """The cross-attentions a level keeps (the first k; None: as the model is set)."""
+    return None if isinstance(level, int) else level[1]
+
+
+def parse_level(text: str) -> Level:
+    """``"8"`` -> 8 latents; ``"8/1"`` -> (8, 1): 8 latents and the first cross-attention only."""
+    q, slash, k = text.partition("/")
+    try:
+        return (int(q), int(k)) if slash else int(q)
+    except ValueError:
+        raise ValueError(f"level {text!r}: expected a latent count Q or Q/K (K: cross-attentions kept)") from None
+
+
+@contextmanager
+def using_level(model, level: Level) -> Iterator[None]:
+    """Run ``model`` at ``level`` (its latent count and, for a pair, its
+    cross-attentions kept) inside the block, then restore both."""
+    keep, before = level_keep(level), model.cross_attn_keep
+    with model.using_latents(level_q(level)):
+        if keep is not None:
+            model.cross_attn_keep = keep
+        try:
+            yield
+        finally:
+            if keep is not None:
+                model.cross_attn_keep = before
+
+
+def check_levels(levels: list, num_latents: int | None = None, num_cross: int | None = None) -> list[Level]:
+    """``levels`` as a list of ``Level`` if valid, else a ``ValueError`` naming them.
+
+    Latent counts alone must be ascending without duplicates, in
+    1..num_latents. Levels that also choose the cross-attentions kept,
+    ``(Q, K)`` with K in 1..num_cross, are a joint choice with no natural
+    order: they must be distinct, tried in the order given (cheapest first
+    is what a cascade wants).
+    """
+    out: list[Level] = []
+    for level in levels or []:
+        if isinstance(level, (list, tuple)) and len(level) == 2:
+            level = tuple(level)
+        parts = level if isinstance(level, tuple) else (level,)
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in parts):
+            raise ValueError(f"levels={levels!r}: expected latent counts Q or pairs (Q, cross-attentions kept)")
+        out.append(level)
+    if not out:
         raise ValueError(f"levels={levels!r}: expected a non-empty list of latent counts")
-    if list(levels) != sorted(set(levels)):
+    if len(set(out)) != len(out) or (all(isinstance(x, int) for x in out) and out != sorted(out)):
         raise ValueError(f"levels={list(levels)}: must be ascending without duplicates")
-    if not 1 <= levels[0] <= levels[-1] <= num_latents:
+    top = num_latents if num_latents is not None else max(map(level_q, out))
+    if any(not 1 <= level_q(x) <= top for x in out):
         raise ValueError(f"levels={list(levels)}: every count must be in 1..num_latents={num_latents}")
-    return list(levels)
+    top = num_cross if num_cross is not None else max(level_keep(x) or 1 for x in out)
+    if any(level_keep(x) is not None and not 1 <= level_keep(x) <= top for x in out):
+        raise ValueError(f"levels={list(levels)}: cross-attentions kept must be in 1..{num_cross}")
+    return out
+
+
+def model_levels(levels: list, model) -> list[Level]:
+    """``check_levels`` against ``model``'s latent and cross-attention counts."""
+    c = model.config
+    return check_levels(levels, c.num_latents, c.num_cross_layers)
+
+
+def is_full(level: Level, model) -> bool:
+    """Whether ``level`` runs every latent (and every cross-attention, when it chooses them)."""
+    keep = level_keep(level)
+    return level_q(level) == model.config.num_latents and keep in (None, model.config.num_cross_layers)
 
 
 @dataclass
 class Fixed:
-    """Every input runs the first ``q`` latents."""
+    """Every input runs the first ``q`` latents (and the first ``keep``
+    cross-attentions, when given)."""
 
     q: int
+    keep: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.q, bool) or not isinstance(self.q, int) or self.q < 1:
             raise ValueError(f"Fixed(q={self.q!r}): q must be a positive number of latents")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1):
+            raise ValueError(f"Fixed(keep={self.keep!r}): keep must be a positive number of cross-attentions")
 
     @property
-    def levels(self) -> list[int]:
-        return [self.q]
+    def levels(self) -> list[Level]:
+        return [self.q if self.keep is None else (self.q, self.keep)]
 
 
 @dataclass
@@ -52,7 +127,7 @@ class Cascade:
     (one per level but the last, which answers whatever is left).
 
     Attributes:
-        levels: ascending latent counts.
+        levels: ascending latent counts, or ``(Q, K)`` pairs (``check_levels``).
         thresholds: ``len(levels) - 1`` confidence levels in [0, 1]; a
             threshold above 1 sends every input on (``calibrate`` makes them).
         confidence: ``"max_softmax"`` or ``"margin"`` (``slimvl.dynamic.confidence``).
@@ -63,8 +138,7 @@ class Cascade:
     confidence: str = "max_softmax"
 
     def __post_init__(self) -> None:
-        if not self.levels or list(self.levels) != sorted(set(self.levels)) or self.levels[0] < 1:
-            raise ValueError(f"Cascade levels={self.levels!r}: expected ascending distinct positive latent counts")
+        self.levels = check_levels(self.levels)
         if len(self.thresholds) != len(self.levels) - 1:
             raise ValueError(f"Cascade thresholds={self.thresholds!r}: expected {len(self.levels) - 1} "
                              f"(one per level but the last of {self.levels})")

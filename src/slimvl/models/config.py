@@ -100,6 +100,11 @@ class PerceiverVLConfig(VLConfig):
             (``[]``: off). ``nested_mode="sample"`` draws one count per step
             from torch's generator (a resumed run draws the same);
             ``"all"`` trains every count each step and sums the losses.
+        nested_distill: self-distillation weight (>= 0; 0: off): each
+            smaller count's decoded outputs (what the task heads read) are
+            also pulled (mean squared error) towards those of all
+            ``num_latents`` latents on the same batch, computed without
+            gradient (``models.nested``).
 
     Retrieval streams:
         stream: ``"single"`` encodes video and text jointly and scores a pair
@@ -126,6 +131,7 @@ class PerceiverVLConfig(VLConfig):
     active_latents: Any = None
     nested_latents: Any = dataclasses.field(default_factory=list)
     nested_mode: str = "sample"
+    nested_distill: float = 0.0
     stream: str = "single"
     share_encoder: bool = True
     decoder_layers: int = 1
@@ -153,6 +159,11 @@ class PerceiverVLConfig(VLConfig):
             self._fail("nested_latents", f"every count must be in 1..num_latents={n}")
         if self.nested_mode not in ("sample", "all"):
             self._fail("nested_mode", "must be 'sample' (one count per step) or 'all' (every count, losses summed)")
+        if isinstance(self.nested_distill, bool) or not isinstance(self.nested_distill, (int, float)) \
+                or not 0 <= self.nested_distill < float("inf"):
+            self._fail("nested_distill", "must be a non-negative weight (0 turns self-distillation off)")
+        if self.nested_distill and not nested:
+            self._fail("nested_distill", "distils the nested counts: set nested_latents too")
         if self.stream not in STREAMS:
             self._fail("stream", f"must be one of {list(STREAMS)}")
         if not isinstance(self.decoder_layers, int) or self.decoder_layers < 0:

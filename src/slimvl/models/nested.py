@@ -6,13 +6,56 @@ Dancette & Cord paper's own method is not public): MQT-LLaVA trains its
 resampler with the first ``m`` of its queries, ``m`` drawn each step, and
 Matryoshka models train every nested size each step. Only prefixes are
 trained, never random subsets: a prefix is what inference truncates to.
+
+Self-distillation (``nested_distill``) adds, for each smaller count, the
+mean squared error between its decoded outputs (``model.distill_modules()``:
+what the task heads read) and those of all the latents on the same batch
+(computed without gradient: the full model teaches, it is not pulled
+towards its students). Both passes start from the same random state, so
+LayerDrop and any sampling inside the objective agree.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@contextmanager
+def captured(modules: list[nn.Module]) -> Iterator[list[Tensor]]:
+    """The outputs of ``modules`` while the block runs, in call order."""
+    out: list[Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, o: out.append(o)) for m in modules]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def distill_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """Mean over the captured outputs of their mean squared error."""
+    if len(student) != len(teacher) or any(s.shape != t.shape for s, t in zip(student, teacher)):
+        raise RuntimeError("self-distillation: the student and teacher passes called the decoders differently "
+                           f"({[tuple(s.shape) for s in student]} vs {[tuple(t.shape) for t in teacher]})")
+    if not student:
+        raise RuntimeError("self-distillation: the objective called none of the model's decoders")
+    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
 
 
 class NestedLatents(nn.Module):
@@ -25,7 +68,10 @@ class NestedLatents(nn.Module):
     step's parts gain ``latents``, the Q drawn.
     ``"all"``: every Q each step, the losses summed (the gradient of each
     prefix model in one step); parts are reported per Q (``vtm@4``...).
-    Nothing changes at inference: ``model.active_latents`` chooses Q there.
+    With ``nested_distill`` > 0, a Q below ``num_latents`` also pays that
+    weight times ``distill_loss`` against all the latents (part ``distill``,
+    or ``distill@Q``). Nothing changes at inference: ``model.active_latents``
+    chooses Q there.
     """
 
     def __init__(self, objective: nn.Module, model: nn.Module):
@@ -33,16 +79,35 @@ class NestedLatents(nn.Module):
         self.objective, self.model = objective, model
 
     def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        counts, mode = list(self.model.config.nested_latents), self.model.config.nested_mode
+        c = self.model.config
+        counts, mode, weight = list(c.nested_latents), c.nested_mode, c.nested_distill
         if mode == "sample":
-            q = counts[int(torch.randint(len(counts), ()))]
-            with self.model.using_latents(q):
-                loss, parts = self.objective(batch)
-            return loss, {**parts, "latents": float(q)}
+            counts = [counts[int(torch.randint(len(counts), ()))]]
+        teacher, rng = None, None
+        if weight and any(q < c.num_latents for q in counts):
+            teacher, rng = self._teacher(batch)
         total, parts = None, {}
         for q in counts:
-            with self.model.using_latents(q):
+            if rng is not None:
+                _set_rng_state(rng, self.model.device)
+            with self.model.using_latents(q), captured(self.model.distill_modules()) as outputs:
                 loss, p = self.objective(batch)
+            p = dict(p)
+            if teacher is not None and q < c.num_latents:
+                d = distill_loss(outputs, teacher)
+                loss = loss + weight * d
+                p["distill"] = d.item()
             total = loss if total is None else total + loss
-            parts.update({f"{k}@{q}": v for k, v in p.items()})
+            if mode == "sample":
+                parts = {**p, "latents": float(q)}
+            else:
+                parts.update({f"{k}@{q}": v for k, v in p.items()})
         return total, parts
+
+    def _teacher(self, batch: Any) -> tuple[list[Tensor], tuple]:
+        """The head outputs of all the latents on ``batch`` (no gradient), and
+        the random state both passes start from."""
+        rng = _rng_state(self.model.device)
+        with torch.no_grad(), self.model.using_latents(None), captured(self.model.distill_modules()) as outputs:
+            self.objective(batch)
+        return [o.detach() for o in outputs], rng

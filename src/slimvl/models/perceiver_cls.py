@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..nn import QueryDecoder
 from .base import VLModel, block_flops, linear_flops, score_in_fp32
 from .config import PerceiverVLConfig
-from .perceiver_vl import LatentEncoder, LatentOptions
+from .latents import LatentEncoder, LatentOptions
 from .registry import register_model
 
 
@@ -98,6 +98,15 @@ class PerceiverClassifier(LatentOptions, VLModel):
         c = self.config
         inputs, mask = self.embed_inputs(self.read_video(video))
         return self.encoder(inputs, mask, c.kept_cross_layers(), c.cross_attn_drop, c.latents_run())
+
+    def distill_modules(self) -> list[nn.Module]:
+        """The [CLS] decoder: what the head reads (self-distillation matches it)."""
+        return [self.decoder]
+
+    def probe(self, video: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Cheap features ``[B, D]`` of the videos (``probe_inputs``): what a
+        learned latent policy reads."""
+        return self.probe_inputs(*self.embed_inputs(self.read_video(video)))
 
     def classify_latents(self, latents: Tensor) -> Tensor:
         """Class logits ``[B, C]`` (fp32) from latents ``[B, Q, D]``."""

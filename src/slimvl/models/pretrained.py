@@ -214,7 +214,7 @@ def resize_latents(latents: Tensor, n: int, mode: str = "interpolate", generator
 
 # Config fields that may differ between a checkpoint and the model it initialises.
 _FREE_FIELDS = {"num_latents", "cross_attn_drop", "cross_attn_keep", "active_latents", "nested_latents", "nested_mode",
-                "dropout", "num_answers", "mlm"}
+                "nested_distill", "dropout", "num_answers", "mlm"}
 # Task heads: a pre-trained model's MLM head is left behind when fine-tuning
 # for retrieval, and a new QA head starts from random weights.
 _HEADS = ("qa_", "mlm_")

@@ -134,6 +134,15 @@ def _evaluate(model, data: RetrievalData, source: TaskSource, device, batch_size
     return evaluate(model, data, batch_size=batch_size, device=device, progress=progress)
 
 
+def _evaluate_policy(model, data: RetrievalData, calibration, source: TaskSource, device, batch_size: int,
+                     queries: dict) -> dict:
+    from ...dynamic import evaluate_retrieval_policy
+
+    return evaluate_retrieval_policy(model, data, calibration=calibration, batch_size=batch_size, device=device,
+                                     **queries)
+
+
 register_task(TaskEntry(
     "retrieval", "VTM over in-batch hard negatives plus the contrastive term; Recall@K both ways",
-    load=load_retrieval_split, build=lambda source, data, config: RetrievalTask(data), evaluate=_evaluate))
+    load=load_retrieval_split, build=lambda source, data, config: RetrievalTask(data), evaluate=_evaluate,
+    evaluate_policy=_evaluate_policy))

@@ -1,0 +1,147 @@
+"""The latent side shared by every Perceiver here: the latent array and
+its depth pattern (``LatentEncoder``), and what a model built on it can
+choose at inference and how it trains (``LatentOptions``: cross-attentions
+kept, latents run, nested training, the probe a learned latent policy
+reads)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from einops import repeat
+from torch import Tensor, nn
+
+from ..nn import Block, CrossBlock
+from .base import block_flops
+from .config import PerceiverVLConfig
+from .nested import NestedLatents
+
+
+class LatentEncoder(nn.Module):
+    """The latent array and the depth pattern: input array ``[B, M, D]`` ->
+    latents ``[B, N, D]``.
+
+    LayerDrop on cross-attention: while training, each cross-attention but
+    the first one that runs (the first of ``keep``) is skipped with
+    probability ``cross_attn_drop`` (one draw per
+    forward pass, from torch's global generator, so that a resumed run draws
+    the same). The skipped layer's residual branch simply does not run: the
+    latents go on to the next layer unchanged, as at inference with
+    ``cross_attn_keep``.
+    """
+
+    def __init__(self, c: PerceiverVLConfig):
+        super().__init__()
+        self.pattern = c.layers
+        self.latents = nn.Parameter(torch.randn(c.num_latents, c.dim) * 0.02)
+        self.latent_pos = nn.Parameter(torch.randn(c.num_latents, c.dim) * 0.02)
+        self.layers = nn.ModuleList(
+            CrossBlock(c.dim, c.heads, mlp_ratio=c.mlp_ratio, dropout=c.dropout) if kind == "c"
+            else Block(c.dim, c.heads, c.mlp_ratio, c.dropout)
+            for kind in c.layers
+        )
+        self.norm = nn.LayerNorm(c.dim)
+
+    def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0,
+                num: int | None = None) -> Tensor:
+        """``num``: run only the first ``num`` latents (all when None); the
+        rest of the array is never touched, so the cost follows ``num``."""
+        n = self.latents.shape[0] if num is None else num
+        lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
+        cross, read = -1, False
+        for kind, layer in zip(self.pattern, self.layers):
+            if kind == "s":
+                lat = layer(lat)
+                continue
+            cross += 1
+            if cross not in keep:
+                continue
+            # The first cross-attention that runs is never dropped: without
+            # it the latents would never read the input at all.
+            if self.training and drop and read and bool(torch.rand(()) < drop):
+                continue
+            lat = layer(lat, inputs, key_padding_mask=mask)
+            read = True
+        return self.norm(lat)
+
+    def first_read(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], num: int | None = None) -> Tensor:
+        """The mean ``[B, D]`` of the first ``num`` latents right after the
+        first cross-attention in ``keep``: what they learn from one look at
+        the input, at a fraction of the encoder's cost (what a learned
+        latent policy reads to choose how many latents an input needs)."""
+        n = self.latents.shape[0] if num is None else num
+        lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
+        layers = [layer for kind, layer in zip(self.pattern, self.layers) if kind == "c"]
+        return layers[min(keep)](lat, inputs, key_padding_mask=mask).mean(1)
+
+
+class LatentOptions:
+    """What every model built on ``LatentEncoder`` can choose at inference
+    and how it trains: which cross-attentions run (LayerDrop's counterpart),
+    how many latents run (nested latents), and the training objective that
+    nests them. Mixed into ``nn.Module`` models whose ``config`` is a
+    ``PerceiverVLConfig``."""
+
+    @property
+    def cross_attn_keep(self):
+        """Which cross-attentions run (see ``PerceiverVLConfig``); settable:
+        ``model.cross_attn_keep = [0]`` (validated, stored in the config)."""
+        return self.config.cross_attn_keep
+
+    @cross_attn_keep.setter
+    def cross_attn_keep(self, keep) -> None:
+        self.config = self.config.replace(cross_attn_keep=list(keep) if isinstance(keep, tuple) else keep)
+
+    @property
+    def active_latents(self) -> int | None:
+        """How many latents run, the first Q of the array (None: all);
+        settable: ``model.active_latents = 4`` (validated, stored in the
+        config). Everything the latents feed (self-attention, pooling, the
+        decoders) works on those Q."""
+        return self.config.active_latents
+
+    @active_latents.setter
+    def active_latents(self, q: int | None) -> None:
+        self.config = self.config.replace(active_latents=q)
+
+    @contextmanager
+    def using_latents(self, q: int | None) -> Iterator[None]:
+        """Run the first ``q`` latents inside the block, then restore."""
+        before = self.active_latents
+        self.active_latents = q
+        try:
+            yield
+        finally:
+            self.active_latents = before
+
+    def distill_modules(self) -> list[nn.Module]:
+        """The modules whose outputs self-distillation matches
+        (``nested_distill``): what each task head reads (the [CLS]
+        decoders' outputs; a model defines them)."""
+        raise NotImplementedError
+
+    def training_objective(self, objective: nn.Module) -> nn.Module:
+        """With ``nested_latents``, the task's objective trained over the
+        nested latent counts (``NestedLatents``); else unchanged."""
+        return NestedLatents(objective, self) if self.config.nested_latents else objective
+
+    def probe_inputs(self, inputs: Tensor, mask: Tensor) -> Tensor:
+        """Cheap features ``[B, D]`` of an input array ``[B, M, D]``: the
+        active latents after the first cross-attention that runs, averaged
+        (``LatentEncoder.first_read``)."""
+        c = self.config
+        return self.encoder.first_read(inputs, mask, c.kept_cross_layers(), c.latents_run())
+
+    def encoder_flops(self, m: int) -> int:
+        """FLOPs of the encoder (cross-attentions that run, self-attention
+        layers, over the latents that run) over an input array of ``m`` tokens."""
+        c, f, cross = self.config, 0, -1
+        keep, q = c.kept_cross_layers(), c.latents_run()
+        for kind in c.layers:
+            if kind == "c":
+                cross += 1
+                if cross not in keep:
+                    continue
+            f += block_flops(q, m if kind == "c" else q, c.dim, c.mlp_ratio, cross=kind == "c")
+        return f

@@ -1,0 +1,70 @@
+"""Levels that choose latents and cross-attentions kept together (dynamic
+queries composed with LayerDrop)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimvl import create_model
+from slimvl.dynamic import Cascade, Fixed, QAInputs, cascade_exits, confidence, evaluate_qa_policy, level_logits
+from slimvl.dynamic import parse_queries, run_policy
+from slimvl.dynamic.policies import check_levels, parse_level
+from slimvl.tasks import QAData
+
+JOINT = [(2, 1), (4, 1), (8, 2)]
+
+
+def qa_model():
+    torch.manual_seed(0)
+    return create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscs",
+                        vocab_size=50, max_text_len=12, num_answers=4, nested_latents=[2, 4, 8],
+                        cross_attn_drop=0.5).eval()
+
+
+def questions(n: int = 20, seed: int = 2) -> QAData:
+    g = torch.Generator().manual_seed(seed)
+    return QAData(torch.randint(0, 256, (5, 2, 3, 32, 32), generator=g, dtype=torch.uint8),
+                  torch.randint(5, 50, (n, 9), generator=g), torch.ones(n, 9, dtype=torch.bool),
+                  torch.arange(n) % 5, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+
+
+def test_levels_may_pair_latents_with_cross_attentions_kept():
+    assert check_levels([[2, 1], (8, 2)], 8, 2) == [(2, 1), (8, 2)]
+    assert parse_level("4/1") == (4, 1) and parse_level("8") == 8
+    assert parse_queries("fixed:4/1", 8) == Fixed(4, 1)
+    for levels, message in (([(2, 3)], r"cross-attentions kept must be in 1..2"), ([(2, 1), (2, 1)], "duplicates"),
+                            ([(9, 1)], "1..num_latents=8"), ([(2, "a")], "pairs")):
+        with pytest.raises(ValueError, match=message):
+            check_levels(levels, 8, 2)
+    with pytest.raises(ValueError, match="Q or Q/K"):
+        parse_level("4/x")
+    with pytest.raises(ValueError, match="fixed:Q needs"):
+        parse_queries("fixed:4/0", 8)
+
+
+def test_a_joint_cascade_runs_each_level_with_its_latents_and_cross_attentions():
+    m, data = qa_model(), questions()
+    inputs = QAInputs(data)
+    every = level_logits(m, inputs, JOINT)
+    with m.using_latents(4):
+        m.cross_attn_keep = 1
+        direct = QAInputs(data).logits(m, 256, None)
+        m.cross_attn_keep = None
+    torch.testing.assert_close(every[1], direct)
+    conf = torch.stack([confidence(x, "margin") for x in every])
+    thresholds = [float(conf[0].median()), float(conf[1].median())]
+    out = run_policy(m, inputs, Cascade(JOINT, thresholds, "margin"))
+    want = cascade_exits(conf, thresholds)
+    assert torch.equal(out["level"], want) and len(torch.unique(want)) >= 2
+    torch.testing.assert_close(out["logits"], every[want, torch.arange(inputs.n)], rtol=1e-5, atol=1e-5)
+    costs = out["level_gflops"]
+    assert costs[0] < costs[1] < costs[2]
+    assert m.cross_attn_keep is None and m.active_latents is None  # restored
+    fixed = evaluate_qa_policy(m, data, "fixed:8/1")
+    assert fixed["gflops_ratio"] < 1 and fixed["mean_latents"] == 8
+    joint = evaluate_qa_policy(m, data, "cascade", calibration=lambda: questions(40, seed=3), levels=JOINT,
+                               tolerance=0.1)
+    assert joint["levels"] == JOINT and joint["gflops_all_latents"] == pytest.approx(costs[2])
+    with pytest.raises(ValueError, match="last level must be num_latents=8"):
+        evaluate_qa_policy(m, data, "cascade", calibration=lambda: questions(40, seed=3), levels=[(2, 1), (8, 1)],
+                           tolerance=0.1)
