@@ -1,21 +1,27 @@
-"""Dynamic query selection on the synthetic world's classification tasks:
-accuracy against GFLOPs and latency per clip for a fixed latent count, a
-calibrated cascade, a learned policy, and the same model with all its
-latents.
+"""Dynamic query selection: accuracy against GFLOPs and latency per input
+for a fixed latent count, a calibrated cascade, a learned policy, and the
+same model with all its latents, on the synthetic world's classification
+tasks and on QA.
 
     python benchmarks/dynamic_queries.py --out benchmarks/out
 
-For each target (``count``: how many objects, 3 classes; ``shapes``: which
-shapes, multi-label) it trains the Perceiver classifier twice with the same
-steps and seed, with nested latents (every count of ``--levels`` trained)
-and without, then evaluates on a test split of ``--n-test`` clips: every
-fixed count of ``--levels``, and, for the nested model, a cascade and a
-learned policy calibrated on the validation split to lose at most
-``--tolerance`` of accuracy. Each row's drop is against the same model with
-all its latents, with a 95% interval paired over the same clips; GFLOPs
-come from the model's formula (held to torch's counter in the tests);
-latency is measured in the same run. What nesting costs the model with all
-its latents is the paired difference of the two models on the test clips.
+Tasks (``--tasks``): ``count`` (how many objects, 3 classes) and ``shapes``
+(which shapes, multi-label) train the Perceiver classifier; ``qa`` trains
+Perceiver-VL as an answer classifier (``slimvl data qa``: four questions
+per video), with LayerDrop on its cross-attentions (``--qa-layers``,
+``--qa-cross-attn-drop``) so that latents and cross-attentions can be
+chosen together. Each model is trained twice with the same steps and seed,
+with nested latents (every count of ``--levels``) and without, then
+evaluated on the test split: every fixed count of ``--levels`` and, for the
+nested model, a cascade and a learned policy calibrated on the validation
+split to lose at most ``--tolerance`` of accuracy. For QA, also every
+(latents, cross-attentions kept) pair, and a joint cascade over the pairs
+no cheaper pair matches on the validation split. Each row's drop is
+against the same model with all its latents, with a 95% interval paired
+over the same inputs; GFLOPs come from the model's formula (classifier) or
+torch's counter (QA), both held to each other in the tests; latency is
+measured in the same run. What nesting costs the model with all its
+latents is the paired difference of the two models on the test split.
 """
 from __future__ import annotations
 
@@ -25,85 +31,168 @@ from pathlib import Path
 from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import machine_info, markdown_table, show, write_report
 from slimvl.bench.stats import paired_difference
-from slimvl.dynamic import evaluate_classifier_policy
+from slimvl.data import make_qa
+from slimvl.dynamic import ClassInputs, QAInputs, evaluate_policy, level_logits
+from slimvl.dynamic.policies import pareto_levels
+from slimvl.dynamic.run import level_costs
 from slimvl.experiments import experiment_parser, gallery_dataset, preset_image_size, train_or_load
-from slimvl.pipeline import load_class_split
+from slimvl.pipeline import load_class_split, load_qa_split, load_tokenizer
 from slimvl.recipes import FRAMES
-from slimvl.tasks import ClassTask
-from slimvl.tasks.classify import correct, predict_logits
+from slimvl.tasks import ClassTask, QATask
 from slimvl.train import TrainConfig
 
-COLUMNS = [("target", "target", ""), ("training", "training", ""), ("policy", "policy", ""),
+COLUMNS = [("task", "task", ""), ("training", "training", ""), ("policy", "policy", ""),
            ("accuracy", "accuracy", ".3f"), ("drop", "drop vs all latents (95% CI)", ""),
-           ("mean_latents", "mean latents", ".1f"), ("gflops_per_input", "GFLOPs/clip", ".4f"),
-           ("gflops_ratio", "GFLOPs x all", ".2f"), ("ms_per_input", "ms/clip", ".3f"),
+           ("mean_latents", "mean latents", ".1f"), ("gflops_per_input", "GFLOPs/input", ".4f"),
+           ("gflops_ratio", "GFLOPs x all", ".2f"), ("ms_per_input", "ms/input", ".3f"),
            ("latency_ratio", "latency x all", ".2f")]
+QUESTION_LEN = 20  # the longest synthetic question is 16 word pieces with [CLS] and [SEP]
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = experiment_parser(__doc__, steps=3000)
-    p.add_argument("--targets", nargs="+", default=["count"], choices=["count", "shapes"])
+    p.add_argument("--tasks", nargs="+", default=["count", "qa"], choices=["count", "shapes", "qa"])
     p.add_argument("--levels", type=int, nargs="+", default=[8, 16, 32, 64], help="latent counts; the last is N")
-    p.add_argument("--tolerance", type=float, default=0.01, help="the cascade's accuracy drop allowed")
-    p.add_argument("--n-train", type=int, default=8000, help="training clips of the generated world")
-    p.add_argument("--n-test", type=int, default=2000, help="test clips (the validation split is half as many)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="the calibrated policies' accuracy drop allowed")
+    p.add_argument("--n-train", type=int, default=8000, help="training videos of the generated world")
+    p.add_argument("--n-test", type=int, default=2000, help="test videos (the validation split is half as many)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--qa-steps", type=int, default=6000, help="training steps of each QA model")
+    p.add_argument("--qa-layers", default="cscscs", help="the QA model's depth pattern")
+    p.add_argument("--qa-cross-attn-drop", type=float, default=0.5, help="the QA model's LayerDrop")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
     root = Path(a.data) if a.data else gallery_dataset(out / f"data_cls{a.n_train}_{a.n_test}", a.n_test, prog,
                                                        a.n_train, n_val=a.n_test // 2)
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=1e-3, warmup_steps=100, checkpoint_every=500)
-    rows, nesting, levels = [], [], "-".join(map(str, a.levels))
-    for target in a.targets:
-        def split(name: str, target: str = target):
-            return load_class_split(root, name, target, FRAMES, preset_image_size("perceiver_cls_tiny"), progress=prog)
-
-        train_data, test = split("train"), split("test")
-        right = {}
-        for training, nested in (("nested", a.levels), ("plain", [])):
-            overrides = {"num_latents": a.levels[-1], "nested_latents": nested, "num_classes": len(test.classes),
-                         "multi_label": test.multi_label}
-            model, _ = train_or_load("perceiver_cls_tiny", overrides, ClassTask(train_data), cfg,
-                                     out / "dynamic_queries" / f"{target}_{training}_q{levels}_{a.steps}", prog)
-            model.eval()
-            right[training] = correct(predict_logits(model, test, 256), test.labels).double()
-            for spec in [f"fixed:{q}" for q in a.levels] + (["cascade", "learned"] if nested else []):
-                calibrated = spec in ("cascade", "learned")
-                m = evaluate_classifier_policy(model, test, spec, calibration=lambda: split("val"), levels=a.levels,
-                                               tolerance=a.tolerance if calibrated else None)
-                lo, hi = m["accuracy_drop_ci95"]
-                rows.append({"target": target, "training": training, **m,
-                             "drop": f"{m['accuracy_drop']:+.3f} ({lo:+.3f} to {hi:+.3f})"})
-                show({k: rows[-1][k] for k in ("target", "training", "policy", "accuracy", "gflops_ratio")})
+    rows, nesting = [], []
+    for task in a.tasks:
+        run = qa_task if task == "qa" else classifier_task
+        task_rows, right = run(a, task, root, out, prog)
+        rows += task_rows
         diff, ci = paired_difference(right["plain"], right["nested"])
-        nesting.append({"target": target, "nested": right["nested"].mean().item(),
-                        "plain": right["plain"].mean().item(), "difference": diff,
-                        "difference_ci95": [diff - ci, diff + ci]})
+        nesting.append({"task": task, "nested": right["nested"].mean().item(), "plain": right["plain"].mean().item(),
+                        "difference": diff, "difference_ci95": [diff - ci, diff + ci]})
         show(nesting[-1])
-    md = (f"Perceiver classifier (`perceiver_cls_tiny`, N={a.levels[-1]} latents), {a.steps} steps of "
-          f"{a.batch_size} clips, nested over {a.levels} or not; test split of {a.n_test} clips; the cascade is "
-          f"calibrated on the validation split to a tolerance of {a.tolerance}.\n\n" + markdown_table(rows, COLUMNS)
-          + "\n\nWhat nesting costs the model with all its latents (nested minus plain, paired over the test "
-          "clips):\n\n" + "\n".join(f"- {n['target']}: {n['nested']:.3f} against {n['plain']:.3f}, "
-                                     f"{n['difference']:+.3f} ({n['difference_ci95'][0]:+.3f} to "
-                                     f"{n['difference_ci95'][1]:+.3f})" for n in nesting))
-    fig, axes = figure(len(a.targets))
-    for ax, target in zip(axes, a.targets):
-        fixed = [dict(r, line=f"{r['training']}, fixed Q") for r in rows
-                 if r["target"] == target and r["policy"].startswith("fixed")]
-        plot_lines(ax, fixed, "gflops_per_input", "accuracy", by="line")
-        for policy, marker in (("cascade", "k*"), ("learned", "rD")):
-            for r in (r for r in rows if r["target"] == target and r["policy"] == policy):
-                ax.plot(r["gflops_per_input"], r["accuracy"], marker, markersize=10,
-                        label=f"{policy}, tol {a.tolerance}")
-        ax.set(xlabel="GFLOPs per clip", ylabel="test accuracy", title=target)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    payload = {"rows": rows, "nesting_cost": nesting, "train": asdict(cfg), "data": str(root),
-               "machine": machine_info()}
-    write_report(out, "dynamic_queries", payload, md, fig)
+    md = describe(a, rows, nesting)
+    payload = {"rows": rows, "nesting_cost": nesting, "data": str(root), "machine": machine_info(),
+               "train": asdict(config(a, a.steps)), "qa_train": asdict(config(a, a.qa_steps))}
+    write_report(out, "dynamic_queries", payload, md, plot(a, rows))
     print(md)
     return payload
+
+
+def config(a, steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=a.batch_size, lr=1e-3, warmup_steps=100, checkpoint_every=500)
+
+
+def evaluate_rows(a, task: str, training: str, model, inputs, calibration, specs: list[str],
+                  levels: list | None = None) -> list[dict]:
+    """One row per policy spec; the calibrated ones over ``levels`` (default ``--levels``)."""
+    rows = []
+    for spec in specs:
+        calibrated = spec in ("cascade", "learned", "cascade (joint)")
+        m = evaluate_policy(model, inputs, spec.split(" ")[0], calibration, levels=levels or a.levels,
+                            tolerance=a.tolerance if calibrated else None)
+        lo, hi = m["accuracy_drop_ci95"]
+        rows.append({"task": task, "training": training, **m, "policy": spec,
+                     "drop": f"{m['accuracy_drop']:+.3f} ({lo:+.3f} to {hi:+.3f})"})
+        show({k: rows[-1][k] for k in ("task", "training", "policy", "accuracy", "gflops_ratio", "latency_ratio")})
+    return rows
+
+
+def classifier_task(a, target: str, root: Path, out: Path, prog: bool):
+    """The Perceiver classifier on ``target``, nested and plain: rows and each model's test correctness."""
+    def split(name: str):
+        return load_class_split(root, name, target, FRAMES, preset_image_size("perceiver_cls_tiny"), progress=prog)
+
+    train_data, test = split("train"), split("test")
+    rows, right, levels = [], {}, "-".join(map(str, a.levels))
+    for training, nested in (("nested", a.levels), ("plain", [])):
+        overrides = {"num_latents": a.levels[-1], "nested_latents": nested, "num_classes": len(test.classes),
+                     "multi_label": test.multi_label}
+        model, _ = train_or_load("perceiver_cls_tiny", overrides, ClassTask(train_data), config(a, a.steps),
+                                 out / "dynamic_queries" / f"{target}_{training}_q{levels}_{a.steps}", prog)
+        model.eval()
+        inputs = ClassInputs(test)
+        right[training] = inputs.correct(inputs.logits(model, 256, None)).double()
+        specs = [f"fixed:{q}" for q in a.levels] + (["cascade", "learned"] if nested else [])
+        rows += evaluate_rows(a, target, training, model, inputs, lambda: ClassInputs(split("val")), specs)
+    return rows, right
+
+
+def qa_task(a, task: str, root: Path, out: Path, prog: bool):
+    """Perceiver-VL answering questions, nested and plain, with the joint
+    (latents, cross-attentions) sweep and cascade for the nested model."""
+    make_qa(root, questions_per_item=4)
+    tok = load_tokenizer(root, qa=True)
+    size = preset_image_size("perceiver_vl_tiny")
+
+    def split(name: str):
+        return load_qa_split(root, name, tok, FRAMES, size, QUESTION_LEN, progress=prog)
+
+    train_data, test = split("train"), split("test")
+    calib = {}
+
+    def calibration() -> QAInputs:  # read once, for every policy
+        if "val" not in calib:
+            calib["val"] = QAInputs(split("val"))
+        return calib["val"]
+
+    rows, right, levels = [], {}, "-".join(map(str, a.levels))
+    for training, nested in (("nested", a.levels), ("plain", [])):
+        overrides = {"num_latents": a.levels[-1], "nested_latents": nested, "layers": a.qa_layers,
+                     "cross_attn_drop": a.qa_cross_attn_drop, "vocab_size": tok.vocab_size,
+                     "max_text_len": QUESTION_LEN, "num_answers": len(train_data.answers)}
+        model, _ = train_or_load("perceiver_vl_tiny", overrides, QATask(train_data), config(a, a.qa_steps),
+                                 out / "dynamic_queries" / f"qa_{training}_q{levels}_{a.qa_cross_attn_drop}_"
+                                                           f"{a.qa_layers}_{a.qa_steps}", prog)
+        model.eval()
+        inputs = QAInputs(test)
+        right[training] = inputs.correct(inputs.logits(model, 256, None)).double()
+        n_cross = model.config.num_cross_layers
+        pairs = [(q, k) for k in range(1, n_cross + 1) for q in a.levels]
+        specs = [f"fixed:{q}" for q in a.levels] + [f"fixed:{q}/{k}" for q, k in pairs if k < n_cross]
+        rows += evaluate_rows(a, task, training, model, inputs, calibration,
+                              specs + (["cascade", "learned"] if nested else []))
+        if nested and n_cross > 1:
+            val = calibration()
+            acc = [val.correct(x).double().mean().item() for x in level_logits(model, val, pairs)]
+            joint = pareto_levels(pairs, acc, level_costs(model, val, pairs))
+            rows += evaluate_rows(a, task, training, model, inputs, calibration, ["cascade (joint)"], joint)
+    return rows, right
+
+
+def describe(a, rows: list[dict], nesting: list[dict]) -> str:
+    md = (f"Levels {a.levels} (N = {a.levels[-1]} latents), tolerance {a.tolerance}; classifier "
+          f"(`perceiver_cls_tiny`) trained {a.steps} steps, QA model (`perceiver_vl_tiny`, layers "
+          f"{a.qa_layers!r}, cross_attn_drop {a.qa_cross_attn_drop}) {a.qa_steps} steps, {a.batch_size} inputs "
+          "per step; `fixed:Q/K` keeps the first K cross-attentions.\n\n")
+    for task in a.tasks:
+        md += f"### {task}\n\n" + markdown_table([r for r in rows if r["task"] == task], COLUMNS) + "\n"
+    return md + ("What nesting costs the model with all its latents (nested minus plain, paired over the test "
+                 "inputs):\n\n" + "\n".join(f"- {n['task']}: {n['nested']:.3f} against {n['plain']:.3f}, "
+                                           f"{n['difference']:+.3f} ({n['difference_ci95'][0]:+.3f} to "
+                                           f"{n['difference_ci95'][1]:+.3f})" for n in nesting))
+
+
+def plot(a, rows: list[dict]):
+    """Per task, accuracy against GFLOPs: the fixed sweeps (per cross-attentions
+    kept, for QA) of both models, and the calibrated policies as markers."""
+    fig, axes = figure(len(a.tasks))
+    for ax, task in zip(axes, a.tasks):
+        fixed = []
+        for r in rows:
+            if r["task"] == task and r["policy"].startswith("fixed"):
+                keep = r["policy"].partition("/")[2]
+                fixed.append(dict(r, line=f"{r['training']}, fixed Q" + (f", {keep} cross-attn." if keep else "")))
+        plot_lines(ax, fixed, "gflops_per_input", "accuracy", by="line")
+        for policy, marker in (("cascade", "k*"), ("learned", "rD"), ("cascade (joint)", "bP")):
+            for r in (r for r in rows if r["task"] == task and r["policy"] == policy):
+                ax.plot(r["gflops_per_input"], r["accuracy"], marker, markersize=10, label=f"{policy}, nested")
+        ax.set(xlabel="GFLOPs per input", ylabel="test accuracy", title=task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

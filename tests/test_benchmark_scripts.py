@@ -119,18 +119,23 @@ def test_ablation(data, tmp_path):
 
 
 def test_dynamic_queries(data, tmp_path):
-    run("dynamic_queries", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--levels", "2", "4",
-        "--targets", "count", "--batch-size", "8", "--tolerance", "0.2", "--quiet")
-    rows = reports(tmp_path, "dynamic_queries")["rows"]
-    assert [(r["training"], r["policy"]) for r in rows] == [("nested", "fixed:2"), ("nested", "fixed:4"),
-                                                            ("nested", "cascade"), ("nested", "learned"),
-                                                            ("plain", "fixed:2"),
-                                                            ("plain", "fixed:4")]
+    run("dynamic_queries", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--qa-steps", "2",
+        "--levels", "2", "4", "--tasks", "count", "qa", "--qa-layers", "cscs", "--batch-size", "8",
+        "--tolerance", "0.2", "--quiet")
+    report = reports(tmp_path, "dynamic_queries")
+    rows = report["rows"]
+    count = [(r["training"], r["policy"]) for r in rows if r["task"] == "count"]
+    assert count == [("nested", "fixed:2"), ("nested", "fixed:4"), ("nested", "cascade"), ("nested", "learned"),
+                     ("plain", "fixed:2"), ("plain", "fixed:4")]
     full = [r for r in rows if r["policy"] == "fixed:4"]
-    assert all(r["accuracy_drop"] == 0 and r["gflops_ratio"] == 1 for r in full)
+    assert len(full) == 4 and all(r["accuracy_drop"] == 0 and r["gflops_ratio"] == 1 for r in full)
     assert rows[0]["gflops_ratio"] < 1 and rows[0]["mean_latents"] == 2
     learned = rows[3]
     assert learned["probe_gflops"] > 0 and sum(learned["exit_fractions"]) == pytest.approx(1)
-    (nesting,) = reports(tmp_path, "dynamic_queries")["nesting_cost"]
-    lo, hi = nesting["difference_ci95"]
-    assert lo <= nesting["difference"] <= hi
+    qa = {r["policy"]: r for r in rows if r["task"] == "qa" and r["training"] == "nested"}
+    assert set(qa) == {"fixed:2", "fixed:4", "fixed:2/1", "fixed:4/1", "cascade", "learned", "cascade (joint)"}
+    assert qa["fixed:4/1"]["gflops_ratio"] < 1 and qa["cascade (joint)"]["levels"][-1] == [4, 2]
+    assert [n["task"] for n in report["nesting_cost"]] == ["count", "qa"]
+    for n in report["nesting_cost"]:
+        lo, hi = n["difference_ci95"]
+        assert lo <= n["difference"] <= hi

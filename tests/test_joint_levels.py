@@ -68,3 +68,14 @@ def test_a_joint_cascade_runs_each_level_with_its_latents_and_cross_attentions()
     with pytest.raises(ValueError, match="last level must be num_latents=8"):
         evaluate_qa_policy(m, data, "cascade", calibration=lambda: questions(40, seed=3), levels=[(2, 1), (8, 1)],
                            tolerance=0.1)
+
+
+def test_pareto_levels_keep_what_no_cheaper_level_matches_and_end_at_the_whole_model():
+    from slimvl.dynamic.policies import pareto_levels
+
+    levels = [(2, 1), (4, 1), (2, 2), (8, 1), (4, 2), (8, 2)]
+    acc = [0.50, 0.60, 0.55, 0.58, 0.70, 0.65]
+    cost = [1.0, 2.0, 2.5, 3.0, 3.5, 5.0]
+    assert pareto_levels(levels, acc, cost) == [(2, 1), (4, 1), (4, 2), (8, 2)]
+    with pytest.raises(ValueError, match="as many of each"):
+        pareto_levels(levels, acc[:-1], cost)

@@ -101,6 +101,23 @@ def is_full(level: Level, model) -> bool:
     return level_q(level) == model.config.num_latents and keep in (None, model.config.num_cross_layers)
 
 
+def pareto_levels(levels: list[Level], accuracy: list[float], cost: list[float]) -> list[Level]:
+    """The levels worth trying in a cascade, cheapest first: those that no
+    cheaper level matches in accuracy (measured on a held-out split), then
+    the last of ``levels`` (the whole model: what a tolerance is against),
+    whatever its accuracy. For joint (Q, K) levels, which have no order of
+    their own."""
+    if not len(levels) == len(accuracy) == len(cost) or not levels:
+        raise ValueError(f"{len(levels)} levels, {len(accuracy)} accuracies and {len(cost)} costs: expected as "
+                         "many of each, at least one")
+    out, best = [], float("-inf")
+    for i in sorted(range(len(levels) - 1), key=lambda i: (cost[i], -accuracy[i])):
+        if accuracy[i] > best and cost[i] < cost[-1]:
+            out.append(levels[i])
+            best = accuracy[i]
+    return out + [levels[-1]]
+
+
 @dataclass
 class Fixed:
     """Every input runs the first ``q`` latents (and the first ``keep``
