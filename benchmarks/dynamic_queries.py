@@ -1,16 +1,18 @@
 """Dynamic query selection: accuracy against GFLOPs and latency per input
 for a fixed latent count, a calibrated cascade, a learned policy, and the
 same model with all its latents, on the synthetic world's classification
-tasks and on QA.
+tasks, on QA and on VTM retrieval.
 
     python benchmarks/dynamic_queries.py --out benchmarks/out
 
 Tasks (``--tasks``): ``count`` (how many objects, 3 classes) and ``shapes``
 (which shapes, multi-label) train the Perceiver classifier; ``qa`` trains
 Perceiver-VL as an answer classifier (``slimvl data qa``: four questions
-per video), with LayerDrop on its cross-attentions (``--qa-layers``,
+per video by default), with LayerDrop on its cross-attentions (``--qa-layers``,
 ``--qa-cross-attn-drop``) so that latents and cross-attentions can be
-chosen together. Each model is trained twice with the same steps and seed,
+chosen together; ``vtm`` trains single-stream Perceiver-VL for retrieval
+(the demo's recipe) and scores each test caption against ``--candidates``
+items, its confidence taken over that list. Each model is trained twice with the same steps and seed,
 with nested latents (every count of ``--levels``) and without, then
 evaluated on the test split: every fixed count of ``--levels`` and, for the
 nested model, a cascade and a learned policy calibrated on the validation
@@ -25,19 +27,19 @@ latents is the paired difference of the two models on the test split.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import machine_info, markdown_table, show, write_report
 from slimvl.bench.stats import paired_difference
 from slimvl.data import make_qa
-from slimvl.dynamic import ClassInputs, QAInputs, evaluate_policy, level_logits
+from slimvl.dynamic import ClassInputs, QAInputs, VTMInputs, candidate_lists, evaluate_policy, level_logits
 from slimvl.dynamic.policies import pareto_levels
 from slimvl.dynamic.run import level_costs
-from slimvl.experiments import experiment_parser, gallery_dataset, preset_image_size, train_or_load
-from slimvl.pipeline import load_class_split, load_qa_split, load_tokenizer
-from slimvl.recipes import FRAMES
+from slimvl.experiments import experiment_parser, gallery_dataset, preset_image_size, retrieval_splits, train_or_load
+from slimvl.pipeline import load_class_split, load_qa_split, load_split, load_tokenizer
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
 from slimvl.tasks import ClassTask, QATask
 from slimvl.train import TrainConfig
 
@@ -51,22 +53,25 @@ QUESTION_LEN = 20  # the longest synthetic question is 16 word pieces with [CLS]
 
 def main(argv: list[str] | None = None) -> dict:
     p = experiment_parser(__doc__, steps=3000)
-    p.add_argument("--tasks", nargs="+", default=["count", "qa"], choices=["count", "shapes", "qa"])
+    p.add_argument("--tasks", nargs="+", default=["count", "qa", "vtm"], choices=["count", "shapes", "qa", "vtm"])
     p.add_argument("--levels", type=int, nargs="+", default=[8, 16, 32, 64], help="latent counts; the last is N")
     p.add_argument("--tolerance", type=float, default=0.01, help="the calibrated policies' accuracy drop allowed")
     p.add_argument("--n-train", type=int, default=8000, help="training videos of the generated world")
     p.add_argument("--n-test", type=int, default=2000, help="test videos (the validation split is half as many)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--qa-steps", type=int, default=6000, help="training steps of each QA model")
+    p.add_argument("--questions-per-item", type=int, default=4, help="QA: questions per video (slimvl data qa)")
     p.add_argument("--qa-layers", default="cscscs", help="the QA model's depth pattern")
     p.add_argument("--qa-cross-attn-drop", type=float, default=0.5, help="the QA model's LayerDrop")
+    p.add_argument("--vtm-steps", type=int, default=1700, help="training steps of each retrieval model")
+    p.add_argument("--candidates", type=int, default=16, help="vtm: items each caption is scored against")
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
     root = Path(a.data) if a.data else gallery_dataset(out / f"data_cls{a.n_train}_{a.n_test}", a.n_test, prog,
                                                        a.n_train, n_val=a.n_test // 2)
     rows, nesting = [], []
     for task in a.tasks:
-        run = qa_task if task == "qa" else classifier_task
+        run = {"qa": qa_task, "vtm": vtm_task}.get(task, classifier_task)
         task_rows, right = run(a, task, root, out, prog)
         rows += task_rows
         diff, ci = paired_difference(right["plain"], right["nested"])
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         show(nesting[-1])
     md = describe(a, rows, nesting)
     payload = {"rows": rows, "nesting_cost": nesting, "data": str(root), "machine": machine_info(),
-               "train": asdict(config(a, a.steps)), "qa_train": asdict(config(a, a.qa_steps))}
+               "train": asdict(config(a, a.steps)), "qa_train": asdict(config(a, a.qa_steps)),
+               "vtm_train": asdict(replace(TRAIN, steps=a.vtm_steps))}
     write_report(out, "dynamic_queries", payload, md, plot(a, rows))
     print(md)
     return payload
@@ -123,7 +129,7 @@ def classifier_task(a, target: str, root: Path, out: Path, prog: bool):
 def qa_task(a, task: str, root: Path, out: Path, prog: bool):
     """Perceiver-VL answering questions, nested and plain, with the joint
     (latents, cross-attentions) sweep and cascade for the nested model."""
-    make_qa(root, questions_per_item=4)
+    make_qa(root, questions_per_item=a.questions_per_item)
     tok = load_tokenizer(root, qa=True)
     size = preset_image_size("perceiver_vl_tiny")
 
@@ -162,11 +168,33 @@ def qa_task(a, task: str, root: Path, out: Path, prog: bool):
     return rows, right
 
 
+def vtm_task(a, task: str, root: Path, out: Path, prog: bool):
+    """Single-stream Perceiver-VL scoring each caption against ``--candidates``
+    items (its own, its near-duplicates, random others), nested and plain."""
+    tok, train_data, test = retrieval_splits(root, progress=prog)
+    val = load_split(root, "val", tok, FRAMES, preset_image_size("perceiver_vl_tiny"), TEXT_LEN, progress=prog)
+    calib = VTMInputs(val, candidate_lists(val, a.candidates))
+    rows, right, levels = [], {}, "-".join(map(str, a.levels))
+    for training, nested in (("nested", a.levels), ("plain", [])):
+        overrides = {"num_latents": a.levels[-1], "nested_latents": nested, "vocab_size": tok.vocab_size,
+                     "max_text_len": TEXT_LEN}
+        model, _ = train_or_load("perceiver_vl_tiny", overrides, train_data, replace(TRAIN, steps=a.vtm_steps),
+                                 out / "dynamic_queries" / f"vtm_{training}_q{levels}_{a.vtm_steps}", prog)
+        model.eval()
+        inputs = VTMInputs(test, candidate_lists(test, a.candidates))
+        right[training] = inputs.correct(inputs.logits(model, 256, None)).double()
+        specs = [f"fixed:{q}" for q in a.levels] + (["cascade", "learned"] if nested else [])
+        rows += evaluate_rows(a, task, training, model, inputs, lambda: calib, specs)
+    return rows, right
+
+
 def describe(a, rows: list[dict], nesting: list[dict]) -> str:
     md = (f"Levels {a.levels} (N = {a.levels[-1]} latents), tolerance {a.tolerance}; classifier "
           f"(`perceiver_cls_tiny`) trained {a.steps} steps, QA model (`perceiver_vl_tiny`, layers "
           f"{a.qa_layers!r}, cross_attn_drop {a.qa_cross_attn_drop}) {a.qa_steps} steps, {a.batch_size} inputs "
-          "per step; `fixed:Q/K` keeps the first K cross-attentions.\n\n")
+          f"per step; retrieval model (`perceiver_vl_tiny`, single stream) {a.vtm_steps} steps of the demo's "
+          f"recipe, each caption scored against {a.candidates} candidates (accuracy: its own item ranks first); "
+          "`fixed:Q/K` keeps the first K cross-attentions.\n\n")
     for task in a.tasks:
         md += f"### {task}\n\n" + markdown_table([r for r in rows if r["task"] == task], COLUMNS) + "\n"
     return md + ("What nesting costs the model with all its latents (nested minus plain, paired over the test "

@@ -120,7 +120,8 @@ def test_ablation(data, tmp_path):
 
 def test_dynamic_queries(data, tmp_path):
     run("dynamic_queries", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--qa-steps", "2",
-        "--levels", "2", "4", "--tasks", "count", "qa", "--qa-layers", "cscs", "--batch-size", "8",
+        "--levels", "2", "4", "--tasks", "count", "qa", "vtm", "--qa-layers", "cscs", "--batch-size", "8",
+        "--questions-per-item", "2", "--vtm-steps", "2", "--candidates", "4",
         "--tolerance", "0.2", "--quiet")
     report = reports(tmp_path, "dynamic_queries")
     rows = report["rows"]
@@ -128,14 +129,16 @@ def test_dynamic_queries(data, tmp_path):
     assert count == [("nested", "fixed:2"), ("nested", "fixed:4"), ("nested", "cascade"), ("nested", "learned"),
                      ("plain", "fixed:2"), ("plain", "fixed:4")]
     full = [r for r in rows if r["policy"] == "fixed:4"]
-    assert len(full) == 4 and all(r["accuracy_drop"] == 0 and r["gflops_ratio"] == 1 for r in full)
+    assert len(full) == 6 and all(r["accuracy_drop"] == 0 and r["gflops_ratio"] == 1 for r in full)
     assert rows[0]["gflops_ratio"] < 1 and rows[0]["mean_latents"] == 2
     learned = rows[3]
     assert learned["probe_gflops"] > 0 and sum(learned["exit_fractions"]) == pytest.approx(1)
     qa = {r["policy"]: r for r in rows if r["task"] == "qa" and r["training"] == "nested"}
     assert set(qa) == {"fixed:2", "fixed:4", "fixed:2/1", "fixed:4/1", "cascade", "learned", "cascade (joint)"}
     assert qa["fixed:4/1"]["gflops_ratio"] < 1 and qa["cascade (joint)"]["levels"][-1] == [4, 2]
-    assert [n["task"] for n in report["nesting_cost"]] == ["count", "qa"]
+    vtm = {r["policy"]: r for r in rows if r["task"] == "vtm" and r["training"] == "nested"}
+    assert set(vtm) == {"fixed:2", "fixed:4", "cascade", "learned"} and vtm["fixed:2"]["candidates"] == 4
+    assert [n["task"] for n in report["nesting_cost"]] == ["count", "qa", "vtm"]
     for n in report["nesting_cost"]:
         lo, hi = n["difference_ci95"]
         assert lo <= n["difference"] <= hi

@@ -72,9 +72,19 @@ def test_a_cascade_stops_exactly_where_its_thresholds_say(multi_label):
     out = run_classifier(m, data, Cascade(LEVELS, thresholds, "margin"))
     assert torch.equal(out["level"], want)
     torch.testing.assert_close(out["logits"], every[want, torch.arange(data.n)], rtol=1e-5, atol=1e-5)
+    small = run_classifier(m, data, Cascade(LEVELS, thresholds, "margin"), batch_size=5)  # batches of 5 clips
+    assert torch.equal(small["level"], want)
+    torch.testing.assert_close(small["logits"], out["logits"], rtol=1e-5, atol=1e-5)
     costs = out["level_gflops"]
     assert costs[0] < costs[1] < costs[2]
-    paid = [sum(costs[: k + 1]) for k in range(3)]
+    for k, q in enumerate(LEVELS):  # a level alone is the model's whole forward at that count
+        with m.using_latents(q):
+            assert costs[k] == pytest.approx(m.analytic_flops(data.videos.shape[1]) / 1e9, rel=1e-6)
+    # The input array and its keys and values are made once per clip, however
+    # many levels it goes through; each level pays only what its latents do.
+    c = out["costs"]
+    paid = [c.shared + c.kv * len(c.keeps[0]) + sum(c.levels[: k + 1]) for k in range(3)]
+    assert c.shared > 0 and c.kv > 0 and paid[0] == pytest.approx(costs[0]) and paid[2] < sum(costs)
     assert out["gflops_per_input"] == pytest.approx(sum(paid[k] for k in want.tolist()) / data.n)
     assert out["latents"].tolist() == [LEVELS[k] for k in want.tolist()]
 

@@ -9,7 +9,7 @@ from slimvl.dynamic import ClassInputs, Learned, LevelPredictor, fit_learned, ru
 from slimvl.dynamic.calibrate import calibrate, cascade_outcome
 from slimvl.dynamic.learned import fit_predictor, probabilities
 from slimvl.dynamic.policies import cascade_exits
-from slimvl.dynamic.run import level_logits
+from slimvl.dynamic.run import level_logits, probe_features
 
 from test_dynamic import LEVELS, _calibration_set, classifier, clips
 
@@ -26,9 +26,13 @@ def test_the_probe_reads_only_the_fewest_latents_and_one_cross_attention():
         full = m(video)
     assert before.shape == (3, m.config.dim) and torch.equal(before, after)
     assert torch.isfinite(full).all()
-    inputs = ClassInputs(clips())
-    from slimvl.dynamic.run import level_costs, probe_gflops
-    assert probe_gflops(m, inputs, 2) < level_costs(m, inputs, [2])[0]
+    from slimvl.dynamic.costs import cost_model
+
+    c = cost_model(m, ClassInputs(clips()), [2, 8], probe_level=2)
+    # The probe shares the input array and the first cross-attention's keys
+    # and values with the level that runs next: it pays only its latents' part.
+    assert 0 < c.probe < c.levels[0] and c.probe_keep == (0,)
+    assert c.paid([0.5], cumulative=False).tolist() == pytest.approx([c.alone(0) + c.probe, c.alone(1) + c.probe])
 
 
 def test_the_head_learns_which_level_is_right():
@@ -66,8 +70,7 @@ def test_a_learned_policy_runs_each_input_once_at_the_level_its_head_chose():
     assert report["accuracy"] >= report["reference_accuracy"] - 0.2 - 1e-9
     data = ClassInputs(clips(24))
     # Thresholds that split the inputs across levels, so that grouping is exercised.
-    with m.using_latents(LEVELS[0]):
-        features = data.features(m, 256, None)
+    features = probe_features(m, data, LEVELS[0])
     p = policy.probabilities(features)
     mid = [float(p[k].median()) for k in range(2)]
     split = Learned(LEVELS, policy.head, mid)
@@ -77,8 +80,9 @@ def test_a_learned_policy_runs_each_input_once_at_the_level_its_head_chose():
     every = level_logits(m, data, LEVELS)
     assert torch.equal(out["level"], want)
     torch.testing.assert_close(out["logits"], every[want, torch.arange(data.n)], rtol=1e-5, atol=1e-5)
-    costs = torch.tensor(out["level_gflops"], dtype=torch.float64)
-    assert out["gflops_per_input"] == pytest.approx((costs[want] + out["probe_gflops"]).mean().item())
+    paid = out["costs"].paid([], cumulative=False)
+    assert out["gflops_per_input"] == pytest.approx(paid[want].mean().item())
+    assert out["probe_gflops"] == out["costs"].probe > 0
 
 
 def test_bad_learned_policies_are_refused():

@@ -20,7 +20,8 @@ from .learned import Learned, LevelPredictor, fit_learned
 from .evaluate import (evaluate_classifier_policy, evaluate_policy, evaluate_qa_policy, evaluate_retrieval_policy,
                        parse_queries)
 from .retrieval import VTMInputs, candidate_lists
-from .run import ClassInputs, QAInputs, by_level, classifier_levels, level_logits, run_classifier, run_policy
+from .inputs import ClassInputs, QAInputs
+from .run import by_level, classifier_levels, level_logits, run_classifier, run_policy
 
 __all__ = ["calibrate", "CONFIDENCES", "confidence", "Cascade", "Fixed", "Learned", "LevelPredictor", "cascade_exits",
            "default_levels", "fit_learned", "by_level", "classifier_levels", "run_classifier", "run_policy",

@@ -8,21 +8,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .costs import CostModel
 from .policies import cascade_exits, paid_costs
 
 NEVER = 1.5  # a threshold above every confidence (they lie in [0, 1]): the level is skipped
 
 
-def paid(costs: list[float], thresholds: list[float], cumulative: bool = True, overhead: float = 0.0) -> Tensor:
-    """What an input stopping at each level pays ``[L]`` (float64): in a
-    cascade (``cumulative``) every level run up to it (``policies.paid_costs``);
-    when the level is chosen up front (a learned policy), that level alone;
-    plus ``overhead`` (e.g. the features a learned policy reads)."""
+def paid(costs: list[float] | CostModel, thresholds: list[float], cumulative: bool = True,
+         overhead: float = 0.0) -> Tensor:
+    """What an input stopping at each level pays ``[L]`` (float64), plus
+    ``overhead``. ``costs`` as a list (each level's run alone): in a cascade
+    (``cumulative``) every level run up to it (``policies.paid_costs``);
+    when the level is chosen up front (a learned policy), that level alone.
+    As a ``CostModel``: its ``paid``, which counts the work shared between
+    levels once (and a learned policy's probe)."""
+    if isinstance(costs, CostModel):
+        return costs.paid(thresholds, cumulative) + overhead
     base = paid_costs(costs, thresholds) if cumulative else torch.tensor(costs, dtype=torch.float64)
     return base + overhead
 
 
-def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float], thresholds: list[float],
+def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float] | CostModel, thresholds: list[float],
                     cumulative: bool = True, overhead: float = 0.0) -> dict:
     """Accuracy, mean cost per input and the share stopping at each level of
     a cascade, from every level's confidence and correctness ``[L, n]``;
@@ -32,10 +38,10 @@ def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float], th
     right = correct.detach().cpu().gather(0, exits[None]).squeeze(0)
     cost = paid(costs, thresholds, cumulative, overhead)[exits].mean().item()
     return {"accuracy": right.double().mean().item(), "cost": cost,
-            "exit_fractions": torch.bincount(exits, minlength=len(costs)).double().div(len(exits)).tolist()}
+            "exit_fractions": torch.bincount(exits, minlength=confidences.shape[0]).double().div(len(exits)).tolist()}
 
 
-def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float], grid: Tensor, cumulative: bool,
+def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float] | CostModel, grid: Tensor, cumulative: bool,
               overhead: float) -> tuple[Tensor, Tensor]:
     """Accuracy and mean cost ``[m]`` of the cascades with one shared threshold per entry of ``grid [m]``."""
     n_levels, n = confidences.shape
@@ -47,7 +53,7 @@ def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float], grid: Te
     return acc, spent.gather(1, exits).mean(1)
 
 
-def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], tolerance: float | None = None,
+def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostModel, tolerance: float | None = None,
               budget: float | None = None, labels: Tensor | None = None, grid_size: int = 256,
               passes: int = 2, cumulative: bool = True, overhead: float = 0.0) -> tuple[list[float], dict]:
     """Thresholds for a cascade over ``L`` levels, from every level's
@@ -73,15 +79,18 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
     quantiles, plus ``NEVER``), then moves one level's threshold at a time
     while that improves the objective and keeps the constraint.
 
-    ``cumulative=False, overhead=c`` calibrates a policy that picks one level
-    per input up front from predicted "confidences" (``Learned``): an input
-    pays ``c`` plus its level's cost alone (``paid``).
+    ``costs`` is each level's cost alone, or a ``CostModel`` (work shared
+    between levels counted once: what ``run_policy`` does).
+    ``cumulative=False`` calibrates a policy that picks one level per input
+    up front from predicted "confidences" (``Learned``): an input pays its
+    level (and, with a ``CostModel``, the probe; with a list, ``overhead``).
     """
     if (tolerance is None) == (budget is None):
         raise ValueError("calibrate: give exactly one of tolerance= and budget=")
-    if confidences.dim() != 2 or confidences.shape != correct.shape or confidences.shape[0] != len(costs):
+    n_costs = len(costs.levels) if isinstance(costs, CostModel) else len(costs)
+    if confidences.dim() != 2 or confidences.shape != correct.shape or confidences.shape[0] != n_costs:
         raise ValueError(f"confidences {tuple(confidences.shape)} and correct {tuple(correct.shape)}: expected "
-                         f"the same [L, n] with L={len(costs)} levels (one cost each)")
+                         f"the same [L, n] with L={n_costs} levels (one cost each)")
     n_levels, n = confidences.shape
     if n == 0:
         raise ValueError("calibrate: the calibration split is empty")
@@ -90,7 +99,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
                          "about mistakes")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise ValueError(f"tolerance={tolerance!r}: must be in (0, 1), an accuracy drop such as 0.01")
-    cheapest = float(costs[0]) + overhead
+    cheapest = float(paid(costs, [0.0] * (n_costs - 1), cumulative, overhead)[0])
     if budget is not None and not (isinstance(budget, (int, float)) and budget >= cheapest):
         raise ValueError(f"budget={budget!r}: below the cheapest level's cost {cheapest:.6g} per input "
                          "(every input pays at least the first level)")
@@ -107,7 +116,8 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float], toleranc
         q = torch.quantile(x.flatten(), torch.linspace(0, 1, grid_size))
         return torch.cat([torch.unique(q), torch.tensor([NEVER])])
 
-    report = {"reference_accuracy": reference, "last_level_cost": float(costs[-1])}
+    last = costs.alone(n_costs - 1) if isinstance(costs, CostModel) else float(costs[-1])
+    report = {"reference_accuracy": reference, "last_level_cost": last}
     how = {"cumulative": cumulative, "overhead": overhead}
     if n_levels == 1:
         return [], {**cascade_outcome(confidences, correct, costs, [], **how), **report}

@@ -18,7 +18,9 @@ from .confidence import confidence
 from .learned import Learned, fit_learned
 from .policies import Cascade, Fixed, default_levels, is_full, level_keep, model_levels
 from .retrieval import VTMInputs, candidate_lists
-from .run import ClassInputs, QAInputs, level_costs, level_logits, run_policy
+from .costs import cost_model
+from .inputs import ClassInputs, QAInputs
+from .run import level_logits, run_policy
 
 POLICIES = ("fixed:Q", "cascade", "learned")
 
@@ -77,7 +79,7 @@ def evaluate_policy(model: nn.Module, inputs, spec: str, calibration: Callable[[
         every = level_logits(model, calib, levels, batch_size, device)
         conf = torch.stack([confidence(x, kind, calib.multi_label) for x in every])
         right = torch.stack([calib.correct(x) for x in every])
-        thresholds, report = calibrate(conf, right, level_costs(model, calib, levels), tolerance=tolerance,
+        thresholds, report = calibrate(conf, right, cost_model(model, calib, levels), tolerance=tolerance,
                                        budget=budget_gflops, labels=calib.labels)
         policy = Cascade(levels, thresholds, kind)
         out.update(levels=levels, thresholds=thresholds, confidence=kind, calibration={"inputs": calib.n, **report})

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .calibrate import calibrate
-from .policies import Level, cascade_exits, check_levels, model_levels, using_level
+from .policies import Level, cascade_exits, check_levels, model_levels
 
 MIN_INPUTS = 8  # per half of the calibration split: fewer can neither train a head nor set a threshold
 
@@ -120,21 +120,20 @@ def fit_learned(model: nn.Module, inputs, levels: list[int], tolerance: float | 
     with ``seed``), the thresholds calibrated on the other to ``tolerance``
     or ``budget`` (GFLOPs per input, the probe included). Returns the
     policy and the calibration report (on the second half)."""
-    from .run import level_costs, level_logits, probe_gflops  # run imports this module
+    from .costs import cost_model
+    from .run import level_logits, probe_features  # run imports this module
 
     levels = model_levels(levels, model)
     if inputs.n < 2 * MIN_INPUTS:
         raise ValueError(f"the calibration split has {inputs.n} inputs: a learned policy needs at least "
                          f"{2 * MIN_INPUTS} (half train its head, half set its thresholds)")
     right = torch.stack([inputs.correct(x) for x in level_logits(model, inputs, levels, batch_size, device)])
-    with using_level(model, levels[0]):
-        features = inputs.features(model, batch_size, device)
+    features = probe_features(model, inputs, levels[0], batch_size, device)
     order = torch.randperm(inputs.n, generator=torch.Generator().manual_seed(seed))
     fit, held = order[: inputs.n // 2], order[inputs.n // 2:]
     head = fit_predictor(features[fit], right[:, fit], seed=seed)
-    probe = probe_gflops(model, inputs, levels[0])
-    thresholds, report = calibrate(probabilities(head, features[held]), right[:, held],
-                                   level_costs(model, inputs, levels), tolerance=tolerance, budget=budget,
-                                   labels=inputs.labels[held], cumulative=False, overhead=probe)
-    return Learned(levels, head, thresholds), {**report, "probe_gflops": probe, "head_inputs": len(fit),
+    costs = cost_model(model, inputs, levels, levels[0])
+    thresholds, report = calibrate(probabilities(head, features[held]), right[:, held], costs, tolerance=tolerance,
+                                   budget=budget, labels=inputs.labels[held], cumulative=False)
+    return Learned(levels, head, thresholds), {**report, "probe_gflops": costs.probe, "head_inputs": len(fit),
                                                 "inputs": len(held)}

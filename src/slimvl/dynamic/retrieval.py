@@ -17,16 +17,22 @@ encode the gallery once for all captions; their cost is not per caption.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..bench.flops import count_flops, dummy_inputs
+from ..bench.flops import dummy_batch
 from ..runtime import autocast_for, to_float_video
 from ..tasks.base import check_scores, for_inference, row_batches, used_width
 from ..tasks.retrieval.data import RetrievalData
 from ..tasks.retrieval.metrics import t2v_ranks
+from .inputs import PolicyInputs
+
+if TYPE_CHECKING:  # the models are not imported at run time: a prepared array is whatever model.prepare made
+    from ..models.latents import InputArray
 
 
 def candidate_lists(data: RetrievalData, k: int, seed: int = 0) -> Tensor:
@@ -48,18 +54,20 @@ def candidate_lists(data: RetrievalData, k: int, seed: int = 0) -> Tensor:
 
 
 @dataclass
-class VTMInputs:
+class VTMInputs(PolicyInputs):
     """Captions with their candidate items (``RetrievalData``) as a policy sees them.
 
     Attributes:
         data: the split.
         candidates: ``[n_captions, k]`` item indices (None: every item of
             the split); each caption's own item must be among them.
+    The model's batch holds every (caption, candidate) pair of its captions;
+    the learned policy's probe reads the caption alone.
     """
 
     data: RetrievalData
     candidates: Tensor | None = None
-    multi_label = False
+    probe_shares_array = False
 
     def __post_init__(self) -> None:
         n_caps, n_items = len(self.data.caption_item), self.data.videos.shape[0]
@@ -77,6 +85,10 @@ class VTMInputs:
     @property
     def n(self) -> int:
         return len(self.data.caption_item)
+
+    @property
+    def pairs_per_input(self) -> int:
+        return self.candidates.shape[1]
 
     @property
     def target(self) -> Tensor:
@@ -97,54 +109,59 @@ class VTMInputs:
         return VTMInputs(replace(d, caption_ids=d.caption_ids[rows], caption_mask=d.caption_mask[rows],
                                  caption_item=d.caption_item[rows]), self.candidates[rows])
 
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Captions, as many as make ``batch_size`` pairs (at least one)."""
+        return row_batches(self.n, max(1, batch_size // self.pairs_per_input))
+
+    def model_inputs(self, rows: Tensor, device: torch.device) -> dict:
+        """Every (caption, candidate) pair of the captions ``rows``, caption by caption."""
+        k, d = self.pairs_per_input, self.data
+        width = used_width(d.caption_mask[rows])
+        return {"video": to_float_video(d.videos[self.candidates[rows].flatten()]).to(device),
+                "text": d.caption_ids[rows, :width].repeat_interleave(k, 0).to(device),
+                "text_mask": d.caption_mask[rows, :width].repeat_interleave(k, 0).to(device)}
+
+    def dummy(self, model: nn.Module) -> dict:
+        """Two captions' pairs at the longest caption's length."""
+        return dummy_batch(model, self.data.videos.shape[1], used_width(self.data.caption_mask),
+                           2 * self.pairs_per_input)
+
+    def prepare(self, model: nn.Module, inputs: dict) -> InputArray:
+        return model.prepare(inputs)
+
+    def array_rows(self, array: InputArray, rows: Tensor) -> InputArray:
+        k = self.pairs_per_input
+        return array.rows((rows[:, None] * k + torch.arange(k)).flatten())
+
+    def logits_array(self, model: nn.Module, array: InputArray) -> Tensor:
+        scores = model.vtm_array(array).float()
+        check_scores(scores, "VTM scores")
+        return scores.view(-1, self.pairs_per_input)
+
+    def probe_array(self, model: nn.Module, array: InputArray | None, inputs: dict) -> Tensor:
+        """``model.probe_inputs`` of each caption alone ``[b, D]``: how hard it
+        is to match, read before any pair is scored."""
+        k = self.pairs_per_input
+        ids, mask = inputs["text"][::k], inputs["text_mask"][::k]
+        model.check_text(ids, mask)
+        return model.probe_inputs(*model.embed_inputs(None, ids, mask))
+
     @torch.inference_mode()
     def logits(self, model: nn.Module, batch_size: int, device) -> Tensor:
-        """VTM scores ``[n, k]`` (float32, CPU) of each caption with its candidates, ``batch_size`` pairs at a time."""
+        """VTM scores ``[n, k]`` (float32, CPU) of each caption with its candidates."""
         dev = for_inference(model, device)
-        n, k = self.candidates.shape
-        caps = torch.arange(n).repeat_interleave(k)
-        items = self.candidates.flatten()
-        out = torch.empty(n * k)
-        for rows in row_batches(n * k, batch_size):
-            c, i = caps[rows], items[rows]
+        out = []
+        for rows in self.batches(batch_size):
             with autocast_for(dev, "auto"):
-                s = model(to_float_video(self.data.videos[i]).to(dev), self.data.caption_ids[c].to(dev),
-                          self.data.caption_mask[c].to(dev)).logits.float()
-            check_scores(s, f"VTM scores of captions {int(c[0])}..{int(c[-1])}")
-            out[rows] = s.cpu()
-        return out.view(n, k)
+                out.append(self.logits_array(model, self.prepare(model, self.model_inputs(rows, dev))).cpu())
+        return torch.cat(out)
 
     def correct(self, logits: Tensor) -> Tensor:
         return t2v_ranks(logits, self.target) == 1
 
     def metrics(self, logits: Tensor) -> dict:
         ranks = t2v_ranks(logits, self.target)
-        k = self.candidates.shape[1]
+        k = self.pairs_per_input
         out = {f"t2v_r{r}": (ranks <= r).double().mean().item() for r in (1, 5, 10) if r < k}
-        return {**out, "n_captions": self.n, "candidates": k}
-
-    @torch.inference_mode()
-    def gflops(self, model: nn.Module) -> float:
-        """One caption with its ``k`` candidates at the model's current latent
-        count (torch's counter), at the longest caption's length."""
-        video, ids, mask = dummy_inputs(model, self.data.videos.shape[1], used_width(self.data.caption_mask), 2)
-        return count_flops(lambda: model(video, ids, mask), model) / 2 * self.candidates.shape[1] / 1e9
-
-    @torch.inference_mode()
-    def features(self, model: nn.Module, batch_size: int, device) -> Tensor:
-        """``model.probe_inputs`` of each caption alone ``[n, D]``: how hard it
-        is to match, read before any pair is scored."""
-        dev = for_inference(model, device)
-        out = []
-        for rows in row_batches(self.n, batch_size):
-            ids, mask = self.data.caption_ids[rows].to(dev), self.data.caption_mask[rows].to(dev)
-            model.check_text(ids, mask)
-            with autocast_for(dev, "auto"):
-                out.append(model.probe_inputs(*model.embed_inputs(None, ids, mask)).float().cpu())
-        return torch.cat(out)
-
-    @torch.inference_mode()
-    def probe_gflops(self, model: nn.Module) -> float:
-        """``features`` of one caption (torch's counter)."""
-        _, ids, mask = dummy_inputs(model, self.data.videos.shape[1], used_width(self.data.caption_mask), 2)
-        return count_flops(lambda: model.probe_inputs(*model.embed_inputs(None, ids, mask)), model) / 2 / 1e9
+        # "accuracy" is R@1 over the candidate list: what the policy is right about.
+        return {"accuracy": (ranks == 1).double().mean().item(), **out, "n_captions": self.n, "candidates": k}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from einops import repeat
@@ -16,6 +17,29 @@ from ..nn import Block, CrossBlock
 from .base import block_flops
 from .config import PerceiverVLConfig
 from .nested import NestedLatents
+
+
+@dataclass
+class InputArray:
+    """An embedded input array and what the cross-attentions have read from it.
+
+    Attributes:
+        tokens: ``[B, M, D]``; mask: ``[B, M]`` bool, True for real tokens.
+        kv: keys and values ``[B, H, M, d]`` per cross-attention index,
+            filled as the encoder runs: they do not depend on the latents, so
+            running again at another latent count (a cascade's next level)
+            reuses them and pays only for what the latents do.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def rows(self, rows: Tensor) -> "InputArray":
+        """The same array for ``rows`` of the batch only (reused keys and values included)."""
+        rows = rows.to(self.tokens.device)
+        return InputArray(self.tokens[rows], self.mask[rows],
+                          {i: (k[rows], v[rows]) for i, (k, v) in self.kv.items()})
 
 
 class LatentEncoder(nn.Module):
@@ -44,9 +68,11 @@ class LatentEncoder(nn.Module):
         self.norm = nn.LayerNorm(c.dim)
 
     def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0,
-                num: int | None = None) -> Tensor:
+                num: int | None = None, kv: dict | None = None) -> Tensor:
         """``num``: run only the first ``num`` latents (all when None); the
-        rest of the array is never touched, so the cost follows ``num``."""
+        rest of the array is never touched, so the cost follows ``num``.
+        ``kv``: a cache of each cross-attention's keys and values of
+        ``inputs`` (``InputArray.kv``), used and filled in place."""
         n = self.latents.shape[0] if num is None else num
         lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
         cross, read = -1, False
@@ -61,19 +87,29 @@ class LatentEncoder(nn.Module):
             # it the latents would never read the input at all.
             if self.training and drop and read and bool(torch.rand(()) < drop):
                 continue
-            lat = layer(lat, inputs, key_padding_mask=mask)
+            lat = self._cross(layer, cross, lat, inputs, mask, kv)
             read = True
         return self.norm(lat)
 
-    def first_read(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], num: int | None = None) -> Tensor:
+    @staticmethod
+    def _cross(layer: nn.Module, index: int, lat: Tensor, inputs: Tensor, mask: Tensor, kv: dict | None) -> Tensor:
+        if kv is None:
+            return layer(lat, inputs, key_padding_mask=mask)
+        if index not in kv:
+            kv[index] = layer.context_kv(inputs)
+        return layer(lat, None, key_padding_mask=mask, kv=kv[index])
+
+    def first_read(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], num: int | None = None,
+                   kv: dict | None = None) -> Tensor:
         """The mean ``[B, D]`` of the first ``num`` latents right after the
         first cross-attention in ``keep``: what they learn from one look at
         the input, at a fraction of the encoder's cost (what a learned
-        latent policy reads to choose how many latents an input needs)."""
+        latent policy reads to choose how many latents an input needs).
+        ``kv`` as in ``forward``: the encoder run afterwards reuses it."""
         n = self.latents.shape[0] if num is None else num
         lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
         layers = [layer for kind, layer in zip(self.pattern, self.layers) if kind == "c"]
-        return layers[min(keep)](lat, inputs, key_padding_mask=mask).mean(1)
+        return self._cross(layers[min(keep)], min(keep), lat, inputs, mask, kv).mean(1)
 
 
 class LatentOptions:
@@ -126,12 +162,24 @@ class LatentOptions:
         nested latent counts (``NestedLatents``); else unchanged."""
         return NestedLatents(objective, self) if self.config.nested_latents else objective
 
-    def probe_inputs(self, inputs: Tensor, mask: Tensor) -> Tensor:
+    def probe_inputs(self, inputs: Tensor, mask: Tensor, kv: dict | None = None) -> Tensor:
         """Cheap features ``[B, D]`` of an input array ``[B, M, D]``: the
         active latents after the first cross-attention that runs, averaged
-        (``LatentEncoder.first_read``)."""
+        (``LatentEncoder.first_read``; ``kv``: its cache of keys and values)."""
         c = self.config
-        return self.encoder.first_read(inputs, mask, c.kept_cross_layers(), c.latents_run())
+        return self.encoder.first_read(inputs, mask, c.kept_cross_layers(), c.latents_run(), kv)
+
+    def encode_array(self, array: InputArray) -> Tensor:
+        """Latents ``[B, Q, D]`` of a prepared input array (``prepare``),
+        reusing and filling its keys and values."""
+        c = self.config
+        return self.encoder(array.tokens, array.mask, c.kept_cross_layers(), c.cross_attn_drop, c.latents_run(),
+                            array.kv)
+
+    def probe_array(self, array: InputArray) -> Tensor:
+        """``probe_inputs`` of a prepared input array, filling its keys and
+        values for the encoder run that follows."""
+        return self.probe_inputs(array.tokens, array.mask, array.kv)
 
     def encoder_flops(self, m: int) -> int:
         """FLOPs of the encoder (cross-attentions that run, self-attention

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..nn import QueryDecoder
 from .base import VLModel, block_flops, linear_flops, score_in_fp32
 from .config import PerceiverVLConfig
-from .latents import LatentEncoder, LatentOptions
+from .latents import InputArray, LatentEncoder, LatentOptions
 from .registry import register_model
 
 
@@ -93,11 +93,18 @@ class PerceiverClassifier(LatentOptions, VLModel):
         self.check_video(video)
         return video
 
+    def prepare(self, video: Tensor | Mapping[str, Tensor]) -> InputArray:
+        """The videos' embedded input array (``InputArray``): the work that
+        does not depend on the latents, done once for every latent count."""
+        return InputArray(*self.embed_inputs(self.read_video(video)))
+
     def latents(self, video: Tensor | Mapping[str, Tensor]) -> Tensor:
         """The encoder's latents ``[B, Q, D]`` of the videos."""
-        c = self.config
-        inputs, mask = self.embed_inputs(self.read_video(video))
-        return self.encoder(inputs, mask, c.kept_cross_layers(), c.cross_attn_drop, c.latents_run())
+        return self.encode_array(self.prepare(video))
+
+    def classify_array(self, array: InputArray) -> Tensor:
+        """Class logits ``[B, C]`` of a prepared input array (``prepare``)."""
+        return self.classify_latents(self.encode_array(array))
 
     def distill_modules(self) -> list[nn.Module]:
         """The [CLS] decoder: what the head reads (self-distillation matches it)."""
@@ -106,7 +113,7 @@ class PerceiverClassifier(LatentOptions, VLModel):
     def probe(self, video: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Cheap features ``[B, D]`` of the videos (``probe_inputs``): what a
         learned latent policy reads."""
-        return self.probe_inputs(*self.embed_inputs(self.read_video(video)))
+        return self.probe_array(self.prepare(video))
 
     def classify_latents(self, latents: Tensor) -> Tensor:
         """Class logits ``[B, C]`` (fp32) from latents ``[B, Q, D]``."""
@@ -115,7 +122,7 @@ class PerceiverClassifier(LatentOptions, VLModel):
 
     def forward(self, video: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Class logits ``[B, num_classes]`` of videos (or ``{"video": ...}``)."""
-        return self.classify_latents(self.latents(video))
+        return self.classify_array(self.prepare(video))
 
     def analytic_flops(self, frames: int, text_len: int = 0) -> int:
         """FLOPs to classify one clip (``text_len`` is ignored: no text)."""

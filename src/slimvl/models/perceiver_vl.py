@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..nn import TEXT, VIDEO, AnswerHead, CrossBlock, ModalityEmbed, QueryDecoder
 from .base import VLModel, VLOutput, block_flops, linear_flops, score_in_fp32, without_autocast
 from .config import PerceiverVLConfig
-from .latents import LatentEncoder, LatentOptions
+from .latents import InputArray, LatentEncoder, LatentOptions
 from .registry import register_model
 from .streams import cached_decoder_scores, decoder_kv
 
@@ -178,12 +178,34 @@ class PerceiverVL(LatentOptions, VLModel):
         return VLOutput(logits=self.decode(latents), pooled=self.pool(latents))
 
     # -- task heads: QA and MLM read the joint encoding ----------------------
+    def prepare(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
+                text_mask: Tensor | None = None) -> InputArray:
+        """The joint input array of ``[video; text]`` (``InputArray``): the
+        work that does not depend on the latents, done once for every latent
+        count. What QA, MLM and the single stream's VTM read."""
+        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
+        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
+        self.check_inputs(video, text_ids, text_mask)
+        return InputArray(*self.embed_inputs(video, text_ids, text_mask))
+
     def joint_latents(self, video: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """Latents ``[B, N, D]`` of ``[video; text]`` encoded together (what
         QA and MLM read, whatever the retrieval stream)."""
-        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
-        self.check_inputs(video, text_ids, text_mask)
-        return self.encode(*self.embed_inputs(video, text_ids, text_mask))
+        return self.encode_array(self.prepare(video, text_ids, text_mask))
+
+    def answer_array(self, array: InputArray) -> Tensor:
+        """Answer logits ``[B, num_answers]`` of a prepared joint input array (``prepare``)."""
+        self._need_head("qa_head", "num_answers")
+        lat = self.encode_array(array)
+        cls = self.qa_decoder(repeat(self.qa_query, "q d -> b q d", b=lat.shape[0]), lat)
+        return self.qa_head(cls[:, 0])
+
+    def vtm_array(self, array: InputArray) -> Tensor:
+        """VTM logits ``[B]`` of a prepared joint input array (single stream)."""
+        if self.config.stream != "single":
+            raise ValueError(f"vtm_array: the {self.config.stream} stream scores separate encodings, not a joint "
+                             "input array")
+        return self.decode(self.encode_array(array))
 
     def answer(self, video: Tensor | Mapping[str, Tensor], question_ids: Tensor | None = None,
                question_mask: Tensor | None = None) -> Tensor:
@@ -192,19 +214,13 @@ class PerceiverVL(LatentOptions, VLModel):
         inputs mapping whose ``text``/``text_mask`` are the question), then
         the answer classifier."""
         self._need_head("qa_head", "num_answers")
-        video, question_ids, question_mask = self.read_inputs(video, question_ids, question_mask)
-        lat = self.joint_latents(video, question_ids, question_mask)
-        cls = self.qa_decoder(repeat(self.qa_query, "q d -> b q d", b=lat.shape[0]), lat)
-        return self.qa_head(cls[:, 0])
+        return self.answer_array(self.prepare(video, question_ids, question_mask))
 
     def probe(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
               text_mask: Tensor | None = None) -> Tensor:
         """Cheap features ``[B, D]`` of ``[video; text]`` encoded together
         (``probe_inputs``): what a learned latent policy reads."""
-        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
-        video, text_ids, text_mask = self.to_device(video, text_ids, text_mask)
-        self.check_inputs(video, text_ids, text_mask)
-        return self.probe_inputs(*self.embed_inputs(video, text_ids, text_mask))
+        return self.probe_array(self.prepare(video, text_ids, text_mask))
 
     def mlm_logits(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
                    text_mask: Tensor | None = None, masked: Tensor | None = None) -> Tensor:

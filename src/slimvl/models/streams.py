@@ -20,7 +20,7 @@ from .base import score_in_fp32
 
 def decoder_kv(block: nn.Module, latents: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values ``[B, H, N, d]`` that a decoder ``CrossBlock`` reads from ``latents [B, N, D]``."""
-    return block.attn.project_kv(block.norm_ctx(latents))
+    return block.context_kv(latents)
 
 
 def _cached_block(block: nn.Module, x: Tensor, kv_text: tuple[Tensor, Tensor],

@@ -63,8 +63,10 @@ class Attention(nn.Module):
         size: Tensor | None = None,
         mask: Tensor | None = None,
         return_metric: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Attend from ``x`` to ``context`` (``x`` itself when None).
+        """Attend from ``x`` to ``context`` (``x`` itself when None), or to
+        keys and values projected before (``kv``, from ``project_kv``).
 
         Args:
             x: queries ``[B, N, D]``; context: keys/values ``[B, S, Dc]``.
@@ -75,12 +77,14 @@ class Attention(nn.Module):
                 ``[B, H, N, S]`` (e.g. per-head views).
             return_metric: also return the keys averaged over heads
                 ``[B, S, d]``, the similarity metric of token merging.
+            kv: keys and values ``[B, H, S, d]`` already projected (the
+                context is then not read): what does not change between two
+                calls with the same context is not computed twice.
 
         Returns ``[B, N, D]`` (and the metric).
         """
-        context = x if context is None else context
         q = self.project_q(x)
-        k, v = self.project_kv(context)
+        k, v = self.project_kv(x if context is None else context) if kv is None else kv
         if mask is not None:
             check_mask(mask, q.shape[0], self.heads, q.shape[2], k.shape[2])
         out = F.scaled_dot_product_attention(

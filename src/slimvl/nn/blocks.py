@@ -63,8 +63,16 @@ class CrossBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, dropout)
 
-    def forward(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None = None,
-                size: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_ctx(context), key_padding_mask=key_padding_mask, size=size,
-                          mask=mask)
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values ``[B, H, S, d]`` this layer reads from ``context``:
+        they do not depend on the queries, so callers running the layer
+        again on the same context (with other queries) can pass them back."""
+        return self.attn.project_kv(self.norm_ctx(context))
+
+    def forward(self, x: Tensor, context: Tensor | None, key_padding_mask: Tensor | None = None,
+                size: Tensor | None = None, mask: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``kv``: ``context_kv(context)`` computed before (``context`` is then not read)."""
+        ctx = self.norm_ctx(context) if kv is None else None
+        x = x + self.attn(self.norm_q(x), ctx, key_padding_mask=key_padding_mask, size=size, mask=mask, kv=kv)
         return x + self.mlp(self.norm2(x))
