@@ -20,8 +20,9 @@ split to lose at most ``--tolerance`` of accuracy. For QA, also every
 (latents, cross-attentions kept) pair, and a joint cascade over the pairs
 no cheaper pair matches on the validation split. Each row's drop is
 against the same model with all its latents, with a 95% interval paired
-over the same inputs; GFLOPs come from the model's formula (classifier) or
-torch's counter (QA), both held to each other in the tests; latency is
+over the same inputs; GFLOPs come from torch's counter, in parts, so that
+the work a cascade's levels share (the input array, the cross-attentions'
+keys and values) is counted once (``slimvl.dynamic.costs``); latency is
 measured in the same run. What nesting costs the model with all its
 latents is the paired difference of the two models on the test split.
 """

@@ -164,3 +164,22 @@ def test_a_learned_policy_answers_questions():
     policy, report = fit_learned(m, QAInputs(data), LEVELS, tolerance=0.3)
     out = run_policy(m, QAInputs(data), policy)
     assert out["logits"].shape == (n, 4) and out["probe_gflops"] < out["level_gflops"][0]
+
+
+def test_cli_evaluates_retrieval_under_a_cascade(tmp_path, capsys):
+    import json
+
+    from slimvl.cli import main
+    from slimvl.data import make_dataset
+
+    root = make_dataset(tmp_path / "d", n_train=16, n_val=16, n_test=8, frames=2, size=32, progress=False)
+    common = ["--data", str(root), "--frames", "2"]
+    main(["-q", "train", *common, "--model", "perceiver_vl_tiny", "--set", "dim=32", "--set", "heads=2", "--set",
+          "image_size=32", "--set", "num_latents=8", "--set", "nested_latents=[2,4,8]", "--set", "nested_distill=0.5",
+          "--steps", "2", "--train-set", "groups_per_step=4", "--train-set", "warmup_steps=1", "--out",
+          str(tmp_path / "run")])
+    capsys.readouterr()
+    main(["-q", "eval", *common, "--checkpoint", str(tmp_path / "run"), "--queries", "cascade", "--tolerance", "0.2"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["levels"] == [2, 4, 8] and out["n_captions"] > 0 and out["candidates"] == 8
+    assert 0 <= out["accuracy"] <= 1 and sum(out["exit_fractions"]) == pytest.approx(1)

@@ -176,8 +176,9 @@ def _classifier(**kw):
     torch.manual_seed(0)
     from slimvl import create_model
 
-    return create_model("perceiver_cls_tiny", dim=32, heads=2, image_size=32, num_latents=N, layers="cscs",
-                        num_classes=3, multi_label=False, **kw)
+    kw = {"layers": "cscs", **kw}
+    return create_model("perceiver_cls_tiny", dim=32, heads=2, image_size=32, num_latents=N, num_classes=3,
+                        multi_label=False, **kw)
 
 
 def test_self_distillation_pulls_small_counts_towards_all_latents_without_moving_the_teacher():
@@ -227,3 +228,27 @@ def test_perceiver_vl_trains_with_self_distillation():
     m = tiny_model(num_latents=N, nested_latents=[2, 4], nested_distill=1.0, num_answers=0, device=DEVICE)
     history = train(m, tiny_data(), TrainConfig(**{**CFG, "steps": 3}), progress=False).history
     assert all(h["distill"] > 0 for h in history)  # every count drawn is below N
+
+
+def test_the_student_skips_the_cross_attentions_its_teacher_skipped_even_with_dropout():
+    from slimvl.models.latents import LatentEncoder
+    from slimvl.models.nested import NestedLatents
+
+    m = _classifier(layers="cscscs", cross_attn_drop=0.5, dropout=0.1, nested_latents=[2], nested_distill=1.0)
+    m.train()
+    decisions, original = [], LatentEncoder._skip
+
+    def logged(self, drop):
+        decisions.append(original(self, drop))
+        return decisions[-1]
+
+    LatentEncoder._skip = logged
+    try:
+        torch.manual_seed(0)
+        for _ in range(6):
+            NestedLatents(_Squares(m), m)(torch.randn(2, 2, 3, 32, 32))
+    finally:
+        LatentEncoder._skip = original
+    per_step = [decisions[i:i + 4] for i in range(0, len(decisions), 4)]  # teacher's 2, then the student's 2
+    assert len(per_step) == 6 and all(d[:2] == d[2:] for d in per_step)
+    assert {tuple(d[:2]) for d in per_step} != {(False, False)}  # some layers were skipped

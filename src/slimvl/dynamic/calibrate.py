@@ -99,7 +99,9 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
                          "about mistakes")
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 < tolerance < 1):
         raise ValueError(f"tolerance={tolerance!r}: must be in (0, 1), an accuracy drop such as 0.01")
-    cheapest = float(paid(costs, [0.0] * (n_costs - 1), cumulative, overhead)[0])
+    # The cheapest policy sends every input to one level, skipping those before it.
+    cheapest = min(float(paid(costs, [NEVER] * k + [0.0] * (n_costs - 1 - k), cumulative, overhead)[k])
+                   for k in range(n_costs))
     if budget is not None and not (isinstance(budget, (int, float)) and budget >= cheapest):
         raise ValueError(f"budget={budget!r}: below the cheapest level's cost {cheapest:.6g} per input "
                          "(every input pays at least the first level)")
@@ -129,7 +131,9 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
             best, thresholds = (a, c), [t] * (n_levels - 1)
     # The grid holds NEVER (the last level alone: within any tolerance) and the
     # smallest confidence (everything stops at level 0: within any budget the
-    # check above allows), so some shared threshold always qualifies.
+    # check above allows when level 0 is the cheapest, as levels should be
+    # ordered), so some shared threshold qualifies; the search below may
+    # still find one when it does not.
     for _ in range(passes):
         for k in range(n_levels - 1):
             for t in quantiles(confidences[k]).tolist():
@@ -137,4 +141,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
                 out = cascade_outcome(confidences, correct, costs, trial, **how)
                 if better(out["accuracy"], out["cost"], best):
                     best, thresholds = (out["accuracy"], out["cost"]), trial
+    if best is None:
+        raise ValueError(f"budget={budget!r}: no cascade over these levels found within it; order the levels "
+                         "cheapest first")
     return thresholds, {**cascade_outcome(confidences, correct, costs, thresholds, **how), **report}

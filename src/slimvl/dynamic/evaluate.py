@@ -131,9 +131,19 @@ def evaluate_retrieval_policy(model: nn.Module, data: RetrievalData, spec: str,
                               seed: int = 0, **options) -> dict:
     """``evaluate_policy`` over captions, each scored against its candidate
     list (``VTMInputs``): ``candidates`` items per caption from
-    ``candidate_lists`` (drawn with ``seed``), or every item of the split."""
+    ``candidate_lists`` (drawn with ``seed``), the same number on the
+    evaluated and the calibration split. When not given: every item of the
+    split, or, for a calibrated policy, as many as the smaller of the two
+    galleries holds (a confidence over 16 candidates says little about one
+    over 8, and the cost per caption grows with them)."""
+    k = candidates
+    if k is None and calibration is not None and spec in ("cascade", "learned"):
+        held = calibration()
+        k = min(data.videos.shape[0], held.videos.shape[0])
+        calibration = lambda: held  # noqa: E731 (read once)
+
     def inputs(d: RetrievalData) -> VTMInputs:
-        return VTMInputs(d, None if candidates is None else candidate_lists(d, candidates, seed))
+        return VTMInputs(d, None if k is None else candidate_lists(d, k, seed))
 
     calib = None if calibration is None else (lambda: inputs(calibration()))
     return evaluate_policy(model, inputs(data), spec, calib, **options)

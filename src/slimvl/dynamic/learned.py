@@ -71,7 +71,7 @@ def fit_predictor(features: Tensor, correct: Tensor, steps: int = 300, lr: float
 @torch.no_grad()
 def probabilities(head: LevelPredictor, features: Tensor) -> Tensor:
     """``head``'s probability of the model being right at each level ``[L, n]`` (CPU)."""
-    return torch.sigmoid(head(features.detach().cpu())).T
+    return torch.sigmoid(head(features.detach().to(head.mean.device))).T.cpu()
 
 
 @dataclass

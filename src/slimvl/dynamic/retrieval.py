@@ -81,6 +81,8 @@ class VTMInputs(PolicyInputs):
             raise ValueError(f"candidates: item indices must be in 0..{n_items - 1}")
         if not (c == self.data.caption_item[:, None]).any(1).all():
             raise ValueError("candidates: every caption's own item must be among its candidates")
+        if (c.sort(1).values.diff(dim=1) == 0).any():
+            raise ValueError("candidates: an item appears twice in a caption's list (it would tie with itself)")
 
     @property
     def n(self) -> int:

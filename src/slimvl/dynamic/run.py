@@ -50,11 +50,13 @@ def by_level(model: nn.Module, inputs: Mapping[str, Tensor], q: Tensor,
 
 
 def _prepared(model: nn.Module, inputs, batch_size: int, device):
-    """Each batch's rows and its prepared input array, in inference mode."""
+    """Each batch's rows, its model inputs and its prepared input array (in
+    inference mode), and the device."""
     dev = for_inference(model, device)
     for rows in inputs.batches(batch_size):
         with torch.inference_mode(), autocast_for(dev, "auto"):
-            yield rows, inputs.prepare(model, inputs.model_inputs(rows, dev)), dev
+            batch = inputs.model_inputs(rows, dev)
+            yield rows, batch, inputs.prepare(model, batch), dev
 
 
 def level_logits(model: nn.Module, inputs, levels: list[Level], batch_size: int = 256, device=None) -> Tensor:
@@ -63,7 +65,7 @@ def level_logits(model: nn.Module, inputs, levels: list[Level], batch_size: int 
     inputs.check(model)
     levels = model_levels(levels, model)
     out = []
-    for _, array, dev in _prepared(model, inputs, batch_size, device):
+    for _, _, array, dev in _prepared(model, inputs, batch_size, device):
         per_level = []
         for level in levels:
             with torch.inference_mode(), autocast_for(dev, "auto"), using_level(model, level):
@@ -75,9 +77,9 @@ def level_logits(model: nn.Module, inputs, levels: list[Level], batch_size: int 
 def probe_features(model: nn.Module, inputs, level: Level, batch_size: int = 256, device=None) -> Tensor:
     """The learned policy's features of every input at ``level`` ``[n, D]`` (float32, CPU)."""
     out = []
-    for rows, array, dev in _prepared(model, inputs, batch_size, device):
+    for _, batch, array, dev in _prepared(model, inputs, batch_size, device):
         with torch.inference_mode(), autocast_for(dev, "auto"), using_level(model, level):
-            out.append(inputs.probe_array(model, array, inputs.model_inputs(rows, dev)).float().cpu())
+            out.append(inputs.probe_array(model, array, batch).float().cpu())
     return torch.cat(out)
 
 
@@ -106,11 +108,11 @@ def run_policy(model: nn.Module, inputs, policy: Fixed | Cascade | Learned, batc
     costs = cost_model(model, inputs, levels, policy.probe_level if learned else None)
     logits, level = None, torch.full((inputs.n,), len(levels) - 1, dtype=torch.long)
     t0 = time.perf_counter()
-    for rows, array, dev in _prepared(model, inputs, batch_size, device):
+    for rows, batch, array, dev in _prepared(model, inputs, batch_size, device):
         with torch.inference_mode(), autocast_for(dev, "auto"):
             if learned:
                 with using_level(model, policy.probe_level):
-                    chosen = policy.choose(inputs.probe_array(model, array, inputs.model_inputs(rows, dev)))
+                    chosen = policy.choose(inputs.probe_array(model, array, batch))
                 out = _run_chosen(model, inputs, array, levels, chosen)
             else:
                 chosen, out = _run_cascade(model, inputs, array, levels, thresholds, getattr(policy, "confidence",
@@ -130,10 +132,14 @@ def _run_cascade(model, inputs, array, levels, thresholds, kind) -> tuple[Tensor
     """One prepared batch through a cascade: the level each input stops at and its logits."""
     b = array.tokens.shape[0] // getattr(inputs, "pairs_per_input", 1)
     level, out, open_ = torch.full((b,), len(levels) - 1, dtype=torch.long), None, torch.arange(b)
+    # Each level runs on a subset of the previous level's array (not of the
+    # batch's), so keys and values a level computed are there for the next.
+    part, part_rows = array, torch.arange(b)
     for k, (setting, skip) in enumerate(zip(levels, skipped(thresholds))):
         if skip:  # no input could stop here: the level is not run
             continue
-        part = array if len(open_) == b else inputs.array_rows(array, open_)
+        if len(open_) < len(part_rows):
+            part, part_rows = inputs.array_rows(part, torch.searchsorted(part_rows, open_)), open_
         with using_level(model, setting):
             x = inputs.logits_array(model, part).cpu()
         if out is None:

@@ -66,6 +66,12 @@ class LatentEncoder(nn.Module):
             for kind in c.layers
         )
         self.norm = nn.LayerNorm(c.dim)
+        # LayerDrop's decisions, recorded into or replayed from a list when set
+        # (``models.nested``: a self-distillation teacher and its student skip
+        # the same cross-attentions; the draw is made either way, so the
+        # random stream moves as it would without them).
+        self.drop_record: list[bool] | None = None
+        self.drop_replay: list[bool] | None = None
 
     def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0,
                 num: int | None = None, kv: dict | None = None) -> Tensor:
@@ -85,11 +91,19 @@ class LatentEncoder(nn.Module):
                 continue
             # The first cross-attention that runs is never dropped: without
             # it the latents would never read the input at all.
-            if self.training and drop and read and bool(torch.rand(()) < drop):
+            if self.training and drop and read and self._skip(drop):
                 continue
             lat = self._cross(layer, cross, lat, inputs, mask, kv)
             read = True
         return self.norm(lat)
+
+    def _skip(self, drop: float) -> bool:
+        skip = bool(torch.rand(()) < drop)
+        if self.drop_replay is not None:
+            skip = self.drop_replay.pop(0)
+        if self.drop_record is not None:
+            self.drop_record.append(skip)
+        return skip
 
     @staticmethod
     def _cross(layer: nn.Module, index: int, lat: Tensor, inputs: Tensor, mask: Tensor, kv: dict | None) -> Tensor:

@@ -11,8 +11,12 @@ Self-distillation (``nested_distill``) adds, for each smaller count, the
 mean squared error between its decoded outputs (``model.distill_modules()``:
 what the task heads read) and those of all the latents on the same batch
 (computed without gradient: the full model teaches, it is not pulled
-towards its students). Both passes start from the same random state, so
-LayerDrop and any sampling inside the objective agree.
+towards its students). Both passes start from the same random state and
+the student replays the teacher's LayerDrop decisions, so they skip the
+same cross-attentions and sample alike inside the objective. In
+``nested_mode="sample"`` the random stream after the step is where it would
+be without the teacher pass; in ``"all"`` every count starts from the
+teacher's state (they share their draws).
 """
 from __future__ import annotations
 
@@ -35,6 +39,20 @@ def captured(modules: list[nn.Module]) -> Iterator[list[Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def layer_drop(model: nn.Module, record: list[bool] | None = None, replay: list[bool] | None = None) -> Iterator[None]:
+    """Record LayerDrop's decisions of every latent encoder of ``model`` into
+    ``record``, or replay them from ``replay``, while the block runs."""
+    encoders = [m for m in model.modules() if hasattr(m, "drop_replay")]
+    for m in encoders:
+        m.drop_record, m.drop_replay = record, replay
+    try:
+        yield
+    finally:
+        for m in encoders:
+            m.drop_record = m.drop_replay = None
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -83,14 +101,15 @@ class NestedLatents(nn.Module):
         counts, mode, weight = list(c.nested_latents), c.nested_mode, c.nested_distill
         if mode == "sample":
             counts = [counts[int(torch.randint(len(counts), ()))]]
-        teacher, rng = None, None
+        teacher, rng, drops = None, None, None
         if weight and any(q < c.num_latents for q in counts):
-            teacher, rng = self._teacher(batch)
+            teacher, rng, drops = self._teacher(batch)
         total, parts = None, {}
         for q in counts:
             if rng is not None:
                 _set_rng_state(rng, self.model.device)
-            with self.model.using_latents(q), captured(self.model.distill_modules()) as outputs:
+            with self.model.using_latents(q), captured(self.model.distill_modules()) as outputs, \
+                    layer_drop(self.model, replay=None if drops is None else list(drops)):
                 loss, p = self.objective(batch)
             p = dict(p)
             if teacher is not None and q < c.num_latents:
@@ -104,10 +123,13 @@ class NestedLatents(nn.Module):
                 parts.update({f"{k}@{q}": v for k, v in p.items()})
         return total, parts
 
-    def _teacher(self, batch: Any) -> tuple[list[Tensor], tuple]:
-        """The head outputs of all the latents on ``batch`` (no gradient), and
-        the random state both passes start from."""
-        rng = _rng_state(self.model.device)
-        with torch.no_grad(), self.model.using_latents(None), captured(self.model.distill_modules()) as outputs:
+    def _teacher(self, batch: Any) -> tuple[list[Tensor], tuple, list[bool]]:
+        """The decoded outputs of all the latents on ``batch`` (no gradient),
+        the random state the passes start from and the teacher's LayerDrop
+        decisions (the students replay them: dropout may draw from the same
+        generator a number of values that depends on Q)."""
+        rng, drops = _rng_state(self.model.device), []
+        with torch.no_grad(), self.model.using_latents(None), captured(self.model.distill_modules()) as outputs, \
+                layer_drop(self.model, record=drops):
             self.objective(batch)
-        return [o.detach() for o in outputs], rng
+        return [o.detach() for o in outputs], rng, drops
