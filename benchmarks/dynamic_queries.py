@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = experiment_parser(__doc__, steps=3000)
     p.add_argument("--tasks", nargs="+", default=["count", "qa", "vtm"], choices=["count", "shapes", "qa", "vtm"])
     p.add_argument("--levels", type=int, nargs="+", default=[8, 16, 32, 64], help="latent counts; the last is N")
+    p.add_argument("--eval-levels", type=int, nargs="+", help="latent counts the policies use (default: --levels; "
+                   "the models are trained on --levels either way, so counts outside them run untrained prefixes)")
+    p.add_argument("--name", default="dynamic_queries", help="the report's file name under OUT")
     p.add_argument("--tolerance", type=float, default=0.01, help="the calibrated policies' accuracy drop allowed")
     p.add_argument("--n-train", type=int, default=8000, help="training videos of the generated world")
     p.add_argument("--n-test", type=int, default=2000, help="test videos (the validation split is half as many)")
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vtm-steps", type=int, default=1700, help="training steps of each retrieval model")
     p.add_argument("--candidates", type=int, default=16, help="vtm: items each caption is scored against")
     a = p.parse_args(argv)
+    if a.eval_levels and a.eval_levels[-1] != a.levels[-1]:
+        p.error(f"--eval-levels must end at N = {a.levels[-1]}, the last of --levels")
+    a.eval_levels = a.eval_levels or a.levels
     out, prog = Path(a.out), not a.quiet
     root = Path(a.data) if a.data else gallery_dataset(out / f"data_cls{a.n_train}_{a.n_test}", a.n_test, prog,
                                                        a.n_train, n_val=a.n_test // 2)
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"rows": rows, "nesting_cost": nesting, "data": str(root), "machine": machine_info(),
                "train": asdict(config(a, a.steps)), "qa_train": asdict(config(a, a.qa_steps)),
                "vtm_train": asdict(replace(TRAIN, steps=a.vtm_steps))}
-    write_report(out, "dynamic_queries", payload, md, plot(a, rows))
+    write_report(out, a.name, payload, md, plot(a, rows))
     print(md)
     return payload
 
@@ -98,7 +104,7 @@ def evaluate_rows(a, task: str, training: str, model, inputs, calibration, specs
     rows = []
     for spec in specs:
         calibrated = spec in ("cascade", "learned", "cascade (joint)")
-        m = evaluate_policy(model, inputs, spec.split(" ")[0], calibration, levels=levels or a.levels,
+        m = evaluate_policy(model, inputs, spec.split(" ")[0], calibration, levels=levels or a.eval_levels,
                             tolerance=a.tolerance if calibrated else None)
         lo, hi = m["accuracy_drop_ci95"]
         rows.append({"task": task, "training": training, **m, "policy": spec,
@@ -122,7 +128,7 @@ def classifier_task(a, target: str, root: Path, out: Path, prog: bool):
         model.eval()
         inputs = ClassInputs(test)
         right[training] = inputs.correct(inputs.logits(model, 256, None)).double()
-        specs = [f"fixed:{q}" for q in a.levels] + (["cascade", "learned"] if nested else [])
+        specs = [f"fixed:{q}" for q in a.eval_levels] + (["cascade", "learned"] if nested else [])
         rows += evaluate_rows(a, target, training, model, inputs, lambda: ClassInputs(split("val")), specs)
     return rows, right
 
@@ -157,8 +163,8 @@ def qa_task(a, task: str, root: Path, out: Path, prog: bool):
         inputs = QAInputs(test)
         right[training] = inputs.correct(inputs.logits(model, 256, None)).double()
         n_cross = model.config.num_cross_layers
-        pairs = [(q, k) for k in range(1, n_cross + 1) for q in a.levels]
-        specs = [f"fixed:{q}" for q in a.levels] + [f"fixed:{q}/{k}" for q, k in pairs if k < n_cross]
+        pairs = [(q, k) for k in range(1, n_cross + 1) for q in a.eval_levels]
+        specs = [f"fixed:{q}" for q in a.eval_levels] + [f"fixed:{q}/{k}" for q, k in pairs if k < n_cross]
         rows += evaluate_rows(a, task, training, model, inputs, calibration,
                               specs + (["cascade", "learned"] if nested else []))
         if nested and n_cross > 1:
@@ -184,13 +190,14 @@ def vtm_task(a, task: str, root: Path, out: Path, prog: bool):
         model.eval()
         inputs = VTMInputs(test, candidate_lists(test, a.candidates))
         right[training] = inputs.correct(inputs.logits(model, 256, None)).double()
-        specs = [f"fixed:{q}" for q in a.levels] + (["cascade", "learned"] if nested else [])
+        specs = [f"fixed:{q}" for q in a.eval_levels] + (["cascade", "learned"] if nested else [])
         rows += evaluate_rows(a, task, training, model, inputs, lambda: calib, specs)
     return rows, right
 
 
 def describe(a, rows: list[dict], nesting: list[dict]) -> str:
-    md = (f"Levels {a.levels} (N = {a.levels[-1]} latents), tolerance {a.tolerance}; classifier "
+    md = (f"Trained on levels {a.levels} (N = {a.levels[-1]} latents), policies over {a.eval_levels}, tolerance "
+          f"{a.tolerance}; classifier "
           f"(`perceiver_cls_tiny`) trained {a.steps} steps, QA model (`perceiver_vl_tiny`, layers "
           f"{a.qa_layers!r}, cross_attn_drop {a.qa_cross_attn_drop}) {a.qa_steps} steps, {a.batch_size} inputs "
           f"per step; retrieval model (`perceiver_vl_tiny`, single stream) {a.vtm_steps} steps of the demo's "

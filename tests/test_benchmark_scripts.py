@@ -142,3 +142,14 @@ def test_dynamic_queries(data, tmp_path):
     for n in report["nesting_cost"]:
         lo, hi = n["difference_ci95"]
         assert lo <= n["difference"] <= hi
+
+
+def test_dynamic_queries_policies_may_use_counts_the_models_were_not_trained_on(data, tmp_path):
+    run("dynamic_queries", "--out", str(tmp_path), "--data", str(data), "--steps", "2", "--levels", "2", "4",
+        "--eval-levels", "1", "4", "--tasks", "count", "--batch-size", "8", "--tolerance", "0.2",
+        "--name", "routing", "--quiet")
+    report = reports(tmp_path, "routing")
+    nested = [r for r in report["rows"] if r["training"] == "nested"]
+    assert [r["policy"] for r in nested] == ["fixed:1", "fixed:4", "cascade", "learned"]
+    assert nested[2]["levels"] == [1, 4]
+    assert (tmp_path / "dynamic_queries" / "count_nested_q2-4_2").is_dir()  # trained on --levels
