@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-levels", type=int, nargs="+", help="latent counts the policies use (default: --levels; "
                    "the models are trained on --levels either way, so counts outside them run untrained prefixes)")
     p.add_argument("--name", default="dynamic_queries", help="the report's file name under OUT")
+    p.add_argument("--guard", action="store_true", help="calibrate to the upper end of the drop's 95%% interval "
+                   "on the validation split, not its mean")
     p.add_argument("--tolerance", type=float, default=0.01, help="the calibrated policies' accuracy drop allowed")
     p.add_argument("--n-train", type=int, default=8000, help="training videos of the generated world")
     p.add_argument("--n-test", type=int, default=2000, help="test videos (the validation split is half as many)")
@@ -105,7 +107,7 @@ def evaluate_rows(a, task: str, training: str, model, inputs, calibration, specs
     for spec in specs:
         calibrated = spec in ("cascade", "learned", "cascade (joint)")
         m = evaluate_policy(model, inputs, spec.split(" ")[0], calibration, levels=levels or a.eval_levels,
-                            tolerance=a.tolerance if calibrated else None)
+                            tolerance=a.tolerance if calibrated else None, guard=a.guard and calibrated)
         lo, hi = m["accuracy_drop_ci95"]
         rows.append({"task": task, "training": training, **m, "policy": spec,
                      "drop": f"{m['accuracy_drop']:+.3f} ({lo:+.3f} to {hi:+.3f})"})

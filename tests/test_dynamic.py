@@ -230,6 +230,8 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
     assert sum(cascade["exit_fractions"]) == pytest.approx(1.0)
     lo, hi = cascade["accuracy_drop_ci95"]
     assert lo <= cascade["accuracy_drop"] <= hi
+    main([*ev, "--queries", "cascade", "--tolerance", "0.05", "--guard"])
+    assert json.loads(capsys.readouterr().out)["calibration"]["drop_upper95"] <= 0.05 + 1e-9
     main([*ev, "--queries", "learned", "--budget-gflops", str(fixed["gflops_all_latents"] * 1.5)])
     learned = json.loads(capsys.readouterr().out)
     calib = learned["calibration"]
@@ -239,6 +241,7 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
                           (["--queries", "learned", "--tolerance", "0.1", "--confidence", "margin"],
                            "--confidence: only with --queries cascade"),
                           (["--queries", "learned"], "--queries learned: give one of --tolerance"),
+                          (["--queries", "fixed:2", "--guard"], "--guard: only with --queries cascade or learned"),
                           (["--tolerance", "0.01"], "--tolerance: only with --queries cascade"),
                           (["--queries", "fixed:2", "--levels", "2", "8"], "--levels: only with --queries cascade"),
                           (["--queries", "cascade"], "give one of --tolerance (an accuracy drop) or --budget-gflops"),
@@ -293,3 +296,13 @@ def test_costs_are_counted_in_eval_mode_whatever_mode_the_model_is_in():
     want = level_costs(m, QAInputs(data), [2, 8])
     m.train()  # LayerDrop would skip cross-attentions at random here
     assert [level_costs(m, QAInputs(data), [2, 8]) for _ in range(3)] == [want] * 3 and m.training
+
+
+def test_a_guarded_calibration_holds_the_drops_upper_bound_to_the_tolerance():
+    conf, correct, costs = _calibration_set()
+    plain, report = calibrate(conf, correct, costs, tolerance=0.05)
+    guarded, safe = calibrate(conf, correct, costs, tolerance=0.05, guard=True)
+    assert safe["drop_upper95"] <= 0.05 + 1e-9 < report["drop_upper95"]  # the plain one sits at the edge
+    assert safe["cost"] >= report["cost"] and safe["accuracy"] >= report["accuracy"]
+    out = cascade_outcome(conf, correct, costs, guarded)
+    assert out == {k: safe[k] for k in out}

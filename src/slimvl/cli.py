@@ -219,7 +219,7 @@ def _queries(a: argparse.Namespace, entry, model) -> dict | None:
     no policy), checked before any data is read."""
     calibrated = a.queries in ("cascade", "learned")
     options = [f for f, v in (("--tolerance", a.tolerance), ("--budget-gflops", a.budget_gflops),
-                              ("--levels", a.levels)) if v is not None]
+                              ("--levels", a.levels), ("--guard", a.guard or None)) if v is not None]
     if not calibrated and options:
         raise ValueError(f"{', '.join(options)}: only with --queries cascade or learned")
     if a.queries != "cascade" and a.confidence is not None:
@@ -242,6 +242,7 @@ def _queries(a: argparse.Namespace, entry, model) -> dict | None:
             raise ValueError(f"--calib-split {a.calib_split}: the thresholds must be calibrated on another split "
                              f"than the one evaluated (--split {a.split})")
     return {"spec": a.queries, "tolerance": a.tolerance, "budget_gflops": a.budget_gflops, "levels": a.levels,
+            "guard": a.guard,
             "kind": a.confidence or "max_softmax"}
 
 
@@ -385,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: those the model was trained on, else N/8, N/4, N/2, N); Q/K also keeps only the "
                     "first K cross-attentions (e.g. 4/1 8/1 16/2: latents and LayerDrop chosen jointly, "
                     "cheapest first)")
+    ev.add_argument("--guard", action="store_true", help="--queries cascade|learned with --tolerance: hold the "
+                    "upper end of the drop's 95%% interval on --calib-split to it, not its mean (safer on new inputs)")
     ev.add_argument("--confidence", choices=["max_softmax", "margin"],
                     help="--queries cascade: how sure a prediction is (default: max_softmax)")
     ev.set_defaults(func=cmd_eval)

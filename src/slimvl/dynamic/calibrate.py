@@ -35,27 +35,40 @@ def cascade_outcome(confidences: Tensor, correct: Tensor, costs: list[float] | C
     ``costs[k]`` is what running level ``k`` costs (an input stopping at
     ``k`` pays ``paid(costs, thresholds, cumulative, overhead)[k]``)."""
     exits = cascade_exits(confidences, thresholds)
-    right = correct.detach().cpu().gather(0, exits[None]).squeeze(0)
+    correct = correct.detach().cpu()
+    right = correct.gather(0, exits[None]).squeeze(0)
     cost = paid(costs, thresholds, cumulative, overhead)[exits].mean().item()
     return {"accuracy": right.double().mean().item(), "cost": cost,
+            "drop_upper95": _drop_upper(correct[-1][None], right[None]).item(),
             "exit_fractions": torch.bincount(exits, minlength=confidences.shape[0]).double().div(len(exits)).tolist()}
 
 
+def _drop_upper(reference: Tensor, chosen: Tensor, z: float = 1.96) -> Tensor:
+    """Upper end ``[m]`` of the 95% interval of the accuracy drop, paired over
+    the inputs: ``reference [1, n]`` and ``chosen [m, n]`` correctness."""
+    d = reference.double() - chosen.double()
+    n = d.shape[1]
+    spread = d.std(1, unbiased=True) / n ** 0.5 if n > 1 else torch.zeros(len(d), dtype=torch.float64)
+    return d.mean(1) + z * spread
+
+
 def _outcomes(confidences: Tensor, correct: Tensor, costs: list[float] | CostModel, grid: Tensor, cumulative: bool,
-              overhead: float) -> tuple[Tensor, Tensor]:
-    """Accuracy and mean cost ``[m]`` of the cascades with one shared threshold per entry of ``grid [m]``."""
+              overhead: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Accuracy, mean cost and the drop's upper 95% bound ``[m]`` of the
+    cascades with one shared threshold per entry of ``grid [m]``."""
     n_levels, n = confidences.shape
     stop = confidences[None, :-1] >= grid[:, None, None]  # [m, L-1, n]
     stop = torch.cat([stop, torch.ones(len(grid), 1, n, dtype=torch.bool)], 1)
     exits = stop.float().argmax(1)  # [m, n]: the first level that stops each input
-    acc = correct[exits, torch.arange(n)[None]].double().mean(1)
+    chosen = correct[exits, torch.arange(n)[None]]
     spent = torch.stack([paid(costs, [float(t)] * (n_levels - 1), cumulative, overhead) for t in grid])  # [m, L]
-    return acc, spent.gather(1, exits).mean(1)
+    return chosen.double().mean(1), spent.gather(1, exits).mean(1), _drop_upper(correct[-1][None], chosen)
 
 
 def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostModel, tolerance: float | None = None,
               budget: float | None = None, labels: Tensor | None = None, grid_size: int = 256,
-              passes: int = 2, cumulative: bool = True, overhead: float = 0.0) -> tuple[list[float], dict]:
+              passes: int = 2, cumulative: bool = True, overhead: float = 0.0,
+              guard: bool = False) -> tuple[list[float], dict]:
     """Thresholds for a cascade over ``L`` levels, from every level's
     confidence and correctness on a calibration split (``[L, n]`` each).
 
@@ -78,6 +91,11 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
     threshold shared by all levels (over a grid of the confidences'
     quantiles, plus ``NEVER``), then moves one level's threshold at a time
     while that improves the objective and keeps the constraint.
+
+    ``guard=True`` holds a tolerance to the upper end of the drop's 95%
+    interval (paired over the calibration inputs) instead of its mean: a
+    cascade tuned to the edge of a small split tends to lose more on new
+    inputs than it did there.
 
     ``costs`` is each level's cost alone, or a ``CostModel`` (work shared
     between levels counted once: what ``run_policy`` does).
@@ -108,9 +126,10 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
     confidences, correct = confidences.detach().float().cpu(), correct.detach().bool().cpu()
     reference = correct[-1].double().mean().item()
 
-    def better(acc: float, cost: float, best: tuple[float, float] | None) -> bool:
+    def better(acc: float, cost: float, best: tuple[float, float] | None, upper: float) -> bool:
         if tolerance is not None:
-            return acc >= reference - tolerance - 1e-12 and (best is None or cost < best[1] - 1e-12)
+            drop = upper if guard else reference - acc
+            return drop <= tolerance + 1e-12 and (best is None or cost < best[1] - 1e-12)
         return cost <= budget + 1e-12 and (best is None or acc > best[0] + 1e-12
                                            or (abs(acc - best[0]) <= 1e-12 and cost < best[1] - 1e-12))
 
@@ -124,10 +143,10 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
     if n_levels == 1:
         return [], {**cascade_outcome(confidences, correct, costs, [], **how), **report}
     grid = quantiles(confidences[:-1])
-    acc, cost = _outcomes(confidences, correct, costs, grid, **how)
+    acc, cost, upper = _outcomes(confidences, correct, costs, grid, **how)
     best, thresholds = None, [NEVER] * (n_levels - 1)  # NEVER everywhere: the last level alone
-    for t, a, c in zip(grid.tolist(), acc.tolist(), cost.tolist()):
-        if better(a, c, best):
+    for t, a, c, u in zip(grid.tolist(), acc.tolist(), cost.tolist(), upper.tolist()):
+        if better(a, c, best, u):
             best, thresholds = (a, c), [t] * (n_levels - 1)
     # The grid holds NEVER (the last level alone: within any tolerance) and the
     # smallest confidence (everything stops at level 0: within any budget the
@@ -139,7 +158,7 @@ def calibrate(confidences: Tensor, correct: Tensor, costs: list[float] | CostMod
             for t in quantiles(confidences[k]).tolist():
                 trial = thresholds[:k] + [t] + thresholds[k + 1:]
                 out = cascade_outcome(confidences, correct, costs, trial, **how)
-                if better(out["accuracy"], out["cost"], best):
+                if better(out["accuracy"], out["cost"], best, out["drop_upper95"]):
                     best, thresholds = (out["accuracy"], out["cost"]), trial
     if best is None:
         raise ValueError(f"budget={budget!r}: no cascade over these levels found within it; order the levels "

@@ -48,7 +48,7 @@ def parse_queries(spec: str, num_latents: int) -> Fixed | str:
 def evaluate_policy(model: nn.Module, inputs, spec: str, calibration: Callable[[], object] | None = None,
                     tolerance: float | None = None, budget_gflops: float | None = None,
                     levels: list[int] | None = None, kind: str = "max_softmax", batch_size: int = 256,
-                    device: str | torch.device | None = None) -> dict:
+                    device: str | torch.device | None = None, guard: bool = False) -> dict:
     """The task's metrics of ``model`` on ``inputs`` (``ClassInputs``,
     ``QAInputs``) under the policy ``spec`` (``parse_queries``), next to the
     same model with all its latents.
@@ -58,7 +58,9 @@ def evaluate_policy(model: nn.Module, inputs, spec: str, calibration: Callable[[
     ``budget_gflops``, over ``levels`` (default: the counts the model was
     trained on, else N/8..N). A learned policy's head is trained on half of
     ``calibration()`` and its thresholds set on the other half
-    (``fit_learned``); ``kind`` does not apply to it.
+    (``fit_learned``); ``kind`` does not apply to it. ``guard``: the
+    tolerance holds for the upper end of the drop's 95% interval on the
+    calibration split (``calibrate``).
     """
     c = model.config
     policy = parse_queries(spec, c.num_latents)
@@ -73,14 +75,14 @@ def evaluate_policy(model: nn.Module, inputs, spec: str, calibration: Callable[[
                              "tolerance and the drop are measured against all latents")
         calib = calibration()
     if policy == "learned":
-        policy, report = fit_learned(model, calib, levels, tolerance, budget_gflops, batch_size, device)
+        policy, report = fit_learned(model, calib, levels, tolerance, budget_gflops, batch_size, device, guard=guard)
         out.update(levels=levels, thresholds=policy.thresholds, calibration=report)
     elif policy == "cascade":
         every = level_logits(model, calib, levels, batch_size, device)
         conf = torch.stack([confidence(x, kind, calib.multi_label) for x in every])
         right = torch.stack([calib.correct(x) for x in every])
         thresholds, report = calibrate(conf, right, cost_model(model, calib, levels), tolerance=tolerance,
-                                       budget=budget_gflops, labels=calib.labels)
+                                       budget=budget_gflops, labels=calib.labels, guard=guard)
         policy = Cascade(levels, thresholds, kind)
         out.update(levels=levels, thresholds=thresholds, confidence=kind, calibration={"inputs": calib.n, **report})
     elif tolerance is not None or budget_gflops is not None:

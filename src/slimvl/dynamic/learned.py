@@ -114,11 +114,13 @@ class Learned:
 
 
 def fit_learned(model: nn.Module, inputs, levels: list[int], tolerance: float | None = None,
-                budget: float | None = None, batch_size: int = 256, device=None, seed: int = 0) -> tuple[Learned, dict]:
+                budget: float | None = None, batch_size: int = 256, device=None, seed: int = 0,
+                guard: bool = False) -> tuple[Learned, dict]:
     """A ``Learned`` policy for ``model`` from held-out ``inputs``
     (``ClassInputs``, ``QAInputs``): the head trained on one half (drawn
     with ``seed``), the thresholds calibrated on the other to ``tolerance``
-    or ``budget`` (GFLOPs per input, the probe included). Returns the
+    or ``budget`` (GFLOPs per input, the probe included; ``guard`` as in
+    ``calibrate``). Returns the
     policy and the calibration report (on the second half)."""
     from .costs import cost_model
     from .run import level_logits, probe_features  # run imports this module
@@ -134,6 +136,6 @@ def fit_learned(model: nn.Module, inputs, levels: list[int], tolerance: float | 
     head = fit_predictor(features[fit], right[:, fit], seed=seed)
     costs = cost_model(model, inputs, levels, levels[0])
     thresholds, report = calibrate(probabilities(head, features[held]), right[:, held], costs, tolerance=tolerance,
-                                   budget=budget, labels=inputs.labels[held], cumulative=False)
+                                   budget=budget, labels=inputs.labels[held], cumulative=False, guard=guard)
     return Learned(levels, head, thresholds), {**report, "probe_gflops": costs.probe, "head_inputs": len(fit),
                                                 "inputs": len(held)}
