@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import qa_model, questions
 
 from slimvl import create_model
 from slimvl.dynamic import (Cascade, Fixed, by_level, calibrate, cascade_exits, classifier_levels, confidence,
@@ -256,16 +257,9 @@ def test_cli_evaluates_a_classifier_under_fixed_and_calibrated_policies(tmp_path
 
 def test_qa_under_a_cascade_stops_where_its_thresholds_say():
     from slimvl.dynamic import QAInputs, evaluate_qa_policy, level_logits, run_policy
-    from slimvl.tasks import QAData
 
-    torch.manual_seed(0)
-    m = create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscs",
-                     vocab_size=50, max_text_len=12, num_answers=4, nested_latents=LEVELS).eval()
-    g = torch.Generator().manual_seed(2)
-    n = 20
-    data = QAData(torch.randint(0, 256, (5, 2, 3, 32, 32), generator=g, dtype=torch.uint8),
-                  torch.randint(5, 50, (n, 9), generator=g), torch.ones(n, 9, dtype=torch.bool),
-                  torch.arange(n) % 5, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+    m, n = qa_model(), 20
+    data = questions(n)
     inputs = QAInputs(data)
     every = level_logits(m, inputs, LEVELS)
     conf = torch.stack([confidence(x, "margin") for x in every])

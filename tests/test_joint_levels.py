@@ -2,30 +2,19 @@
 queries composed with LayerDrop)."""
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
+from helpers import check_median_cascade, questions
 
-from slimvl import create_model
-from slimvl.dynamic import Cascade, Fixed, QAInputs, cascade_exits, confidence, evaluate_qa_policy, level_logits
-from slimvl.dynamic import parse_queries, run_policy
+from slimvl.dynamic import Fixed, QAInputs, evaluate_qa_policy, level_logits, parse_queries
 from slimvl.dynamic.policies import check_levels, parse_level
-from slimvl.tasks import QAData
 
 JOINT = [(2, 1), (4, 1), (8, 2)]
 
 
 def qa_model():
-    torch.manual_seed(0)
-    return create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscs",
-                        vocab_size=50, max_text_len=12, num_answers=4, nested_latents=[2, 4, 8],
-                        cross_attn_drop=0.5).eval()
-
-
-def questions(n: int = 20, seed: int = 2) -> QAData:
-    g = torch.Generator().manual_seed(seed)
-    return QAData(torch.randint(0, 256, (5, 2, 3, 32, 32), generator=g, dtype=torch.uint8),
-                  torch.randint(5, 50, (n, 9), generator=g), torch.ones(n, 9, dtype=torch.bool),
-                  torch.arange(n) % 5, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+    return helpers.qa_model(cross_attn_drop=0.5)
 
 
 def test_levels_may_pair_latents_with_cross_attentions_kept():
@@ -51,12 +40,7 @@ def test_a_joint_cascade_runs_each_level_with_its_latents_and_cross_attentions()
         direct = QAInputs(data).logits(m, 256, None)
         m.cross_attn_keep = None
     torch.testing.assert_close(every[1], direct)
-    conf = torch.stack([confidence(x, "margin") for x in every])
-    thresholds = [float(conf[0].median()), float(conf[1].median())]
-    out = run_policy(m, inputs, Cascade(JOINT, thresholds, "margin"))
-    want = cascade_exits(conf, thresholds)
-    assert torch.equal(out["level"], want) and len(torch.unique(want)) >= 2
-    torch.testing.assert_close(out["logits"], every[want, torch.arange(inputs.n)], rtol=1e-5, atol=1e-5)
+    out = check_median_cascade(m, inputs, JOINT, every)
     costs = out["level_gflops"]
     assert costs[0] < costs[1] < costs[2]
     assert m.cross_attn_keep is None and m.active_latents is None  # restored

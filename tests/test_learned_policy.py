@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import check_median_cascade, qa_model, questions
 
 from slimvl.dynamic import ClassInputs, Learned, LevelPredictor, fit_learned, run_policy
 from slimvl.dynamic.calibrate import calibrate, cascade_outcome
@@ -120,7 +121,7 @@ def test_candidate_lists_put_the_own_item_and_its_near_duplicates_first():
 def test_vtm_cascade_confidence_is_per_caption_over_its_candidates():
     from helpers import tiny_data
 
-    from slimvl.dynamic import Cascade, VTMInputs, candidate_lists, confidence, evaluate_retrieval_policy
+    from slimvl.dynamic import Cascade, VTMInputs, candidate_lists, evaluate_retrieval_policy
 
     m, data = _vtm_model(), tiny_data(n_groups=5, group_size=2)
     inputs = VTMInputs(data, candidate_lists(data, 4))
@@ -132,35 +133,22 @@ def test_vtm_cascade_confidence_is_per_caption_over_its_candidates():
         direct = m(data.videos[items].float() / 127.5 - 1, data.caption_ids[c].expand(4, -1),
                    data.caption_mask[c].expand(4, -1)).logits
     torch.testing.assert_close(every[1, c], direct, rtol=1e-4, atol=1e-4)
-    conf = torch.stack([confidence(x, "margin") for x in every])
-    thresholds = [float(conf[0].median()), float(conf[1].median())]
-    out = run_policy(m, inputs, Cascade(LEVELS, thresholds, "margin"))
-    want = cascade_exits(conf, thresholds)
-    assert torch.equal(out["level"], want) and len(torch.unique(want)) >= 2
-    torch.testing.assert_close(out["logits"], every[want, torch.arange(inputs.n)], rtol=1e-5, atol=1e-5)
+    check_median_cascade(m, inputs, LEVELS, every)
     report = evaluate_retrieval_policy(m, data, "learned", calibration=lambda: tiny_data(n_groups=8, seed=1),
                                        candidates=4, tolerance=0.2)
     assert report["n_captions"] == len(data.caption_item) and report["candidates"] == 4
     assert report["calibration"]["head_inputs"] == 16 and 0 <= report["t2v_r1"] <= 1
     with pytest.raises(ValueError, match="single-stream Perceiver-VL"):
-        run_policy(_vtm_model(stream="multi", decoder_layers=0), inputs, Cascade(LEVELS, thresholds))
+        run_policy(_vtm_model(stream="multi", decoder_layers=0), inputs, Cascade(LEVELS, [0.5, 0.5]))
     with pytest.raises(ValueError, match="own item must be among its candidates"):
         VTMInputs(data, torch.zeros(len(data.caption_item), 3, dtype=torch.long) + 9)
 
 
 def test_a_learned_policy_answers_questions():
-    from slimvl import create_model
     from slimvl.dynamic import QAInputs
-    from slimvl.tasks import QAData
 
-    torch.manual_seed(0)
-    m = create_model("perceiver_vl_tiny", dim=32, heads=2, image_size=32, num_latents=8, layers="cscs",
-                     vocab_size=50, max_text_len=12, num_answers=4, nested_latents=LEVELS).eval()
-    g = torch.Generator().manual_seed(2)
-    n = 24
-    data = QAData(torch.randint(0, 256, (6, 2, 3, 32, 32), generator=g, dtype=torch.uint8),
-                  torch.randint(5, 50, (n, 9), generator=g), torch.ones(n, 9, dtype=torch.bool),
-                  torch.arange(n) % 6, torch.arange(n) % 4, ["a", "b", "c", "d"], ["a"] * n, ["colour"] * n)
+    m, n = qa_model(), 24
+    data = questions(n, n_videos=6)
     policy, report = fit_learned(m, QAInputs(data), LEVELS, tolerance=0.3)
     out = run_policy(m, QAInputs(data), policy)
     assert out["logits"].shape == (n, 4) and out["probe_gflops"] < out["level_gflops"][0]

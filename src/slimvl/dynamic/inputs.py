@@ -40,6 +40,10 @@ class PolicyInputs:
         """Row indices of the inputs, ``batch_size`` model rows at a time."""
         return row_batches(self.n, batch_size)
 
+    def prepare(self, model: nn.Module, inputs: dict) -> InputArray:
+        """The model's input array of a batch's model inputs (``model.prepare``)."""
+        return model.prepare(inputs)
+
     def array_rows(self, array: InputArray, rows: Tensor) -> InputArray:
         """The prepared array of the batch's inputs ``rows`` (indices within the batch)."""
         return array.rows(rows)
@@ -90,9 +94,6 @@ class ClassInputs(PolicyInputs):
     def dummy(self, model: nn.Module) -> dict:
         return dummy_batch(model, self.data.videos.shape[1], 0, 2)
 
-    def prepare(self, model: nn.Module, inputs: dict) -> InputArray:
-        return model.prepare(inputs)
-
     def logits_array(self, model: nn.Module, array: InputArray) -> Tensor:
         logits = model.classify_array(array).float()
         check_scores(logits, "class logits")
@@ -141,9 +142,6 @@ class QAInputs(PolicyInputs):
     def dummy(self, model: nn.Module) -> dict:
         """Two questions at the longest question's length: what a batch is trimmed to at most."""
         return dummy_batch(model, self.data.videos.shape[1], used_width(self.data.question_mask), 2)
-
-    def prepare(self, model: nn.Module, inputs: dict) -> InputArray:
-        return model.prepare(inputs)
 
     def logits_array(self, model: nn.Module, array: InputArray) -> Tensor:
         logits = model.answer_array(array).float()

@@ -128,9 +128,6 @@ class VTMInputs(PolicyInputs):
         return dummy_batch(model, self.data.videos.shape[1], used_width(self.data.caption_mask),
                            2 * self.pairs_per_input)
 
-    def prepare(self, model: nn.Module, inputs: dict) -> InputArray:
-        return model.prepare(inputs)
-
     def array_rows(self, array: InputArray, rows: Tensor) -> InputArray:
         k = self.pairs_per_input
         return array.rows((rows[:, None] * k + torch.arange(k)).flatten())

@@ -79,8 +79,7 @@ class LatentEncoder(nn.Module):
         rest of the array is never touched, so the cost follows ``num``.
         ``kv``: a cache of each cross-attention's keys and values of
         ``inputs`` (``InputArray.kv``), used and filled in place."""
-        n = self.latents.shape[0] if num is None else num
-        lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
+        lat = self.initial(inputs.shape[0], num)
         cross, read = -1, False
         for kind, layer in zip(self.pattern, self.layers):
             if kind == "s":
@@ -96,6 +95,11 @@ class LatentEncoder(nn.Module):
             lat = self._cross(layer, cross, lat, inputs, mask, kv)
             read = True
         return self.norm(lat)
+
+    def initial(self, batch: int, num: int | None = None) -> Tensor:
+        """The first ``num`` latents (all when None) with their positions, per input ``[B, Q, D]``."""
+        n = self.latents.shape[0] if num is None else num
+        return repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=batch)
 
     def _skip(self, drop: float) -> bool:
         skip = bool(torch.rand(()) < drop)
@@ -120,8 +124,7 @@ class LatentEncoder(nn.Module):
         the input, at a fraction of the encoder's cost (what a learned
         latent policy reads to choose how many latents an input needs).
         ``kv`` as in ``forward``: the encoder run afterwards reuses it."""
-        n = self.latents.shape[0] if num is None else num
-        lat = repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=inputs.shape[0])
+        lat = self.initial(inputs.shape[0], num)
         layers = [layer for kind, layer in zip(self.pattern, self.layers) if kind == "c"]
         return self._cross(layers[min(keep)], min(keep), lat, inputs, mask, kv).mean(1)
 
