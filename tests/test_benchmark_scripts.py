@@ -153,3 +153,30 @@ def test_dynamic_queries_policies_may_use_counts_the_models_were_not_trained_on(
     assert [r["policy"] for r in nested] == ["fixed:1", "fixed:4", "cascade", "learned"]
     assert nested[2]["levels"] == [1, 4]
     assert (tmp_path / "dynamic_queries" / "count_nested_q2-4_2").is_dir()  # trained on --levels
+
+
+def test_decomposition(data, tmp_path):
+    out = run("decomposition", "--out", str(tmp_path), "--data", str(data), "--gallery", "8", "--steps", "2",
+              "--dual-steps", "2", "--seeds", "0", "1", "--arms", "none", "videos", "--rerank-k", "2", "8",
+              "--index-sizes", "600", "--dim", "8", "--queries", "20", "--ef-search", "8", "64", "--nprobe", "2",
+              "--quiet")
+    res = reports(tmp_path, "decomposition")
+    rows = {r["method"]: r for r in res["models"]["rows"]}
+    cross = rows["cross-encoder, all pairs"]
+    assert cross["speedup"] == 1.0 and 0 <= cross["mean_recall"] <= 1
+    for name in ("decomposed, not fine-tuned", "dual encoder, hard negatives: none",
+                 "dual encoder, hard negatives: videos"):
+        assert rows[name]["gflops_total"] < cross["gflops_total"]
+        assert math.isclose(rows[name]["speedup"], cross["seconds"] / rows[name]["seconds"])
+    assert rows["dual encoder, hard negatives: none"]["runs"] == 2
+    best = res["models"]["best_arm"]
+    whole = rows[f"dual ({best}) top-8, re-ranked by the cross-encoder"]  # k = the gallery: the cross-encoder's ranks
+    assert whole["mean_recall"] == cross["mean_recall"] and whole["diff_vs_cross"] == 0
+    (ablation,) = res["models"]["ablation"]
+    assert ablation["arm"] == "videos" and -1 <= ablation["t2v_r1_diff"] <= 1 and ablation["v2t_r1_ci"] >= 0
+    index = res["index"]
+    assert [(r["kind"], r["knob"]) for r in index] == [("exact", ""), ("hnsw", "ef_search=8"),
+                                                       ("hnsw", "ef_search=64"), ("ivfpq", "nprobe=2")]
+    assert index[0]["recall_at_10"] == 1.0 and all(0 < r["recall_at_10"] <= 1 for r in index)
+    assert index[2]["recall_at_10"] >= index[1]["recall_at_10"]
+    assert out["command"].startswith("python benchmarks/decomposition.py")

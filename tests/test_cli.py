@@ -210,7 +210,7 @@ def test_help_gives_every_option_a_line_and_its_default():
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
-            name = "/".join(path) + " " + action.option_strings[-1]
+            name = "/".join(path) + " " + (action.option_strings[-1] if action.option_strings else action.dest)
             seen.add(name)
             assert action.help, f"{name}: no help line"
             if action.default not in (None, False):

@@ -17,6 +17,7 @@ at load: it could only produce NaN scores.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -227,3 +228,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     done = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
     return done[-1] if done else None
+
+
+def weights_checksum(module: nn.Module) -> str:
+    """sha256 (hex) of ``module.state_dict()``: every key name, dtype, shape
+    and raw tensor bytes, in sorted key order. Equal for equal weights on any
+    device, different as soon as one value changes."""
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        # Viewed as bytes so that dtypes numpy lacks (bfloat16) hash as they are.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,4 +1,5 @@
-"""The ``slimvl`` command: ``data make``, ``data qa``, ``train``, ``eval``, ``bench``, ``demo``.
+"""The ``slimvl`` command: ``data make``, ``data qa``, ``train``, ``eval``, ``index build``, ``search``,
+``bench``, ``demo``.
 
 Run ``slimvl COMMAND --help`` for each command's options.
 """
@@ -149,13 +150,18 @@ def cmd_train(a: argparse.Namespace) -> None:
     spec = yaml.safe_load(Path(a.config).read_text()) if a.config else {}
     model_name = a.model or spec.get("model", "perceiver_vl_tiny")
     overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
-    init = resolve_checkpoint(a.init_from) if a.init_from else None
+    if a.decompose and (a.init_from or a.model or a.task != "retrieval"):
+        raise ValueError("--decompose starts from a cross-encoder checkpoint and trains retrieval: it takes no "
+                         "--init-from or --model, and --task retrieval only")
+    init = resolve_checkpoint(a.init_from or a.decompose) if a.init_from or a.decompose else None
     qa = TASKS[a.task].qa_tokenizer
     if init is not None:  # token ids must mean what they meant to the weights being loaded
         tok = checkpoint_tokenizer(init, read_meta(init)["config"]["vocab_size"], a.data, a.vocab, qa=qa)
     else:
         tok = load_tokenizer(a.data, a.vocab, qa=qa)
     entry, source = _task(a, tok)
+    if a.decompose:
+        return _train_decomposed(a, init, overrides, entry, source)
     needs = entry.model_overrides(source)
     fields = get_config(model_name).to_dict()
     missing = sorted(set(needs) - set(fields))
@@ -180,6 +186,27 @@ def cmd_train(a: argparse.Namespace) -> None:
                           "already_finished": result.already_finished}))
 
 
+def _train_decomposed(a: argparse.Namespace, ckpt: Path, overrides: dict, entry, source) -> None:
+    """``train --decompose RUN``: the cross-encoder's weights as a dual encoder, fine-tuned contrastively."""
+    import torch
+
+    from .checkpoint import load_model
+    from .models import decompose
+    from .train import train
+
+    cfg = _train_config(a)
+    torch.manual_seed(cfg.seed)
+    model = decompose(load_model(ckpt), **overrides)
+    data = entry.load(source, "train", model.config)
+    val = entry.validation(entry.load(source, a.val_split, model.config)) if cfg.eval_every else None
+    result = train(model, entry.build(source, data, model.config), cfg, run_dir=a.out, resume=a.resume,
+                   progress=not a.quiet, val_data=val)
+    print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1), "decomposed": str(ckpt),
+                      "final_loss": result.history[-1]["loss"] if result.history else None,
+                      "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint,
+                      "already_finished": result.already_finished}))
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from .checkpoint import load_model, read_meta, resolve_checkpoint
     from .evaluate import NonFiniteScores
@@ -199,9 +226,15 @@ def cmd_eval(a: argparse.Namespace) -> None:
     # checkpoint); the data's answers outside them count as wrong.
     entry, source = _task(a, tok, read_meta(ckpt).get("answers"))
     queries = _queries(a, entry, model)
+    rerank = _rerank(a, model)
     data = entry.load(source, a.split, model.config)
     try:
-        if queries is None:
+        if rerank is not None:
+            from .tasks.retrieval.rerank import evaluate_reranked
+
+            k, cross = rerank
+            metrics = evaluate_reranked(model, data, k, cross, a.batch_size, device, not a.quiet)
+        elif queries is None:
             metrics = entry.evaluate(model, data, source, device, a.batch_size, not a.quiet)
         else:
             calibration = lambda: entry.load(source, a.calib_split, model.config)  # noqa: E731
@@ -212,6 +245,29 @@ def cmd_eval(a: argparse.Namespace) -> None:
                       "cross_attn_keep": getattr(model.config, "cross_attn_keep", None),
                       "active_latents": getattr(model.config, "active_latents", None), "device": str(device),
                       **metrics}, indent=2))
+
+
+def _rerank(a: argparse.Namespace, model):
+    """``--retrieval rerank:K`` (and ``--cross-encoder``) as ``(K, cross-encoder or None)``; None for ``all``,
+    checked before any data is read."""
+    from .checkpoint import load_model, resolve_checkpoint
+    from .tasks.retrieval.rerank import parse_retrieval, reranker_of
+
+    k = parse_retrieval(a.retrieval)
+    if k is None:
+        if a.cross_encoder:
+            raise ValueError("--cross-encoder: only with --retrieval rerank:K")
+        return None
+    if a.task != "retrieval" or a.queries is not None:
+        raise ValueError("--retrieval rerank:K: retrieval only (--task retrieval, no --queries)")
+    if model.config.model_type != "dual_encoder":
+        raise ValueError(f"--retrieval rerank:K re-ranks a dual encoder's candidates (train one with "
+                         f"`slimvl train --decompose RUN`); {a.checkpoint} holds a {model.config.model_type}")
+    cross = load_model(resolve_checkpoint(a.cross_encoder)) if a.cross_encoder else None
+    if cross is not None and cross.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"--cross-encoder {a.cross_encoder}: its vocabulary ({cross.config.vocab_size}) is not the "
+                         f"dual encoder's ({model.config.vocab_size}); give the cross-encoder it was decomposed from")
+    return k, reranker_of(model, cross)
 
 
 def _queries(a: argparse.Namespace, entry, model) -> dict | None:
@@ -360,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-vit", help="HF ViT/CLIP-vision folder or safetensors file: latent self-attention "
                                        "layers (see slimvl.models.pretrained)")
     tr.add_argument("--init-bert", help="HF BERT folder or safetensors file: text embeddings")
+    tr.add_argument("--decompose", metavar="RUN", help="a cross-encoder checkpoint (single_stream or "
+                    "single-stream perceiver_vl) whose weights become a dual encoder, fine-tuned contrastively "
+                    "(--set temperature=0.05 learn_temperature=false per_direction=true; hard negatives: "
+                    "--train-set hard_negatives=both)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="retrieval Recall@K (or QA / MLM accuracy) of a checkpoint", **fmt)
@@ -390,7 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "upper end of the drop's 95%% interval on --calib-split to it, not its mean (safer on new inputs)")
     ev.add_argument("--confidence", choices=["max_softmax", "margin"],
                     help="--queries cascade: how sure a prediction is (default: max_softmax)")
+    ev.add_argument("--retrieval", default="all", metavar="HOW", help="retrieval: 'all' (the model scores every "
+                    "pair, from cached encodings when it can) or 'rerank:K' (a dual encoder's top K per query "
+                    "re-scored by the cross-encoder)")
+    ev.add_argument("--cross-encoder", metavar="RUN", help="--retrieval rerank:K: the cross-encoder checkpoint "
+                    "(default: the dual encoder's own backbone, while its weights are unchanged)")
     ev.set_defaults(func=cmd_eval)
+
+    from .cli_index import add_parsers
+
+    add_parsers(sub, data_args, fmt)
 
     be = sub.add_parser("bench", help="GFLOPs, latency and memory per scored pair", **fmt)
     be.add_argument("--model", nargs="+", default=["single_stream_tiny", "perceiver_vl_tiny"],
@@ -422,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     from .train import TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports each CPU build it tries
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:

@@ -66,6 +66,13 @@ class TrainConfig:
     more groups than VTM scores: unimodal passes are cheaper than pairs, and
     on the synthetic world a larger contrastive pool was the biggest gain
     (the demo: units of 8 groups, VTM on 4; see BENCHMARKS.md).
+
+    ``hard_negatives`` adds VLDeformer's bi-modal hard negatives to the
+    contrastive term's denominators (``tasks.retrieval.hard_negatives``):
+    ``"captions"`` (each caption with ``swap_fraction`` of its colour, shape,
+    size and motion words swapped, at least one), ``"videos"`` (each video
+    with half of it from another group's, ``compose="space"``: a spatial
+    half of every frame, ``"time"``: the later frames), or ``"both"``.
     """
 
     steps: int = 500
@@ -81,6 +88,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     itc_weight: float = 1.0
+    hard_negatives: str = "none"  # "none", "captions", "videos" or "both"
+    swap_fraction: float = 0.3
+    compose: str = "space"
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -112,6 +122,19 @@ class TrainConfig:
         if self.negatives_per_item < 0 or (self.negatives_per_item and self.groups_per_unit < 2):
             raise ValueError(f"TrainConfig.negatives_per_item={self.negatives_per_item}: must be >= 0, and 0 "
                              f"when a unit has a single group (groups_per_unit=1)")
+        if self.hard_negatives not in ("none", "captions", "videos", "both"):
+            raise ValueError(f"TrainConfig.hard_negatives={self.hard_negatives!r}: must be 'none', 'captions', "
+                             "'videos' or 'both'")
+        if self.hard_negatives != "none" and not self.itc_weight:
+            raise ValueError(f"TrainConfig.hard_negatives={self.hard_negatives!r}: hard negatives join the "
+                             "contrastive term, which itc_weight=0 turns off")
+        if self.hard_negatives in ("videos", "both") and self.groups_per_unit < 2:
+            raise ValueError(f"TrainConfig.hard_negatives={self.hard_negatives!r}: a composed video mixes two "
+                             f"groups of a unit; groups_per_unit={self.groups_per_unit} must be >= 2")
+        if not 0 < self.swap_fraction <= 1:
+            raise ValueError(f"TrainConfig.swap_fraction={self.swap_fraction}: must be in (0, 1]")
+        if self.compose not in ("space", "time"):
+            raise ValueError(f"TrainConfig.compose={self.compose!r}: must be 'space' or 'time'")
         if self.batch_size < 1:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size}: must be >= 1")
         if self.steps <= 0:

@@ -1,7 +1,9 @@
-"""Models: Perceiver-VL, the single-stream baseline, the Perceiver classifier, and the registry
+"""Models: Perceiver-VL, the single-stream baseline, the Perceiver classifier, decomposed dual
+encoders (``decompose``), and the registry
 (``register_model``) that ``create_model`` and checkpoints read."""
 from .base import VLModel, VLOutput
 from .config import PerceiverVLConfig, SingleStreamConfig, VLConfig
+from .dual import DualEncoder, DualEncoderConfig, decompose
 from .perceiver_cls import PerceiverClassifier, PerceiverClassifierConfig
 from .perceiver_vl import PerceiverVL
 from .registry import build_model, config_from_dict, create_model, get_config, list_models, register_model
@@ -9,4 +11,5 @@ from .single_stream import SingleStream
 
 __all__ = ["VLModel", "VLOutput", "VLConfig", "PerceiverVLConfig", "SingleStreamConfig", "config_from_dict",
            "PerceiverVL", "PerceiverClassifier", "PerceiverClassifierConfig", "SingleStream", "build_model",
-           "create_model", "get_config", "list_models", "register_model"]
+           "create_model", "get_config", "list_models", "register_model", "DualEncoder", "DualEncoderConfig",
+           "decompose"]

@@ -35,14 +35,26 @@ class SingleStream(VLModel):
         self.proj = nn.Linear(c.dim, c.embed_dim)
         self.qa_head = AnswerHead(c.dim, c.num_answers) if c.num_answers else None
 
-    def encode_cls(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Full self-attention over ``[CLS; x]``; returns the final [CLS] ``[B, D]``."""
+    def run_blocks(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Full self-attention over ``[CLS; x]`` (``x [B, M, D]``, ``mask
+        [B, M]``): the final, un-normalised tokens ``[B, 1 + M, D]`` and their
+        mask (the [CLS] is always real)."""
         b = x.shape[0]
         x = torch.cat([repeat(self.cls, "n d -> b n d", b=b), x], 1)
         mask = torch.cat([mask.new_ones(b, 1), mask], 1)
         for blk in self.blocks:
             x = blk(x, key_padding_mask=mask)
-        return self.norm(x[:, 0])
+        return x, mask
+
+    def encode_cls(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Full self-attention over ``[CLS; x]``; returns the final [CLS] ``[B, D]``."""
+        return self.norm(self.run_blocks(x, mask)[0][:, 0])
+
+    def encode_tokens(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Every final token ``[B, 1 + M, D]`` (normalised, [CLS] first) and
+        its mask: what a decomposed encoder pools (``slimvl.decompose``)."""
+        x, mask = self.run_blocks(x, mask)
+        return self.norm(x), mask
 
     def forward(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
                 text_mask: Tensor | None = None) -> VLOutput:
@@ -68,8 +80,12 @@ class SingleStream(VLModel):
     def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
         return self.proj(self.encode_cls(inputs, mask))
 
+    def encoder_flops(self, m: int) -> int:
+        """FLOPs of the ``depth`` layers over ``[CLS; m input tokens]``."""
+        c = self.config
+        return c.depth * block_flops(m + 1, m + 1, c.dim, c.mlp_ratio, cross=False)
+
     def analytic_flops(self, frames: int, text_len: int) -> int:
         c = self.config
-        m = 1 + self.patch_embed.num_tokens(frames) + text_len
-        f = self.embed_flops(frames) + c.depth * block_flops(m, m, c.dim, c.mlp_ratio, cross=False)
+        f = self.embed_flops(frames) + self.encoder_flops(self.patch_embed.num_tokens(frames) + text_len)
         return f + linear_flops(1, c.dim, 1) + linear_flops(1, c.dim, c.embed_dim)

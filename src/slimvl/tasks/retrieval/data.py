@@ -10,6 +10,7 @@ import torch
 
 from ...runtime import to_float_video
 from ..base import InputsBatch, log_fitting, used_width
+from .hard_negatives import compose_videos, partners, swap_table
 from .losses import gumbel_noise, random_negatives
 
 if TYPE_CHECKING:
@@ -110,25 +111,33 @@ class UnitBatch(InputsBatch):
     other-group negatives are drawn from the step's seed, so a resumed or
     data-parallel run draws the same ones: ``negatives`` ``[U, P, E]``
     (``"shared"``) or ``noise`` ``[U, 2, P, P]`` (Gumbel noise that draws
-    random or similarity-mined negatives).
+    random or similarity-mined negatives). ``hard`` holds the bi-modal hard
+    negatives of each row (``TrainConfig.hard_negatives``): ``text`` /
+    ``text_mask`` / ``text_valid`` (``[U*P]``, False where a caption had no
+    word to swap) and ``video``, those that were asked for.
     """
 
     inputs: dict[str, torch.Tensor]
     units: int
     negatives: torch.Tensor | None = None
     noise: torch.Tensor | None = None
+    hard: dict[str, torch.Tensor] | None = None
 
 
 def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
-               negatives: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> UnitBatch:
+               negatives: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+               hard: dict[str, torch.Tensor] | None = None) -> UnitBatch:
     """Gather the tensors of the given units (caption indices ``[U, P]``)."""
     caps = torch.as_tensor(captions).flatten()
     width = used_width(data.caption_mask[caps])
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    if hard is not None and "text" in hard:
+        hard = {**hard, "text": hard["text"][:, :width], "text_mask": hard["text_mask"][:, :width]}
     inputs = {"video": to_float_video(data.videos[data.caption_item[caps]]).to(device),
               "text": data.caption_ids[caps, :width].to(device),
               "text_mask": data.caption_mask[caps, :width].to(device)}
-    return UnitBatch(inputs, len(captions), move(negatives), move(noise))
+    return UnitBatch(inputs, len(captions), move(negatives), move(noise),
+                     None if hard is None else {k: v.to(device) for k, v in hard.items()})
 
 
 def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, world: int,
@@ -143,6 +152,39 @@ def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, wo
         negatives = random_negatives(rng, n_units, cfg.groups_per_unit, data.group_size, e)[rank::world]
     else:
         noise = gumbel_noise(rng, (n_units, 2, p, p))[rank::world]
-    return unit_batch(data, captions[rank::world], device, negatives, noise)
+    hard = None if cfg.hard_negatives == "none" else hard_negative_batch(data, cfg, step, captions)
+    mine = captions[rank::world]
+    if hard is not None:  # drawn for the global batch, then this rank's units taken: the same draws at any world size
+        rows = torch.as_tensor(np.arange(captions.size).reshape(captions.shape)[rank::world]).flatten()
+        hard = {k: v[rows] for k, v in hard.items()}
+    return unit_batch(data, mine, device, negatives, noise, hard)
+
+
+def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int,
+                        captions: np.ndarray) -> dict[str, torch.Tensor]:
+    """The hard negatives of every row of step ``step``'s units (caption
+    indices ``[U, P]``), drawn from ``(seed, step)``: swapped captions
+    (``text``, ``text_mask``, ``text_valid``) and composed videos
+    (``video``, float), as ``cfg.hard_negatives`` asks."""
+    rng = np.random.default_rng([cfg.seed, step, 2])
+    caps = torch.as_tensor(captions).flatten()
+    out: dict[str, torch.Tensor] = {}
+    if cfg.hard_negatives in ("captions", "both"):
+        if data.tokenizer is None:
+            raise ValueError("TrainConfig.hard_negatives: negative captions swap words, which needs the data's "
+                             "tokenizer (RetrievalData.tokenizer is None)")
+        table = swap_table(data.tokenizer)
+        if not table.size:
+            raise ValueError("TrainConfig.hard_negatives: the tokenizer has none of the world's colour, shape, size "
+                             "or motion words as single tokens, so no caption can be swapped; use 'videos'")
+        mask = data.caption_mask[caps]
+        ids, valid = table.swap(data.caption_ids[caps], mask, rng, cfg.swap_fraction)
+        out.update(text=ids, text_mask=mask, text_valid=valid)
+    if cfg.hard_negatives in ("videos", "both"):
+        u, p = captions.shape
+        other = partners(rng, u, cfg.groups_per_unit, data.group_size) + (np.arange(u) * p)[:, None]
+        videos = data.videos[data.caption_item[caps]]
+        out["video"] = to_float_video(compose_videos(videos, torch.as_tensor(other.flatten()), rng, cfg.compose))
+    return out
 
 

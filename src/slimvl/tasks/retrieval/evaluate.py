@@ -41,21 +41,31 @@ def score_matrix(model: torch.nn.Module, data: RetrievalData, batch_size: int = 
         return _cached_score_matrix(model, data, batch_size, dev, amp, progress, timings)
     t0 = time.perf_counter()
     n_caps, n_items = len(data.caption_item), data.videos.shape[0]
-    total = n_caps * n_items
-    scores = torch.empty(total)
-    bar = tqdm(total=total, disable=not progress, desc=f"score {model.config.model_type}", unit="pair",
-               dynamic_ncols=True)
-    for idx in row_batches(total, batch_size):
-        caps, items = idx // n_items, idx % n_items
-        video = to_float_video(data.videos[items]).to(dev)
-        with autocast_for(dev, amp):
-            out = model(video, data.caption_ids[caps].to(dev), data.caption_mask[caps].to(dev))
-        scores[idx] = out.logits.float().cpu()
-        bar.update(len(idx))
-    bar.close()
+    pairs = torch.arange(n_caps * n_items)
+    scores = pair_scores(model, data, pairs // n_items, pairs % n_items, batch_size, dev, amp, progress)
     if timings is not None:
         timings.update(encode_seconds=0.0, score_seconds=time.perf_counter() - t0)
     return scores.view(n_caps, n_items)
+
+
+@torch.inference_mode()
+def pair_scores(model: torch.nn.Module, data: RetrievalData, captions: torch.Tensor, items: torch.Tensor,
+                batch_size: int, device: torch.device, amp: str = "auto", progress: bool = True) -> torch.Tensor:
+    """Logits ``[P]`` (float32, CPU) of the pairs (caption ``captions[p]``,
+    item ``items[p]``), each through the whole model, ``batch_size`` at a
+    time (the model already on ``device``, in eval mode)."""
+    scores = torch.empty(len(captions))
+    bar = tqdm(total=len(captions), disable=not progress, desc=f"score {model.config.model_type}", unit="pair",
+               dynamic_ncols=True)
+    for idx in row_batches(len(captions), batch_size):
+        caps, its = captions[idx], items[idx]
+        video = to_float_video(data.videos[its]).to(device)
+        with autocast_for(device, amp):
+            out = model(video, data.caption_ids[caps].to(device), data.caption_mask[caps].to(device))
+        scores[idx] = out.logits.float().cpu()
+        bar.update(len(idx))
+    bar.close()
+    return scores
 
 
 def _cached_score_matrix(model, data: RetrievalData, batch_size: int, dev: torch.device, amp: str,

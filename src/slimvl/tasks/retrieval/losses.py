@@ -159,11 +159,34 @@ def similarity_logits(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) 
     return logit_scale.exp().clamp(max=100) * torch.einsum("une,ume->unm", t, v)
 
 
-def contrastive_loss(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+def contrastive_loss(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, hard_video: Tensor | None = None,
+                     hard_text: Tensor | None = None, hard_text_valid: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE between matched rows of ``[U, n, E]`` embeddings,
     computed within each of the ``U`` groups of ``n`` (units), so that a
-    data-parallel run splits it exactly across processes."""
-    logits = similarity_logits(video_emb, text_emb, logit_scale)
-    target = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[0], -1)
-    return 0.5 * (F.cross_entropy(logits.flatten(0, 1), target.flatten())
-                  + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.flatten()))
+    data-parallel run splits it exactly across processes.
+
+    ``logit_scale``: the log inverse temperature, one (``[]``) or one per
+    direction (``[2]``: text->video, video->text). ``hard_video`` /
+    ``hard_text`` ``[U, n, E]``: hard negatives (``hard_negatives``), every
+    one of the unit's added to the denominators of the other modality's
+    queries (text->video, video->text); ``hard_text_valid [U, n]`` leaves out
+    captions that could not be made into negatives.
+    """
+    if logit_scale.dim() == 0 and hard_video is None and hard_text is None:
+        logits = similarity_logits(video_emb, text_emb, logit_scale)
+        target = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[0], -1)
+        return 0.5 * (F.cross_entropy(logits.flatten(0, 1), target.flatten())
+                      + F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), target.flatten()))
+    scale = logit_scale.exp().clamp(max=100).expand(2)
+    v, t = F.normalize(video_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    sim = torch.einsum("une,ume->unm", t, v)  # [U, text, video]
+    t2v, v2t = scale[0] * sim, scale[1] * sim.transpose(1, 2)
+    if hard_video is not None:
+        t2v = torch.cat([t2v, scale[0] * torch.einsum("une,ume->unm", t, F.normalize(hard_video, dim=-1))], -1)
+    if hard_text is not None:
+        extra = scale[1] * torch.einsum("une,ume->unm", v, F.normalize(hard_text, dim=-1))
+        if hard_text_valid is not None:
+            extra = extra.masked_fill(~hard_text_valid[:, None, :], float("-inf"))
+        v2t = torch.cat([v2t, extra], -1)
+    target = torch.arange(sim.shape[-1], device=sim.device).expand(sim.shape[0], -1).flatten()
+    return 0.5 * (F.cross_entropy(t2v.flatten(0, 1), target) + F.cross_entropy(v2t.flatten(0, 1), target))

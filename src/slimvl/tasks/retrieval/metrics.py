@@ -24,6 +24,20 @@ def t2v_ranks(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray) ->
     return (s >= pos[:, None]).sum(1)
 
 
+def v2t_ranks(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray) -> Tensor:
+    """1-based rank of each item's best-scored own caption among the
+    captions of *other* items (its other captions do not push it down):
+    ``[n_items with a caption]``, in item order. Ties count against it."""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    cap_item = torch.as_tensor(caption_item, dtype=torch.long)
+    n_caps, n_items = s.shape
+    pos = s[torch.arange(n_caps), cap_item]
+    best = torch.full((n_items,), float("-inf"), dtype=s.dtype).scatter_reduce(0, cap_item, pos, "amax")
+    others = cap_item[:, None] != torch.arange(n_items)[None, :]
+    rank = 1 + ((s >= best[None, :]) & others).sum(0)
+    return rank[torch.bincount(cap_item, minlength=n_items) > 0]
+
+
 def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarray,
                    ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Recall@K and median rank in both directions from a score matrix.
@@ -49,15 +63,8 @@ def recall_metrics(scores: Tensor | np.ndarray, caption_item: Tensor | np.ndarra
     n_caps, n_items = s.shape
     if cap_item.shape != (n_caps,):
         raise ValueError(f"caption_item: expected shape [{n_caps}], got {tuple(cap_item.shape)}")
-    pos = s[torch.arange(n_caps), cap_item]
     t2v_rank = t2v_ranks(s, cap_item)
-    # Video -> text: an item's best-scored own caption, ranked among the
-    # captions of *other* items (its other captions do not push it down).
-    best = torch.full((n_items,), float("-inf"), dtype=s.dtype).scatter_reduce(0, cap_item, pos, "amax")
-    others = cap_item[:, None] != torch.arange(n_items)[None, :]
-    v2t_rank = 1 + ((s >= best[None, :]) & others).sum(0)
-    has_caption = torch.bincount(cap_item, minlength=n_items) > 0
-    v2t_rank = v2t_rank[has_caption]
+    v2t_rank = v2t_ranks(s, cap_item)
     out: dict[str, float] = {}
     for k in ks:
         out[f"t2v_r{k}"] = (t2v_rank <= k).double().mean().item()

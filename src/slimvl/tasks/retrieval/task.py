@@ -58,6 +58,19 @@ class RetrievalObjective(torch.nn.Module):
         v, t, reuse = self.model.encode_unimodal(b.inputs)
         return v.float().view(b.units, -1, e), t.float().view(b.units, -1, e), reuse
 
+    def _hard(self, b: UnitBatch) -> dict[str, torch.Tensor]:
+        """The unit-shaped embeddings ``[U, P, E]`` of the batch's hard
+        negatives, as ``contrastive_loss`` keywords (none: empty)."""
+        if b.hard is None:
+            return {}
+        out, shape = {}, (b.units, -1, self.model.config.embed_dim)
+        if "video" in b.hard:
+            out["hard_video"] = self.model.embed_video(b.hard["video"]).float().view(shape)
+        if "text" in b.hard:
+            out["hard_text"] = self.model.embed_text(b.hard["text"], b.hard["text_mask"]).float().view(shape)
+            out["hard_text_valid"] = b.hard["text_valid"].view(b.units, -1)
+        return out
+
     def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
         u, p = b.units, b.size // b.units
         parts: dict[str, float] = {}
@@ -65,7 +78,7 @@ class RetrievalObjective(torch.nn.Module):
         if self.itc_weight or self.model.pairs_reuse_encodings:
             v, t, reuse = self._unimodal(b)
         if self.itc_weight:
-            itc = contrastive_loss(v, t, self.model.logit_scale)
+            itc = contrastive_loss(v, t, self.model.logit_scale, **self._hard(b))
             parts["itc"] = itc.item()
         if not self.model.has_pair_scorer:
             return itc, parts
