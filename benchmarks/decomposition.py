@@ -33,7 +33,7 @@ from matplotlib.ticker import NullFormatter
 from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import markdown_table, show, write_report
 from slimvl.bench.stats import paired_difference
-from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
+from slimvl.checkpoint import latest_checkpoint, load_model, read_meta, weights_checksum
 from slimvl.experiments import (counted_retrieval_flops, experiment_parser, gallery_dataset, retrieval_gflops,
                                 retrieval_splits, subset, train_or_load)
 from slimvl.index import IndexParams, VectorIndex
@@ -103,18 +103,24 @@ def fine_tune(cross, data, arm: str, seed: int, steps: int, run_dir: Path, progr
 
 def cross_scores(cross, test, path: Path, progress: bool) -> tuple[torch.Tensor, float]:
     """The cross-encoder's all-pairs score matrix and its measured seconds,
-    kept at ``path`` (safetensors) so that a rerun does not pay it again."""
+    kept at ``path`` (safetensors) so that a rerun does not pay it again;
+    reused only for the same weights and data (checksum and fingerprint)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    key = {"checksum": weights_checksum(cross), "data": str(test.fingerprint)}
     if path.is_file():
-        saved = load_file(str(path))
-        return saved["scores"], float(saved["seconds"])
+        with safe_open(str(path), "pt") as f:
+            same = f.metadata() == key
+        if same:
+            saved = load_file(str(path))
+            return saved["scores"], float(saved["seconds"])
     t0 = time.perf_counter()
     scores = score_matrix(cross, test, progress=progress)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"scores": scores.contiguous(), "seconds": torch.tensor(seconds)}, str(tmp))
+    save_file({"scores": scores.contiguous(), "seconds": torch.tensor(seconds)}, str(tmp), metadata=key)
     tmp.replace(path)
     return scores, seconds
 

@@ -158,14 +158,17 @@ def test_composed_videos_mix_the_positive_and_another_group():
     assert ((other // 2) != (np.arange(8) // 2)[None]).all()  # always another group
     videos = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1, 1).expand(4, 4, 3, 2, 4).clone()
     partner = torch.tensor([1, 2, 3, 0])
-    space = compose_videos(videos, partner, np.random.default_rng(1), "space")
+    right = torch.tensor([True, False, True, False])
+    space = compose_videos(videos, videos[partner], right, "space")
     for b in range(4):
-        halves = {space[b, ..., :2].unique().item(), space[b, ..., 2:].unique().item()}
-        assert halves == {float(b), float(partner[b])}
-    time_ = compose_videos(videos, partner, rng, "time")
+        kept, replaced = (space[b, ..., :2], space[b, ..., 2:]) if right[b] else (space[b, ..., 2:], space[b, ..., :2])
+        assert (kept == b).all() and (replaced == partner[b]).all()
+    time_ = compose_videos(videos, videos[partner], right, "time")
     assert (time_[:, :2] == videos[:, :2]).all() and (time_[:, 2:] == videos[partner, 2:]).all()
     with pytest.raises(ValueError, match="groups_per_unit >= 2"):
         partners(rng, 1, 1, 4)
+    with pytest.raises(ValueError, match="1 frame"):  # images: no later half to take
+        compose_videos(videos[:, :1], videos[partner, :1], right, "time")
 
 
 def test_contrastive_loss_with_hard_negatives_is_infonce_over_both_pools():
@@ -176,10 +179,11 @@ def test_contrastive_loss_with_hard_negatives_is_infonce_over_both_pools():
     got = contrastive_loss(v, t, scale, hv, ht, valid)
     n = lambda x: F.normalize(x, dim=-1)  # noqa: E731
     want = 0.0
-    for u in range(2):
+    for u in range(2):  # each query meets its own row's hard negative, not the other rows'
         for i in range(4):
-            t2v = 10 * torch.cat([n(t[u, i]) @ n(v[u]).T, n(t[u, i]) @ n(hv[u]).T])
-            v2t = 20 * torch.cat([n(v[u, i]) @ n(t[u]).T, (n(v[u, i]) @ n(ht[u]).T)[valid[u]]])
+            t2v = 10 * torch.cat([n(t[u, i]) @ n(v[u]).T, (n(t[u, i]) @ n(hv[u, i]))[None]])
+            own = (n(v[u, i]) @ n(ht[u, i]))[None] if valid[u, i] else torch.empty(0)
+            v2t = 20 * torch.cat([n(v[u, i]) @ n(t[u]).T, own])
             want += -t2v.log_softmax(0)[i] - v2t.log_softmax(0)[i]
     torch.testing.assert_close(got, want / 16)
     # With one temperature and no hard negatives it is the plain symmetric loss.

@@ -71,6 +71,15 @@ def test_ivfpq_knobs_change_results(corpus):
     assert index.memory_bytes() < x.nbytes / 2
 
 
+def test_ivfpq_says_what_it_did_not_find():
+    x = clustered(2000)
+    index = VectorIndex.build(x, IndexParams(kind="ivfpq", nlist=40, nprobe=1))
+    scores, rows = index.search(x[:5], 200)  # one list of ~50 items cannot give 200
+    missing = rows < 0
+    assert missing.any() and (~missing).any()
+    assert np.isneginf(scores[missing]).all() and np.isfinite(scores[~missing]).all()
+
+
 def test_search_and_build_errors():
     index = VectorIndex.build(clustered(20), IndexParams())
     q = clustered(3)

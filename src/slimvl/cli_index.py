@@ -23,7 +23,11 @@ def _encoder(checkpoint: str):
 
     ckpt = resolve_checkpoint(checkpoint)
     model = load_model(ckpt)
-    if not getattr(model, "cacheable", False) or not hasattr(model, "encode_text"):
+    if not hasattr(model, "encode_text") or not hasattr(model, "encode_video"):
+        if getattr(model, "cacheable", False):
+            raise ValueError(f"{ckpt}: a {model.config.model_type} caches its own encodings but cannot index a "
+                             "gallery yet; indexes are built with a dual encoder (`slimvl train --decompose RUN` "
+                             "from a single-stream model)")
         raise ValueError(f"{ckpt}: a {model.config.model_type} scores pairs jointly and cannot index a gallery; "
                          "decompose it into a dual encoder first (`slimvl train --decompose RUN`)")
     return ckpt, model, checkpoint_tokenizer(ckpt, model.config.vocab_size)
@@ -90,6 +94,7 @@ def cmd_search(a: argparse.Namespace) -> None:
     import torch
 
     from .data.media import MediaError, decode_video, read_image
+    from .data.readers import IMAGE_EXTS
     from .index import GalleryIndex, weights_checksum
     from .index.gallery import read_meta
     from .runtime import to_float_video
@@ -125,7 +130,7 @@ def cmd_search(a: argparse.Namespace) -> None:
             if not path.is_file():
                 raise ValueError(f"--video {path}: no such file")
             try:
-                arr = read_image(path, size)[None] if path.suffix.lower() in (".png", ".jpg", ".jpeg") \
+                arr = read_image(path, size)[None] if path.suffix.lower() in IMAGE_EXTS \
                     else decode_video(path, encoder.get("frames", 4), size)[0]
             except MediaError as e:
                 raise ValueError(f"--video {path}: unreadable ({e})") from None
@@ -137,6 +142,11 @@ def cmd_search(a: argparse.Namespace) -> None:
             rows = [{"rank": r + 1, "score": round(float(s), 4), "caption": index.captions_text[i],
                      "video": index.items[index.caption_item[i]]}
                     for r, (s, i) in enumerate(zip(hits.scores[0], hits.rows[0]))]
+    found = [r for r, i in zip(rows, hits.rows[0]) if i >= 0]
+    if len(found) < len(rows):  # an IVF-PQ search visits only --nprobe lists
+        log.warning("found %d of the %d results asked for: the probed lists hold no more (raise --nprobe)",
+                    len(found), len(rows))
+    rows = found
     if a.json:
         print(json.dumps(rows, indent=2))
         return

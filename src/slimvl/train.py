@@ -68,7 +68,8 @@ class TrainConfig:
     (the demo: units of 8 groups, VTM on 4; see BENCHMARKS.md).
 
     ``hard_negatives`` adds VLDeformer's bi-modal hard negatives to the
-    contrastive term's denominators (``tasks.retrieval.hard_negatives``):
+    contrastive term, each to the denominator of its own row's query of the
+    other modality (``tasks.retrieval.hard_negatives``):
     ``"captions"`` (each caption with ``swap_fraction`` of its colour, shape,
     size and motion words swapped, at least one), ``"videos"`` (each video
     with half of it from another group's, ``compose="space"``: a spatial

@@ -210,7 +210,9 @@ class VectorIndex:
         """The ``k`` best rows for each query [q, d].
 
         Returns ``(scores, rows)``: float32 [q, k] cosine similarities,
-        best first, and int64 [q, k] row numbers.
+        best first, and int64 [q, k] row numbers. An IVF-PQ search whose
+        probed lists hold fewer than ``k`` items finds fewer: the missing
+        places are row ``-1`` with score ``-inf`` (raise ``nprobe``).
         """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise VectorIndexError(f"k must be a positive integer, got {k!r}")
@@ -219,7 +221,9 @@ class VectorIndex:
             raise VectorIndexError(f"k={k} is larger than the index, which holds only {self.ntotal} items")
         q = as_float32(queries, "queries", dim=self.dim)
         scores, rows = self._search_index.search(q, k)
-        return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+        scores, rows = scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+        scores[rows < 0] = -np.inf  # faiss marks "not found" with -FLT_MAX: say it plainly
+        return scores, rows
 
     def to_bytes(self) -> bytes:
         """The (CPU) index serialised by faiss."""

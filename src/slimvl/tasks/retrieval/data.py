@@ -152,22 +152,27 @@ def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, wo
         negatives = random_negatives(rng, n_units, cfg.groups_per_unit, data.group_size, e)[rank::world]
     else:
         noise = gumbel_noise(rng, (n_units, 2, p, p))[rank::world]
-    hard = None if cfg.hard_negatives == "none" else hard_negative_batch(data, cfg, step, captions)
-    mine = captions[rank::world]
-    if hard is not None:  # drawn for the global batch, then this rank's units taken: the same draws at any world size
-        rows = torch.as_tensor(np.arange(captions.size).reshape(captions.shape)[rank::world]).flatten()
-        hard = {k: v[rows] for k, v in hard.items()}
-    return unit_batch(data, mine, device, negatives, noise, hard)
+    hard = None
+    if cfg.hard_negatives != "none":  # this rank's rows of the global batch
+        rows = np.arange(captions.size).reshape(captions.shape)[rank::world].flatten()
+        hard = hard_negative_batch(data, cfg, step, captions, rows)
+    return unit_batch(data, captions[rank::world], device, negatives, noise, hard)
 
 
-def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int,
-                        captions: np.ndarray) -> dict[str, torch.Tensor]:
-    """The hard negatives of every row of step ``step``'s units (caption
-    indices ``[U, P]``), drawn from ``(seed, step)``: swapped captions
-    (``text``, ``text_mask``, ``text_valid``) and composed videos
-    (``video``, float), as ``cfg.hard_negatives`` asks."""
-    rng = np.random.default_rng([cfg.seed, step, 2])
-    caps = torch.as_tensor(captions).flatten()
+def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int, captions: np.ndarray,
+                        rows: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """The hard negatives of step ``step``'s units (caption indices
+    ``[U, P]``), for the rows ``rows`` of the flattened units (None: all):
+    swapped captions (``text``, ``text_mask``, ``text_valid``) and composed
+    videos (``video``, float), as ``cfg.hard_negatives`` asks.
+
+    Every draw is a function of ``(seed, step)`` and the row alone, so a
+    data-parallel rank builds only its own rows and gets what one process
+    would have given them.
+    """
+    every = torch.as_tensor(captions).flatten()
+    rows = np.arange(every.numel()) if rows is None else np.asarray(rows)
+    caps = every[torch.as_tensor(rows)]
     out: dict[str, torch.Tensor] = {}
     if cfg.hard_negatives in ("captions", "both"):
         if data.tokenizer is None:
@@ -178,13 +183,17 @@ def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int,
             raise ValueError("TrainConfig.hard_negatives: the tokenizer has none of the world's colour, shape, size "
                              "or motion words as single tokens, so no caption can be swapped; use 'videos'")
         mask = data.caption_mask[caps]
-        ids, valid = table.swap(data.caption_ids[caps], mask, rng, cfg.swap_fraction)
+        rngs = [np.random.default_rng([cfg.seed, step, 2, int(r)]) for r in rows]
+        ids, valid = table.swap(data.caption_ids[caps], mask, rngs, cfg.swap_fraction)
         out.update(text=ids, text_mask=mask, text_valid=valid)
     if cfg.hard_negatives in ("videos", "both"):
         u, p = captions.shape
-        other = partners(rng, u, cfg.groups_per_unit, data.group_size) + (np.arange(u) * p)[:, None]
+        rng = np.random.default_rng([cfg.seed, step, 3])  # cheap draws for the global batch, then this rank's rows
+        other = (partners(rng, u, cfg.groups_per_unit, data.group_size) + (np.arange(u) * p)[:, None]).flatten()
+        right = torch.from_numpy(rng.integers(2, size=every.numel()).astype(bool))[torch.as_tensor(rows)]
         videos = data.videos[data.caption_item[caps]]
-        out["video"] = to_float_video(compose_videos(videos, torch.as_tensor(other.flatten()), rng, cfg.compose))
+        others = data.videos[data.caption_item[every[torch.as_tensor(other[rows])]]]
+        out["video"] = to_float_video(compose_videos(videos, others, right, cfg.compose))
     return out
 
 

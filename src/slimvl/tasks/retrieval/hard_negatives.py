@@ -79,18 +79,23 @@ class SwapTable:
         """How many token ids can be swapped."""
         return sum(len(a) > 0 for a in self.alternatives)
 
-    def swap(self, ids: Tensor, mask: Tensor, rng: np.random.Generator,
+    def swap(self, ids: Tensor, mask: Tensor, rng: np.random.Generator | list[np.random.Generator],
              fraction: float = 0.3) -> tuple[Tensor, Tensor]:
         """Negative captions: ``(ids' [B, L], swapped [B] bool)``.
 
         In each caption, ``max(1, round(fraction * n))`` of its ``n``
         swappable words are replaced; a caption with none stays as it is and
         ``swapped`` is False there (the loss must not count it as a negative).
+        ``rng``: one generator, or one per caption (then a caption's swap
+        does not depend on which others share its batch).
         """
         out = ids.clone()
-        swapped = torch.zeros(ids.shape[0], dtype=torch.bool)
+        swapped = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         arr, valid = ids.cpu().numpy(), mask.cpu().numpy()
-        for b in range(arr.shape[0]):
+        rngs = rng if isinstance(rng, (list, tuple)) else [rng] * arr.shape[0]
+        if len(rngs) != arr.shape[0]:
+            raise ValueError(f"swap: {len(rngs)} generators for {arr.shape[0]} captions")
+        for b, rng in enumerate(rngs):
             pos = [j for j in np.flatnonzero(valid[b]) if arr[b, j] < len(self.alternatives)
                    and len(self.alternatives[arr[b, j]])]
             if not pos:
@@ -126,25 +131,29 @@ def partners(rng: np.random.Generator, units: int, groups: int, group_size: int)
     return other * group_size + rng.integers(group_size, size=(units, p))
 
 
-def compose_videos(videos: Tensor, partner: Tensor, rng: np.random.Generator, mode: str = "space") -> Tensor:
-    """Negative videos ``[B, T, C, H, W]`` (any dtype): each the positive
-    ``videos[b]`` with half replaced by ``videos[partner[b]]``.
+def compose_videos(videos: Tensor, others: Tensor, right: Tensor, mode: str = "space") -> Tensor:
+    """Negative videos ``[B, T, C, H, W]`` (any dtype): each positive
+    ``videos[b]`` with half of it replaced by ``others[b]`` (same shape).
 
-    ``mode="space"``: the left or right half (drawn per video) of every
-    frame; ``"time"``: the later half of the frames.
+    ``mode="space"``: the right half of every frame where ``right[b]`` (bool
+    ``[B]``) is True, else the left half; ``"time"``: the later half of the
+    frames (clips of one frame, images, have no later half: an error).
     """
     if mode not in COMPOSE_MODES:
         raise ValueError(f"compose mode {mode!r}: expected one of {list(COMPOSE_MODES)}")
-    if videos.dim() != 5:
-        raise ValueError(f"videos: expected [B, T, C, H, W], got {tuple(videos.shape)}")
+    if videos.dim() != 5 or others.shape != videos.shape:
+        raise ValueError(f"videos and others: expected two [B, T, C, H, W] of one shape, got {tuple(videos.shape)} "
+                         f"and {tuple(others.shape)}")
     out = videos.clone()
-    other = videos[partner]
     if mode == "time":
+        if videos.shape[1] < 2:
+            raise ValueError(f"compose mode 'time' mixes the frames of two clips; these have {videos.shape[1]} "
+                             "frame(s): use compose='space'")
         half = videos.shape[1] // 2
-        out[:, half:] = other[:, half:]
+        out[:, half:] = others[:, half:]
         return out
     w = videos.shape[-1] // 2
-    right = torch.from_numpy(rng.integers(2, size=videos.shape[0]).astype(bool))
-    out[right, ..., w:] = other[right, ..., w:]
-    out[~right, ..., :w] = other[~right, ..., :w]
+    right = right.to(videos.device)
+    out[right, ..., w:] = others[right, ..., w:]
+    out[~right, ..., :w] = others[~right, ..., :w]
     return out

@@ -167,10 +167,13 @@ def contrastive_loss(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, h
 
     ``logit_scale``: the log inverse temperature, one (``[]``) or one per
     direction (``[2]``: text->video, video->text). ``hard_video`` /
-    ``hard_text`` ``[U, n, E]``: hard negatives (``hard_negatives``), every
-    one of the unit's added to the denominators of the other modality's
-    queries (text->video, video->text); ``hard_text_valid [U, n]`` leaves out
-    captions that could not be made into negatives.
+    ``hard_text`` ``[U, n, E]``: row ``i``'s hard negatives
+    (``hard_negatives``), each added to the denominator of row ``i``'s
+    query of the other modality only (text->video, video->text). Not to the
+    other rows': a unit holds near-duplicate groups, and a word swapped in a
+    variant's caption may well describe this video exactly.
+    ``hard_text_valid [U, n]`` leaves out captions that could not be made
+    into negatives.
     """
     if logit_scale.dim() == 0 and hard_video is None and hard_text is None:
         logits = similarity_logits(video_emb, text_emb, logit_scale)
@@ -182,11 +185,11 @@ def contrastive_loss(video_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, h
     sim = torch.einsum("une,ume->unm", t, v)  # [U, text, video]
     t2v, v2t = scale[0] * sim, scale[1] * sim.transpose(1, 2)
     if hard_video is not None:
-        t2v = torch.cat([t2v, scale[0] * torch.einsum("une,ume->unm", t, F.normalize(hard_video, dim=-1))], -1)
+        t2v = torch.cat([t2v, scale[0] * (t * F.normalize(hard_video, dim=-1)).sum(-1, keepdim=True)], -1)
     if hard_text is not None:
-        extra = scale[1] * torch.einsum("une,ume->unm", v, F.normalize(hard_text, dim=-1))
+        extra = scale[1] * (v * F.normalize(hard_text, dim=-1)).sum(-1, keepdim=True)
         if hard_text_valid is not None:
-            extra = extra.masked_fill(~hard_text_valid[:, None, :], float("-inf"))
+            extra = extra.masked_fill(~hard_text_valid[..., None], float("-inf"))
         v2t = torch.cat([v2t, extra], -1)
     target = torch.arange(sim.shape[-1], device=sim.device).expand(sim.shape[0], -1).flatten()
     return 0.5 * (F.cross_entropy(t2v.flatten(0, 1), target) + F.cross_entropy(v2t.flatten(0, 1), target))
