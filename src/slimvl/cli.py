@@ -142,7 +142,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .models import create_model, get_config, list_models
     from .pipeline import checkpoint_tokenizer, load_tokenizer
     from .tasks import TASKS
-    from .train import open_run_dir, train
+    from .train import open_run_dir
 
     # Fail on a bad run folder (unwritable, mistyped --resume, a run already
     # there) before minutes of data loading, not after.
@@ -175,36 +175,32 @@ def cmd_train(a: argparse.Namespace) -> None:
     torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too
     model = create_model(model_name, **overrides)
     _initialise(model, a, init)
+    _fit(a, model, cfg, entry, source)
+
+
+def _train_decomposed(a: argparse.Namespace, ckpt: Path, overrides: dict, entry, source) -> None:
+    """``train --decompose RUN``: the cross-encoder's weights as a dual encoder, fine-tuned contrastively."""
+    from .checkpoint import load_model
+    from .models import decompose
+
+    cfg = _train_config(a)
+    _fit(a, decompose(load_model(ckpt), **overrides), cfg, entry, source, decomposed=str(ckpt))
+
+
+def _fit(a: argparse.Namespace, model, cfg, entry, source, **report) -> None:
+    """Train ``model`` on the task's train split (validated on ``--val-split``
+    with ``--eval-every``) and print one JSON result line (with ``report``)."""
+    from .train import train
+
     data = entry.load(source, "train", model.config)
     val = entry.validation(entry.load(source, a.val_split, model.config)) if cfg.eval_every else None
     result = train(model, entry.build(source, data, model.config), cfg, run_dir=a.out, resume=a.resume,
                    progress=not a.quiet, val_data=val)
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, not one per data-parallel process
-        print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1),
+        print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1), **report,
                           "final_loss": result.history[-1]["loss"] if result.history else None,
                           "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint,
                           "already_finished": result.already_finished}))
-
-
-def _train_decomposed(a: argparse.Namespace, ckpt: Path, overrides: dict, entry, source) -> None:
-    """``train --decompose RUN``: the cross-encoder's weights as a dual encoder, fine-tuned contrastively."""
-    import torch
-
-    from .checkpoint import load_model
-    from .models import decompose
-    from .train import train
-
-    cfg = _train_config(a)
-    torch.manual_seed(cfg.seed)
-    model = decompose(load_model(ckpt), **overrides)
-    data = entry.load(source, "train", model.config)
-    val = entry.validation(entry.load(source, a.val_split, model.config)) if cfg.eval_every else None
-    result = train(model, entry.build(source, data, model.config), cfg, run_dir=a.out, resume=a.resume,
-                   progress=not a.quiet, val_data=val)
-    print(json.dumps({"steps": result.steps, "seconds": round(result.seconds, 1), "decomposed": str(ckpt),
-                      "final_loss": result.history[-1]["loss"] if result.history else None,
-                      "val": result.evals[-1] if result.evals else None, "checkpoint": result.checkpoint,
-                      "already_finished": result.already_finished}))
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
