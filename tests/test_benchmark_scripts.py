@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from slimvl.checkpoint import latest_checkpoint, load_model
 from slimvl.data import make_dataset
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -180,3 +181,26 @@ def test_decomposition(data, tmp_path):
     assert index[0]["recall_at_10"] == 1.0 and all(0 < r["recall_at_10"] <= 1 for r in index)
     assert index[2]["recall_at_10"] >= index[1]["recall_at_10"]
     assert out["command"].startswith("python benchmarks/decomposition.py")
+
+
+def test_merging(data, tmp_path):
+    images = make_dataset(tmp_path / "images", kind="image-text", seed=0, n_train=64, n_val=4, n_test=8,
+                          group_size=4, frames=1, size=64, progress=False)
+    out = run("merging", "--out", str(tmp_path), "--data", str(data), "--image-data", str(images), "--steps", "2",
+              "--tune-steps", "2", "--seeds", "0", "--r", "8", "--r-sweep", "0", "8", "--pairs-gallery", "8",
+              "--pair-steps", "2", "--pair-r", "8", "--pair-r-sweep", "0", "8", "--min-run-time", "0.01", "--quiet")
+    res = reports(tmp_path, "merging")
+    for part in ("clip", "pairs"):
+        rows = {(r["arm"], r["r"]): r for r in res[part]["summary"]}
+        assert list(rows) == [("none", 0), ("free", 8), ("tome", 0), ("tome", 8), ("crossget", 0), ("crossget", 8)]
+        none = rows[("none", 0)]
+        assert none["throughput_ratio"] == 1.0 and none["tokens"] is None
+        assert rows[("tome", 0)]["gflops"] == none["gflops"] and rows[("tome", 0)]["tokens"] is None
+        for key in (("free", 8), ("tome", 8), ("crossget", 8)):
+            row = rows[key]
+            assert row["gflops"] < rows[(key[0] if key[0] != "free" else "none", 0)]["gflops"]
+            assert row["tokens"][-1] < row["tokens"][0]
+            assert -1 <= row["diff"] <= 1 and row["ci"] >= 0 and 0 <= row["mean_r1"] <= 1
+    # The CrossGET arm of the CLIP model was fine-tuned with cross tokens.
+    assert load_model(latest_checkpoint(tmp_path / "merging" / "clip_crossget_r8_s0")).config.cross_tokens
+    assert out["command"].startswith("python benchmarks/merging.py")

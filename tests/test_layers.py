@@ -23,6 +23,7 @@ ALLOWED = {
     "recipes": {"train"},
     "dynamic": {"tasks", "runtime", "bench"},
     "index": {"checkpoint", "files"},
+    "merge": {"models", "nn"},
 }
 # The command, the demo, the benchmarks' helpers and the package's own __init__ may import anything.
 TOP = {"cli", "cli_index", "demo", "experiments", ""}

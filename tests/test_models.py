@@ -59,8 +59,9 @@ def test_every_preset_config_is_valid_and_builds_its_class():
         cfg = get_config(name)
         assert cfg.model_type in MODEL_CLASSES  # registered with its class (tests may register more)
         assert name.startswith(cfg.model_type)
+    kinds = ("perceiver_vl", "single_stream", "clip")
     assert {n for n in list_models() if not n.startswith("test_")} == {
-        f"{kind}_{size}" for kind in ("perceiver_vl", "single_stream") for size in ("tiny", "small", "base")} | {
+        f"{kind}_{size}" for kind in kinds for size in ("tiny", "small", "base")} | {
         "perceiver_cls_tiny", "perceiver_cls_small"}
     # Building a small preset as-is (the default tiny sizes) works too.
     m = create_model("perceiver_vl_tiny")

@@ -7,9 +7,10 @@ Quick start::
     print(slimvl.list_models())
     dual = slimvl.decompose(slimvl.create_model("single_stream_tiny"))  # a fast dual encoder
 """
-from .models import (DualEncoder, PerceiverVL, PerceiverVLConfig, SingleStream, SingleStreamConfig, VLOutput,
-                     build_model, create_model, decompose, get_config, list_models)
+from .models import (ClipModel, DualEncoder, PerceiverVL, PerceiverVLConfig, SingleStream, SingleStreamConfig,
+                     VLOutput, build_model, create_model, decompose, get_config, list_models)
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "list_models", "get_config", "build_model", "PerceiverVL", "PerceiverVLConfig",
-           "SingleStream", "SingleStreamConfig", "VLOutput", "DualEncoder", "decompose", "__version__"]
+           "SingleStream", "SingleStreamConfig", "VLOutput", "DualEncoder", "decompose", "ClipModel",
+           "__version__"]

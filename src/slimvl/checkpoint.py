@@ -87,6 +87,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         save_file(weights, str(tmp / "model.safetensors"))
         meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
                                 **(extra or {})}
+        if callable(getattr(model, "merge_config", None)):  # a token-merging patch (slimvl.merge) is kept
+            meta["merge"] = model.merge_config()
         if optimizer is not None:
             tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
             tensors["rng.torch"] = torch.get_rng_state()
@@ -185,7 +187,8 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
 
 
 def load_model(folder: Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the model a checkpoint describes and load its weights."""
+    """Build the model a checkpoint describes and load its weights (and
+    patch it for token merging when it was saved patched)."""
     from .models import build_model
 
     meta = read_meta(folder)
@@ -194,6 +197,13 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> nn.Module:
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{folder}: invalid model config ({e})") from None
     load_weights(folder, model)
+    if meta.get("merge"):  # trained with token merging: evaluated with it (slimvl.merge.unpatch undoes it)
+        from .merge import patch
+
+        try:
+            patch(model, **meta["merge"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder}: invalid token-merging settings in meta.json ({e})") from None
     return model.to(device)
 
 

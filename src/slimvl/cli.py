@@ -135,6 +135,15 @@ def _task(a: argparse.Namespace, tok, answers: list[str] | None = None):
     return entry, TaskSource(Path(a.data), tok, a.frames, a.skip_bad, not a.quiet, options, answers)
 
 
+def merge_args(p: argparse.ArgumentParser, help: str, none: bool = False) -> None:
+    """``--merge METHOD --r R --r-text R``: token merging (slimvl.merge)."""
+    p.add_argument("--merge", choices=(["none"] if none else []) + ["tome", "crossget"], help=help)
+    p.add_argument("--r", type=int, default=16, help="--merge: tokens merged per layer of the vision tower "
+                                                     "(clamped to half a layer's mergeable tokens)")
+    p.add_argument("--r-text", type=int, default=0, help="--merge: tokens merged per layer of a clip model's "
+                                                         "text tower")
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     import torch
 
@@ -150,9 +159,12 @@ def cmd_train(a: argparse.Namespace) -> None:
     spec = yaml.safe_load(Path(a.config).read_text()) if a.config else {}
     model_name = a.model or spec.get("model", "perceiver_vl_tiny")
     overrides = {**spec.get("model_overrides", {}), **parse_overrides(a.set)}
-    if a.decompose and (a.init_from or a.model or a.task != "retrieval"):
+    if a.decompose and (a.init_from or a.model or a.task != "retrieval" or a.merge):
         raise ValueError("--decompose starts from a cross-encoder checkpoint and trains retrieval: it takes no "
-                         "--init-from or --model, and --task retrieval only")
+                         "--init-from, --model or --merge, and --task retrieval only (fine-tune the dual encoder "
+                         "with merging afterwards: --merge METHOD --init-from RUN)")
+    if a.merge and a.init_from and a.model:
+        raise ValueError("--merge with --init-from fine-tunes that checkpoint's model: drop --model")
     init = resolve_checkpoint(a.init_from or a.decompose) if a.init_from or a.decompose else None
     qa = TASKS[a.task].qa_tokenizer
     if init is not None:  # token ids must mean what they meant to the weights being loaded
@@ -173,9 +185,20 @@ def cmd_train(a: argparse.Namespace) -> None:
         overrides.setdefault(key, value)  # what the user sets wins
     cfg = _train_config(a)
     torch.manual_seed(cfg.seed)  # the seed fixes the initial weights too
-    model = create_model(model_name, **overrides)
-    _initialise(model, a, init)
-    _fit(a, model, cfg, entry, source)
+    if a.merge and init is not None:
+        from .merge.finetune import model_for_merging
+
+        model = model_for_merging(init, a.merge, a.r, a.r_text, **overrides)
+    else:
+        if a.merge == "crossget" and "cross_tokens" in fields:
+            overrides.setdefault("cross_tokens", True)  # CrossGET's guides, trained with its consistency loss
+        model = create_model(model_name, **overrides)
+        _initialise(model, a, init)
+        if a.merge:
+            from .merge import patch
+
+            patch(model, a.merge, r=a.r, r_text=a.r_text)
+    _fit(a, model, cfg, entry, source, **({"merge": model.merge_config()} if a.merge else {}))
 
 
 def _train_decomposed(a: argparse.Namespace, ckpt: Path, overrides: dict, entry, source) -> None:
@@ -218,6 +241,13 @@ def cmd_eval(a: argparse.Namespace) -> None:
         if "cross_attn_keep" not in model.capabilities:
             raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
         model.cross_attn_keep = parse_keep(a.cross_attn_keep)
+    if a.merge is not None:  # instead of the checkpoint's own merging, if it has any
+        from .merge import is_patched, patch, unpatch
+
+        if is_patched(model):
+            unpatch(model)
+        if a.merge != "none":
+            patch(model, a.merge, r=a.r, r_text=a.r_text)
     # A classifier's answers are the ones it was trained with (kept in the
     # checkpoint); the data's answers outside them count as wrong.
     entry, source = _task(a, tok, read_meta(ckpt).get("answers"))
@@ -240,6 +270,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     print(json.dumps({"checkpoint": str(ckpt), "task": a.task,
                       "cross_attn_keep": getattr(model.config, "cross_attn_keep", None),
                       "active_latents": getattr(model.config, "active_latents", None), "device": str(device),
+                      **({"merge": model.merge_config()} if hasattr(model, "merge_config") else {}),
                       **metrics}, indent=2))
 
 
@@ -416,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "single-stream perceiver_vl) whose weights become a dual encoder, fine-tuned contrastively "
                     "(--set temperature=0.05 learn_temperature=false per_direction=true; hard negatives: "
                     "--train-set hard_negatives=both)")
+    merge_args(tr, "tokens merged while training (ToMe, or CrossGET with its cross tokens and consistency "
+                   "loss on clip models); with --init-from RUN, fine-tunes that checkpoint (default: no merging)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="retrieval Recall@K (or QA / MLM accuracy) of a checkpoint", **fmt)
@@ -451,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "re-scored by the cross-encoder)")
     ev.add_argument("--cross-encoder", metavar="RUN", help="--retrieval rerank:K: the cross-encoder checkpoint "
                     "(default: the dual encoder's own backbone, while its weights are unchanged)")
+    merge_args(ev, "token merging at evaluation: none, tome or crossget (default: as the checkpoint was "
+                   "trained)", none=True)
     ev.set_defaults(func=cmd_eval)
 
     from .cli_index import add_parsers

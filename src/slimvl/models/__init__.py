@@ -1,7 +1,8 @@
 """Models: Perceiver-VL, the single-stream baseline, the Perceiver classifier, decomposed dual
-encoders (``decompose``), and the registry
+encoders (``decompose``), a CLIP dual encoder (``ClipModel``), and the registry
 (``register_model``) that ``create_model`` and checkpoints read."""
 from .base import VLModel, VLOutput
+from .clip import ClipConfig, ClipModel
 from .config import PerceiverVLConfig, SingleStreamConfig, VLConfig
 from .dual import DualEncoder, DualEncoderConfig, decompose
 from .perceiver_cls import PerceiverClassifier, PerceiverClassifierConfig
@@ -12,4 +13,4 @@ from .single_stream import SingleStream
 __all__ = ["VLModel", "VLOutput", "VLConfig", "PerceiverVLConfig", "SingleStreamConfig", "config_from_dict",
            "PerceiverVL", "PerceiverClassifier", "PerceiverClassifierConfig", "SingleStream", "build_model",
            "create_model", "get_config", "list_models", "register_model", "DualEncoder", "DualEncoderConfig",
-           "decompose"]
+           "decompose", "ClipModel", "ClipConfig"]

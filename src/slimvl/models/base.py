@@ -315,3 +315,54 @@ class VLModel(nn.Module):
     def analytic_flops(self, frames: int, text_len: int) -> int:  # pragma: no cover - abstract
         """FLOPs to score one (video, text) pair, from the architecture's formula."""
         raise NotImplementedError
+
+
+class DualEncoding:
+    """What every dual encoder shares (``DualEncoder``, ``ClipModel``; list
+    it before ``VLModel``): each modality encoded alone to a unit-norm
+    float32 embedding, a pair's score the cosine of the two, however it is
+    asked for (``forward``, the ``"cache"`` protocol, an index search).
+    Subclasses give ``embed_video`` / ``embed_text`` and ``retrieval_flops``.
+    """
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({"cache"})
+
+    @property
+    def has_pair_scorer(self) -> bool:
+        return False  # a pair's score is its embeddings' similarity: the contrastive term is the loss
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """Unit-norm embeddings ``[B, embed_dim]`` (float32) of videos ``[B, T, 3, H, W]``."""
+        return F.normalize(self.embed_video(video).float(), dim=-1)
+
+    def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """Unit-norm embeddings ``[B, embed_dim]`` (float32) of captions ``[B, L]``."""
+        return F.normalize(self.embed_text(text_ids, text_mask).float(), dim=-1)
+
+    def forward(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
+                text_mask: Tensor | None = None) -> VLOutput:
+        """Cosine of each pair's embeddings ``[B]``, and the text embeddings
+        ``[B, embed_dim]`` as ``pooled``; the pairs given positionally or as
+        one inputs mapping (``video``, ``text``, ``text_mask``)."""
+        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
+        self.check_inputs(video, text_ids, text_mask, check_ids=False)  # shapes and batch sizes agree
+        v, t = self.encode_video(video), self.encode_text(text_ids, text_mask)
+        return VLOutput(logits=(v * t).sum(-1), pooled=t)
+
+    def cache_videos(self, video: Tensor) -> Tensor:
+        return self.encode_video(video)
+
+    def cache_texts(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+        return self.encode_text(text_ids, text_mask)
+
+    def score_cached(self, text_cache: Tensor, video_cache: Tensor, max_pairs: int = 8192) -> Tensor:
+        """Cosines ``[n_texts, n_videos]`` of cached unit embeddings, in float32."""
+        t, v = self.to_device(text_cache, video_cache)
+        with without_autocast(t.device):
+            return t.float() @ v.float().T
+
+    def analytic_flops(self, frames: int, text_len: int) -> int:
+        return sum(self.retrieval_flops(frames, text_len).values())
+

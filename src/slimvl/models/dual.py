@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import VIDEO
-from .base import VLModel, VLOutput, linear_flops, without_autocast
+from .base import DualEncoding, VLModel, linear_flops
 from .config import VLConfig
 from .registry import build_model, config_from_dict, register_model
 
@@ -97,7 +96,7 @@ class DualEncoderConfig(VLConfig):
 
 
 @register_model(DualEncoderConfig)
-class DualEncoder(VLModel):
+class DualEncoder(DualEncoding, VLModel):
     """A cross-encoder's network run on one modality at a time.
 
     ``encode_video(video [B, T, 3, H, W])`` and ``encode_text(ids, mask
@@ -140,14 +139,6 @@ class DualEncoder(VLModel):
         return self.backbone.modality
 
     @property
-    def capabilities(self) -> frozenset[str]:
-        return frozenset({"cache"})
-
-    @property
-    def has_pair_scorer(self) -> bool:
-        return False  # a pair's score is its embeddings' similarity: the contrastive term is the loss
-
-    @property
     def device(self) -> torch.device:
         return self.logit_scale.device
 
@@ -168,34 +159,6 @@ class DualEncoder(VLModel):
         w = valid.to(x.dtype).unsqueeze(-1)
         return self.backbone.proj((x * w).sum(1) / w.sum(1))
 
-    def encode_video(self, video: Tensor) -> Tensor:
-        """Unit-norm embeddings ``[B, embed_dim]`` (float32) of videos ``[B, T, 3, H, W]``."""
-        return F.normalize(self.embed_video(video).float(), dim=-1)
-
-    def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
-        """Unit-norm embeddings ``[B, embed_dim]`` (float32) of captions ``[B, L]``."""
-        return F.normalize(self.embed_text(text_ids, text_mask).float(), dim=-1)
-
-    def forward(self, video: Tensor | Mapping[str, Tensor], text_ids: Tensor | None = None,
-                text_mask: Tensor | None = None) -> VLOutput:
-        """Cosine of each pair's embeddings ``[B]`` (and the text embeddings as ``pooled``)."""
-        video, text_ids, text_mask = self.read_inputs(video, text_ids, text_mask)
-        v, t = self.encode_video(video), self.encode_text(text_ids, text_mask)
-        return VLOutput(logits=(v * t).sum(-1), pooled=t)
-
-    # -- cached retrieval: every item is encoded once ------------------------
-    def cache_videos(self, video: Tensor) -> Tensor:
-        return self.encode_video(video)
-
-    def cache_texts(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
-        return self.encode_text(text_ids, text_mask)
-
-    def score_cached(self, text_cache: Tensor, video_cache: Tensor, max_pairs: int = 8192) -> Tensor:
-        """Cosines ``[n_texts, n_videos]`` of cached unit embeddings, in float32."""
-        t, v = self.to_device(text_cache, video_cache)
-        with without_autocast(t.device):
-            return t.float() @ v.float().T
-
     # -- cost -----------------------------------------------------------------
     def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:
         """Per video and per caption: the backbone over that modality alone,
@@ -204,10 +167,6 @@ class DualEncoder(VLModel):
         proj = linear_flops(1, self.config.dim, e)
         video = b.embed_flops(frames) + b.encoder_flops(self.patch_embed.num_tokens(frames)) + proj
         return {"video": video, "text": b.encoder_flops(text_len) + proj, "pair": 2 * e}
-
-    def analytic_flops(self, frames: int, text_len: int) -> int:
-        return sum(self.retrieval_flops(frames, text_len).values())
-
 
 def decompose(model: VLModel, copy: bool = False, **options: Any) -> DualEncoder:
     """The dual encoder made of ``model``'s weights (VLDeformer).

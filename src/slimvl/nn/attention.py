@@ -64,7 +64,8 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         return_metric: bool = False,
         kv: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        return_query: bool = False,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Attend from ``x`` to ``context`` (``x`` itself when None), or to
         keys and values projected before (``kv``, from ``project_kv``).
 
@@ -80,8 +81,11 @@ class Attention(nn.Module):
             kv: keys and values ``[B, H, S, d]`` already projected (the
                 context is then not read): what does not change between two
                 calls with the same context is not computed twice.
+            return_query: with ``return_metric``, also return the queries
+                averaged over heads ``[B, N, d]`` (CrossGET's importance is
+                a key's cosine with a guiding token's query).
 
-        Returns ``[B, N, D]`` (and the metric).
+        Returns ``[B, N, D]`` (and the metric, and the queries).
         """
         q = self.project_q(x)
         k, v = self.project_kv(x if context is None else context) if kv is None else kv
@@ -92,4 +96,6 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
         )
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
-        return (out, k.mean(1)) if return_metric else out
+        if not return_metric:
+            return out
+        return (out, k.mean(1), q.mean(1)) if return_query else (out, k.mean(1))

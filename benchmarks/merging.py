@@ -1,0 +1,261 @@
+"""Token merging (ToMe, CrossGET) on a CLIP-style dual encoder (image-text)
+and on the single-stream cross-encoder (video-text).
+
+    python benchmarks/merging.py --out benchmarks/out
+
+For each part a base model is trained (or reused), then fine-tuned three
+ways from it for the same steps: without merging (the fine-tuned baseline,
+also the model ToMe is applied to training-free), with ToMe at ``r`` and
+with CrossGET at ``r`` (cross tokens and the consistency loss on the CLIP
+model; guided by the text on the cross-encoder). Every model is then
+evaluated over an r sweep:
+
+- R@1 both ways on the test gallery (``--gallery`` images with one caption
+  each for CLIP; ``--pairs-gallery`` videos, all pairs scored, for the
+  cross-encoder), and the paired 95% interval of the mean R@1's difference
+  from no merging (same seed, same queries);
+- GFLOPs by torch's counter (CLIP: one image + one caption, as the paper's
+  fvcore count; cross-encoder: one pair);
+- latency at batch 1 and throughput at batch 64 (CLIP: images encoded;
+  cross-encoder: pairs scored), as ratios against no merging measured in
+  the same run.
+
+``--seeds`` repeats the fine-tuning (CLIP: the base too) with each seed;
+tables give the mean and the spread (min..max) over seeds.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slimvl.bench import count_flops, model_flops_per_pair
+from slimvl.bench.measure import median_seconds
+from slimvl.bench.plots import figure, plot_lines
+from slimvl.bench.report import markdown_table, write_report
+from slimvl.bench.stats import paired_difference
+from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
+from slimvl.data import make_dataset
+from slimvl.experiments import experiment_parser, gallery_dataset, retrieval_splits, train_or_load
+from slimvl.merge import is_patched, patch, unpatch
+from slimvl.merge.finetune import model_for_merging
+from slimvl.pipeline import load_split, load_tokenizer
+from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
+from slimvl.tasks.retrieval import score_matrix, t2v_ranks, v2t_ranks
+from slimvl.train import TrainConfig, train
+
+# The CLIP-style model: 64x64 images in 8x8 patches (64 tokens and [CLS]),
+# six vision layers of width 128, four text layers.
+CLIP = dict(image_size=64, patch_size=8, tubelet=1, max_frames=1, dim=128, heads=4, depth=6, text_depth=4,
+            embed_dim=128, max_text_len=TEXT_LEN)
+CLIP_TRAIN = TrainConfig(steps=1000, groups_per_step=16, groups_per_unit=16, negatives_per_item=0, lr=1e-3,
+                         warmup_steps=50, itc_weight=1.0, checkpoint_every=250)
+CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
+PAIR_TUNE = replace(TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
+LABELS = {"none": "no merging", "free": "ToMe, training-free", "tome": "ToMe, fine-tuned",
+          "crossget": "CrossGET, fine-tuned"}
+COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("seeds", "seeds", "d"), ("t2v_r1", "t2v R@1", ".3f"),
+           ("v2t_r1", "v2t R@1", ".3f"), ("mean_r1", "mean R@1", ".3f"), ("mean_r1_range", "range (seeds)", ""),
+           ("vs_none", "mean R@1 vs no merging (95% CI)", ""), ("gflops", "GFLOPs", ".4f"),
+           ("latency_ratio", "latency b=1 (x)", ".2f"), ("throughput_ratio", "throughput b=64 (x)", ".2f")]
+
+
+def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
+    """Per item (one caption each), mean of its t2v and v2t R@1 hits ``[n_items]``."""
+    t2v = (t2v_ranks(scores, caption_item) <= 1).double()
+    order = torch.empty_like(t2v)
+    order[caption_item] = t2v
+    return (order + (v2t_ranks(scores, caption_item) <= 1).double()) / 2
+
+
+def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, run_dir: Path, progress: bool):
+    """``base`` fine-tuned with ``method`` merging (None: without); a finished run is loaded, an interrupted one
+    resumed."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
+        return load_model(ckpt)
+    torch.manual_seed(cfg.seed)
+    model = load_model(base) if method is None else model_for_merging(base, method, r)
+    train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
+    return model
+
+
+def set_merging(model, method: str | None, r: int):
+    """``model`` merging ``r`` tokens per layer with ``method`` (None or r = 0: not patched)."""
+    if is_patched(model):
+        unpatch(model)
+    if method is not None and r > 0:
+        patch(model, method, r=r)
+    return model.eval()
+
+
+def clip_measure(model, test, min_run_time: float) -> dict:
+    """R@1 hits, GFLOPs of one image + one caption, and image-encoding times at batch 1 and 64."""
+    with torch.inference_mode():
+        scores = score_matrix(model, test, progress=False)
+        images = test.videos[:64].float() / 127.5 - 1
+        ids, mask = test.caption_ids[:8], test.caption_mask[:8]
+        gflops = (count_flops(lambda: model.encode_video(images[:8]), model)
+                  + count_flops(lambda: model.encode_text(ids, mask), model)) / 8 / 1e9
+        one = median_seconds(lambda: model.encode_video(images[:1]), min_run_time)
+        many = median_seconds(lambda: model.encode_video(images), min_run_time)
+    return {"hits": r1_hits(scores, test.caption_item), "scores": scores, "gflops": gflops, "latency_s": one,
+            "throughput": 64 / many, "tokens": model.merge_report.get("video", {}).get("tokens")
+            if is_patched(model) else None}
+
+
+def pair_measure(model, test, min_run_time: float) -> dict:
+    """R@1 hits over all pairs, GFLOPs of one pair, and pair-scoring times at batch 1 and 64."""
+    with torch.inference_mode():
+        scores = score_matrix(model, test, progress=False)
+        videos = test.videos[:64].float() / 127.5 - 1
+        ids, mask = test.caption_ids[:64], test.caption_mask[:64]
+        gflops = model_flops_per_pair(model, FRAMES, TEXT_LEN) / 1e9
+        one = median_seconds(lambda: model(videos[:1], ids[:1], mask[:1]), min_run_time)
+        many = median_seconds(lambda: model(videos, ids, mask), min_run_time)
+    return {"hits": r1_hits(scores, test.caption_item), "scores": scores, "gflops": gflops, "latency_s": one,
+            "throughput": 64 / many, "tokens": model.merge_report.get("video", {}).get("tokens")
+            if is_patched(model) else None}
+
+
+def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed: int) -> list[dict]:
+    """Every arm over ``rs``; ratios and paired differences against the arm ``none`` at r = 0."""
+    rows = []
+    # The fine-tuned arms at r = 0 too: what their fine-tuning changed, apart from merging.
+    plan = [("none", "none", None, 0)] + [("free", "none", "tome", r) for r in rs if r] + \
+        [(arm, arm, arm if r else None, r) for arm in ("tome", "crossget") for r in rs]
+    for label, arm, method, r in plan:
+        m = measure(set_merging(models[arm], method, r), test, min_run_time)
+        rows.append({"arm": label, "method": LABELS[label], "r": r, "seed": seed, **m})
+    base = rows[0]
+    for row in rows:
+        row["t2v_r1"] = float((t2v_ranks(row["scores"], test.caption_item) <= 1).double().mean())
+        row["v2t_r1"] = float((v2t_ranks(row["scores"], test.caption_item) <= 1).double().mean())
+        row["mean_r1"] = float(row["hits"].mean())
+        row["latency_ratio"] = base["latency_s"] / row["latency_s"]
+        row["throughput_ratio"] = row["throughput"] / base["throughput"]
+        print(f"seed {seed} {row['method']:22s} r={row['r']} mean R@1 {row['mean_r1']:.3f} GFLOPs "
+              f"{row['gflops']:.4f} throughput x{row['throughput_ratio']:.2f}", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Rows of the same (method, r) over seeds: means, the spread, and the
+    paired difference from no merging (per-item hits averaged over seeds)."""
+    out = []
+    keys = list(dict.fromkeys((r["arm"], r["r"]) for r in rows))
+    base = [r for r in rows if r["arm"] == "none"]
+    base_hits = torch.stack([r["hits"] for r in base]).mean(0)
+    for arm, rr in keys:
+        rs = [r for r in rows if (r["arm"], r["r"]) == (arm, rr)]
+        hits = torch.stack([r["hits"] for r in rs]).mean(0)
+        means = [r["mean_r1"] for r in rs]
+        row = {"arm": arm, "method": rs[0]["method"], "r": rr, "seeds": len(rs),
+               "mean_r1_range": f"{min(means):.3f}..{max(means):.3f}", "tokens": rs[0]["tokens"]}
+        for k in ("t2v_r1", "v2t_r1", "mean_r1", "gflops", "latency_ratio", "throughput_ratio", "throughput",
+                  "latency_s"):
+            row[k] = float(np.mean([r[k] for r in rs]))
+        if arm != "none":
+            d, ci = paired_difference(base_hits, hits)
+            row.update(diff=d, ci=ci, vs_none=f"{100 * d:+.1f} +- {100 * ci:.1f} pt")
+        else:
+            row["vs_none"] = ""
+        out.append(row)
+    return out
+
+
+def clip_part(a, out: Path, prog: bool) -> dict:
+    root = Path(a.image_data) if a.image_data else make_dataset(
+        out / f"data_images{a.gallery}", kind="image-text", seed=0, n_train=6000, n_val=200, n_test=a.gallery,
+        group_size=4, frames=1, size=64, progress=prog)
+    tok = load_tokenizer(root)
+    train_data = load_split(root, "train", tok, 1, CLIP["image_size"], TEXT_LEN, progress=prog)
+    test = load_split(root, "test", tok, 1, CLIP["image_size"], TEXT_LEN, progress=prog)
+    rows = []
+    for seed in a.seeds:
+        base_dir = out / "merging" / f"clip_base_s{seed}"
+        train_or_load("clip_tiny", {**CLIP, "vocab_size": tok.vocab_size}, train_data,
+                      replace(CLIP_TRAIN, steps=a.steps, seed=seed), base_dir, prog)
+        base = latest_checkpoint(base_dir)
+        cfg = replace(CLIP_TUNE, steps=a.tune_steps, seed=seed)
+        models = {arm: fine_tune(base, None if arm == "none" else arm, a.r, train_data, cfg,
+                                 out / "merging" / f"clip_{arm}_r{a.r}_s{seed}", prog)
+                  for arm in ("none", "tome", "crossget")}
+        rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed)
+    return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
+
+
+def pair_part(a, out: Path, prog: bool) -> dict:
+    root = Path(a.data) if a.data else gallery_dataset(out / "data_gallery1000", 1000, prog)
+    tok, train_data, test = retrieval_splits(root, a.pairs_gallery, prog, preset="single_stream_tiny")
+    # The demo's cross-encoder, as benchmarks/decomposition.py trains it (reused when already there).
+    train_or_load("single_stream_tiny", {"vocab_size": tok.vocab_size, "max_text_len": TEXT_LEN}, train_data,
+                  replace(TRAIN, steps=a.pair_steps), out / "decomposition" / "cross", prog)
+    base = latest_checkpoint(out / "decomposition" / "cross")
+    rows = []
+    for seed in a.pair_seeds:
+        cfg = replace(PAIR_TUNE, steps=a.tune_steps, seed=seed)
+        models = {arm: fine_tune(base, None if arm == "none" else arm, a.pair_r, train_data, cfg,
+                                 out / "merging" / f"pairs_{arm}_r{a.pair_r}_s{seed}", prog)
+                  for arm in ("none", "tome", "crossget")}
+        rows += sweep(models, a.pair_r_sweep, pair_measure, test, a.min_run_time, seed)
+    return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
+
+
+def plot(axes, rows: list[dict], title: str) -> None:
+    pts = [r for r in rows if r["arm"] != "none"]
+    none = [r for r in rows if r["arm"] == "none"]
+    for ax, x, xlabel in ((axes[0], "gflops", "GFLOPs"), (axes[1], "throughput_ratio", "throughput (x no merging)")):
+        plot_lines(ax, pts, x, "mean_r1", by="method", xlabel=xlabel, ylabel="mean R@1 (t2v, v2t)", title=title)
+        ax.plot([r[x] for r in none], [r["mean_r1"] for r in none], "k*", markersize=10, label="no merging")
+        for r in pts:
+            ax.annotate(f"r={r['r']}", (r[x], r["mean_r1"]), fontsize=6)
+        ax.legend(fontsize=7)
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("hits", "scores")} for r in rows]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = experiment_parser(__doc__, steps=CLIP_TRAIN.steps)
+    p.add_argument("--image-data", help="image-text dataset folder (default: made under OUT when missing)")
+    p.add_argument("--gallery", type=int, default=1000, help="test images of the CLIP part (one caption each)")
+    p.add_argument("--tune-steps", type=int, default=CLIP_TUNE.steps, help="fine-tuning steps of every arm")
+    p.add_argument("--r", type=int, default=12, help="CLIP: tokens merged per layer while fine-tuning")
+    p.add_argument("--r-sweep", type=int, nargs="+", default=[0, 4, 8, 12, 16], help="CLIP: r evaluated")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CLIP: seeds (base and fine-tuning)")
+    p.add_argument("--pairs-gallery", type=int, default=100, help="cross-encoder: test videos, all pairs scored")
+    p.add_argument("--pair-r", type=int, default=16, help="cross-encoder: tokens merged per layer in fine-tuning")
+    p.add_argument("--pair-r-sweep", type=int, nargs="+", default=[0, 8, 16, 24], help="cross-encoder: r evaluated")
+    p.add_argument("--pair-steps", type=int, default=TRAIN.steps, help="cross-encoder: training steps of the base "
+                   "(the demo's recipe; benchmarks/decomposition.py's run is reused)")
+    p.add_argument("--pair-seeds", type=int, nargs="+", default=[0], help="cross-encoder: fine-tuning seeds")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    p.add_argument("--parts", nargs="+", default=["clip", "pairs"], choices=["clip", "pairs"],
+                   help="the CLIP-style model (image-text), the cross-encoder (video-text), or both")
+    p.add_argument("--name", default="merging", help="file name of the reports (OUT/NAME.json/.md/.png)")
+    a = p.parse_args(argv)
+    out, prog = Path(a.out), not a.quiet
+    payload: dict = {"command": "python benchmarks/merging.py " + " ".join(argv or [])}
+    md = ""
+    fig, axes = figure(2 * len(a.parts), width=5.0)
+    for i, part in enumerate(a.parts):
+        res = clip_part(a, out, prog) if part == "clip" else pair_part(a, out, prog)
+        table = summarise(res["rows"])
+        payload[part] = {"summary": table, "runs": strip(res["rows"]), "n_test": res["n_test"], "data": res["data"]}
+        what = (f"CLIP-style dual encoder, image-text, {res['n_test']} test images x {res['n_test']} captions "
+                f"(fine-tuned at r = {a.r})" if part == "clip" else
+                f"Single-stream cross-encoder, video-text, {res['n_test']} videos x {res['n_test']} captions, "
+                f"all pairs (fine-tuned at r = {a.pair_r})")
+        md += f"{what}:\n\n{markdown_table(table, COLUMNS)}\n"
+        plot(axes[2 * i: 2 * i + 2], table, "CLIP-style, image-text" if part == "clip" else "cross-encoder, video-text")
+    write_report(out, a.name, payload, md, fig)
+    print(md)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""One transformer layer with token merging between its attention and its
+MLP, where ToMe and CrossGET both merge:
+
+    x = x + Attn(LN(x))   (proportional: log(size) added to every logit)
+    match on the attention's keys; merge x, carry mask/sizes/flags along
+    x = x + MLP(LN(x))    (on fewer tokens: where the saving is)
+
+The layer is any ``slimvl.nn.Block`` (``norm1``, ``attn``, ``norm2``,
+``mlp``); the patches in ``slimvl.merge.patch`` run their models' layer
+loops through ``merge_layer``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .core import Merge, bipartite_soft_matching, complete_graph_matching, guided_importance
+
+METHODS = ("tome", "crossget")
+
+
+@dataclass
+class TokenState:
+    """What travels with the tokens ``[B, N, D]`` through merging layers.
+
+    Attributes:
+        protected: ``[B, N]`` bool, tokens never merged (CLS, cross tokens,
+            EOT, tokens of a modality not being merged).
+        mask: ``[B, N]`` key-padding mask (True = real), or None.
+        size: ``[B, N]`` how many input tokens each token stands for, or
+            None (all 1: nothing merged yet).
+        guide: ``[B, N]`` bool, the tokens whose mean query guides
+            CrossGET's importance (a cross token, the EOT, the text), or
+            None (then the first token, [CLS]).
+    """
+
+    protected: Tensor
+    mask: Tensor | None = None
+    size: Tensor | None = None
+    guide: Tensor | None = None
+
+    def after(self, merge: Merge, size: Tensor) -> "TokenState":
+        """The state of the merged tokens (sizes from ``Merge.tokens``)."""
+        keep = merge.gather
+        return replace(self, protected=keep(self.protected), size=size,
+                       mask=None if self.mask is None else keep(self.mask),
+                       guide=None if self.guide is None else keep(self.guide))
+
+
+def guide_query(queries: Tensor, guide: Tensor | None) -> Tensor:
+    """The mean query ``[B, d]`` of the guiding tokens (``queries [B, N, d]``)."""
+    if guide is None:
+        return queries[:, 0]
+    w = guide.to(queries.dtype).unsqueeze(-1)
+    return (queries * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState) -> tuple[Merge | None, Tensor | None]:
+    """The merge ``method`` picks for this layer and the importance that
+    weights its ensemble (None for ToMe's plain size-weighted mean)."""
+    if method == "tome":
+        return bipartite_soft_matching(keys, r, state.protected, state.mask), None
+    if method == "crossget":
+        with torch.no_grad():  # the matching and its weights are decisions, not functions to differentiate
+            importance = guided_importance(keys, guide_query(queries, state.guide))
+        return complete_graph_matching(keys, r, importance, state.protected, state.mask), importance
+    raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
+
+
+def causal_mask(n: int, device) -> Tensor:
+    """``[N, N]`` bool: token ``i`` sees tokens ``<= i``."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: str,
+                causal: bool = False) -> tuple[Tensor, TokenState, int]:
+    """Run ``block`` on ``x [B, N, D]``, merging up to ``r`` tokens between
+    its attention and its MLP. Returns the new tokens ``[B, N - r', D]``,
+    their state and ``r'`` (the merges done: ``r`` clamped to what the layer
+    allows). With ``r = 0`` this is exactly ``block``'s own forward."""
+    mask = causal_mask(x.shape[1], x.device) if causal else None
+    h, keys, queries = block.attn(block.norm1(x), key_padding_mask=state.mask, size=state.size, mask=mask,
+                                  return_metric=True, return_query=True)
+    x = x + h
+    merge, importance = match(method, keys, queries, r, state) if r > 0 else (None, None)
+    if merge is not None:
+        x, size = merge.tokens(x, state.size, importance)
+        state = state.after(merge, size)
+    return x + block.mlp(block.norm2(x)), state, 0 if merge is None else merge.r
+
+
+__all__ = ["TokenState", "merge_layer", "match", "guide_query", "causal_mask", "METHODS"]

@@ -1,0 +1,86 @@
+"""Token merging from the command line and through checkpoints: train with
+merging, fine-tune a checkpoint with it, evaluate with or without it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model
+
+from slimvl.checkpoint import CheckpointError, latest_checkpoint, load_model, save_checkpoint
+from slimvl.cli import main
+from slimvl.data import make_dataset
+from slimvl.merge import Schedule, is_patched, patch
+from slimvl.merge.finetune import model_for_merging
+
+MODEL = ["--set", "dim=32", "--set", "heads=2", "--set", "image_size=32", "--set", "patch_size=4",
+         "--set", "max_text_len=24"]
+TRAIN = ["--frames", "1", "--train-set", "groups_per_step=2", "--train-set", "groups_per_unit=2",
+         "--train-set", "warmup_steps=1", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("merge") / "images", kind="image-text", n_train=16, n_val=4,
+                        n_test=8, size=32, progress=False)
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip()
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        return json.loads(out.splitlines()[-1])
+
+
+def test_train_finetune_and_eval_with_merging(images, tmp_path, capsys):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    main(["-q", "train", "--data", str(images), "--model", "clip_tiny", *MODEL, *TRAIN, "--out", str(base)])
+    assert "merge" not in _last_json(capsys)
+    # CrossGET from the base: cross tokens added (their offsets start at zero), the consistency loss logged.
+    main(["-q", "train", "--data", str(images), "--merge", "crossget", "--r", "4", "--init-from", str(base), *TRAIN,
+          "--out", str(tuned)])
+    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 4, "r_text": 0}
+    log = json.loads((tuned / "train_log.json").read_text())
+    assert "cross" in log["history"][-1]
+    model = load_model(latest_checkpoint(tuned))
+    assert is_patched(model) and model.merge_method == "crossget" and model.r == 4 and model.config.cross_tokens
+    # Evaluation merges as trained, or as asked.
+    evals = {}
+    for extra in ([], ["--merge", "none"], ["--merge", "tome", "--r", "8"]):
+        main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", *extra])
+        evals[" ".join(extra)] = _last_json(capsys)
+    assert evals[""]["merge"] == {"method": "crossget", "r": 4, "r_text": 0}
+    assert "merge" not in evals["--merge none"]
+    assert evals["--merge tome --r 8"]["merge"]["method"] == "tome"
+    assert all(0 <= e["t2v_r1"] <= 1 for e in evals.values())
+    # A model the checkpoint's weights do not fit is refused, naming the weights.
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "train", "--data", str(images), "--merge", "tome", "--init-from", str(base), *TRAIN,
+              "--set", "depth=5", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "do not fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "train", "--data", str(images), "--merge", "tome", "--init-from", str(base), "--model",
+              "clip_tiny", *TRAIN, "--out", str(tmp_path / "bad2")])
+    assert e.value.code == 2 and "drop --model" in capsys.readouterr().err
+
+
+def test_a_checkpoint_keeps_its_merging(tmp_path):
+    model = tiny_model("single_stream_tiny", patch_size=4).eval()
+    patch(model, "tome", r=Schedule(6, -0.5))
+    save_checkpoint(tmp_path / "ckpt", model)
+    back = load_model(tmp_path / "ckpt")
+    assert is_patched(back) and back.r == Schedule(6, -0.5) and back.merge_method == "tome"
+    video = torch.randn(2, 2, 3, 32, 32)
+    ids, mask = torch.randint(5, 50, (2, 12)), torch.ones(2, 12, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(back(video, ids, mask).logits, model(video, ids, mask).logits)
+    # The same weights fine-tuned with CrossGET instead (a single stream has no cross tokens to add).
+    tuned = model_for_merging(tmp_path / "ckpt", "crossget", r=4)
+    assert tuned.merge_method == "crossget" and tuned.r == 4
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    meta["merge"]["method"] = "fast"
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="token-merging settings"):
+        load_model(tmp_path / "ckpt")
