@@ -17,14 +17,17 @@ evaluated over an r sweep:
 - GFLOPs by torch's counter (CLIP: one image + one caption, as the paper's
   fvcore count; cross-encoder: one pair);
 - latency at batch 1 and throughput at batch 64 (CLIP: images encoded;
-  cross-encoder: pairs scored), as ratios against no merging measured in
-  the same run.
+  cross-encoder: pairs scored), as speed-ups over no merging measured in
+  the same run (> 1: faster).
 
 ``--seeds`` repeats the fine-tuning (CLIP: the base too) with each seed;
-tables give the mean and the spread (min..max) over seeds.
+tables give the mean and the spread (min..max) over seeds. The 95%
+interval is over test items (each item's hits averaged over the seeds), so
+it shows how sure one gallery makes the difference, not the seeds' spread.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,11 +62,14 @@ LABELS = {"none": "no merging", "free": "ToMe, training-free", "tome": "ToMe, fi
 COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("seeds", "seeds", "d"), ("t2v_r1", "t2v R@1", ".3f"),
            ("v2t_r1", "v2t R@1", ".3f"), ("mean_r1", "mean R@1", ".3f"), ("mean_r1_range", "range (seeds)", ""),
            ("vs_none", "mean R@1 vs no merging (95% CI)", ""), ("gflops", "GFLOPs", ".4f"),
-           ("latency_ratio", "latency b=1 (x)", ".2f"), ("throughput_ratio", "throughput b=64 (x)", ".2f")]
+           ("latency_ratio", "speed-up b=1 (x)", ".2f"), ("throughput_ratio", "throughput b=64 (x)", ".2f")]
 
 
 def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
     """Per item (one caption each), mean of its t2v and v2t R@1 hits ``[n_items]``."""
+    if not torch.equal(caption_item.sort().values, torch.arange(scores.shape[1])):
+        raise ValueError("the per-item R@1 pairs one caption with each item: the test split needs exactly one "
+                         "caption per item")
     t2v = (t2v_ranks(scores, caption_item) <= 1).double()
     order = torch.empty_like(t2v)
     order[caption_item] = t2v
@@ -237,9 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parts", nargs="+", default=["clip", "pairs"], choices=["clip", "pairs"],
                    help="the CLIP-style model (image-text), the cross-encoder (video-text), or both")
     p.add_argument("--name", default="merging", help="file name of the reports (OUT/NAME.json/.md/.png)")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
-    payload: dict = {"command": "python benchmarks/merging.py " + " ".join(argv or [])}
+    payload: dict = {"command": " ".join(["python benchmarks/merging.py", *argv])}
     md = ""
     fig, axes = figure(2 * len(a.parts), width=5.0)
     for i, part in enumerate(a.parts):

@@ -38,13 +38,13 @@ def test_sizes_one_and_equal_importance_give_the_plain_mean(method):
     x = _tokens()
     m, _ = _merges(method, x, 5)
     merged, size = m.tokens(x, importance=torch.zeros(x.shape[:2]) if method == "crossget" else None)
-    src, dst = _sources(m, x.shape[1])
     for b in range(x.shape[0]):
         for j in range(merged.shape[1]):
             members = (m.slot[b] == j).nonzero()[:, 0]
             torch.testing.assert_close(merged[b, j], x[b, members].mean(0))
             assert size[b, j] == len(members)
-    assert (src != dst).all()
+    counts = torch.stack([row.bincount(minlength=merged.shape[1]) for row in m.slot])
+    assert counts.min() >= 1 and (counts.sum(1) == x.shape[1]).all()  # no empty slot, every token in one
 
 
 @pytest.mark.parametrize("method", ["tome", "crossget"])
@@ -234,6 +234,14 @@ def test_patched_dual_encoder_pools_by_size():
     assert dual.merge_report["video"]["r"] == [6] * 4
     torch.testing.assert_close(t1, t0)  # captions are not merged
     assert (v1 - v0).norm(dim=-1).max() > 1e-4 and (v1 * v0).sum(-1).min() > 0.5
+    # The pooled mean weighs each merged token by its size (what it stands for), not 1.
+    with torch.no_grad():
+        x, valid = dual.backbone.encode_tokens(*dual.embed_inputs(video))
+        w = valid.float() * dual.backbone._merge.last_size
+        sized = F.normalize(dual.backbone.proj((x * w[..., None]).sum(1) / w.sum(1, keepdim=True)), dim=-1)
+        plain = F.normalize(dual.backbone.proj(x.mean(1)), dim=-1)
+    torch.testing.assert_close(v1, sized)
+    assert (v1 - plain).norm(dim=-1).max() > 1e-4
     assert is_patched(dual.backbone)
     unpatch(dual)
     assert not is_patched(dual) and not is_patched(dual.backbone)
@@ -265,6 +273,13 @@ def test_bad_patches_are_refused():
         patch(decompose(tiny_model("perceiver_vl_tiny")))
     with pytest.raises(ValueError, match="not patched"):
         unpatch(tiny_model("single_stream_tiny"))
+    # A patched cross-encoder is not decomposed (its loop would merge captions); nor is a lone backbone patched.
+    with pytest.raises(ValueError, match="unpatch"):
+        decompose(model)
+    dual = decompose(unpatch(model))
+    patch(dual.backbone, r=2)
+    with pytest.raises(ValueError, match="backbone is patched"):
+        patch(dual)
 
 
 def _clamped(r, free, layers):
@@ -300,8 +315,9 @@ def test_patched_clip_merges_both_towers_keeping_cls_cross_and_eot(method, cross
     n = 1 + 64 + int(cross)  # [CLS], 8 x 8 patches, the cross token
     assert model.merge_report["video"] == {"r": _clamped(6, n - 1 - int(cross), 4),
                                            "tokens": _left(n, _clamped(6, n - 1 - int(cross), 4))}
-    # Text: the shorter caption has 7 real tokens, of which [CLS] and EOT are protected; padding never merges.
-    assert model.merge_report["text"] == {"r": [2, 1, 1, 0], "tokens": _left(12 + int(cross), [2, 1, 1, 0])}
+    # Text: the longer caption (12 real tokens, [CLS] and EOT protected) merges 2 a layer; the shorter one (7)
+    # merges 2, 1, 1, 0 of its own and makes up the rest with its padding, so both keep one length.
+    assert model.merge_report["text"] == {"r": [2, 2, 2, 2], "tokens": _left(12 + int(cross), [2, 2, 2, 2])}
     assert (v1 - v0).norm(dim=-1).max() > 1e-4 and torch.isfinite(t1).all()
     # Recording the cross tokens (the consistency loss) works under merging.
     if cross:
@@ -312,3 +328,48 @@ def test_patched_clip_merges_both_towers_keeping_cls_cross_and_eot(method, cross
     unpatch(model)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_video(video), v0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_a_rows_merges_do_not_depend_on_the_other_rows(method):
+    """Rows of one length but different padding: each merges what it alone
+    would, the shorter ones filling up with padding merged into padding."""
+    x = _tokens(b=3, n=16)
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    valid[1, 9:] = False  # 9 real tokens
+    valid[2, 5:] = False  # 5 real tokens
+    protected = torch.tensor([True] + [False] * 15)
+    imp = torch.rand(3, 16, generator=torch.Generator().manual_seed(3))
+    both = _match(method, x, 6, protected, valid, imp)
+    for row in range(3):
+        alone = _match(method, x[row:row + 1], 6, protected, valid[row:row + 1], imp[row:row + 1])
+        merged, _ = both.tokens(x, importance=imp if method == "crossget" else None)
+        own, _ = alone.tokens(x[row:row + 1], importance=imp[row:row + 1] if method == "crossget" else None)
+        kept = both.gather(valid)[row]
+        n_real = int(kept.sum())
+        assert n_real == own.shape[1] - int((~alone.gather(valid[row:row + 1])).sum())
+        torch.testing.assert_close(merged[row, :n_real], own[0, :n_real])  # the real tokens: as alone
+        assert kept[:n_real].all() and not kept[n_real:].any()  # real tokens stay a prefix
+    assert both.r == 6  # the longest row's merges; the others made up with padding
+    assert torch.equal(both.gather(valid).sum(1), torch.tensor([16 - 6, 9 - 4, 5 - 2]))
+
+
+def _match(method, x, r, protected, valid, imp):
+    if method == "tome":
+        return bipartite_soft_matching(x, r, protected, valid)
+    return complete_graph_matching(x, r, imp, protected, valid)
+
+
+@pytest.mark.filterwarnings("ignore:.*clamped")
+def test_a_captions_embedding_does_not_depend_on_its_batch_when_text_merges():
+    model = tiny_model("clip_tiny", device=DEVICE, patch_size=4, cross_tokens=True).eval()
+    patch(model, "crossget", r=4, r_text=3)
+    ids = torch.randint(5, 50, (3, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mask = torch.ones(3, 12, dtype=torch.bool, device=DEVICE)
+    mask[1, 8:] = False
+    mask[2, 4:] = False
+    with torch.no_grad():
+        together = model.encode_text(ids, mask)
+        for row in range(3):
+            torch.testing.assert_close(together[row], model.encode_text(ids[row:row + 1], mask[row:row + 1])[0],
+                                       rtol=1e-4, atol=1e-5)

@@ -53,8 +53,12 @@ def test_train_finetune_and_eval_with_merging(images, tmp_path, capsys):
         evals[" ".join(extra)] = _last_json(capsys)
     assert evals[""]["merge"] == {"method": "crossget", "r": 4, "r_text": 0}
     assert "merge" not in evals["--merge none"]
-    assert evals["--merge tome --r 8"]["merge"]["method"] == "tome"
-    assert all(0 <= e["t2v_r1"] <= 1 for e in evals.values())
+    assert evals["--merge tome --r 8"]["merge"] == {"method": "tome", "r": 8, "r_text": 0}
+    main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", "--r", "2"])
+    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 2, "r_text": 0}  # its own method, new r
+    with pytest.raises(SystemExit) as e:  # --r alone means nothing for a model that merges nothing
+        main(["-q", "eval", "--data", str(images), "--checkpoint", str(base), "--frames", "1", "--r", "2"])
+    assert e.value.code == 2 and "--merge" in capsys.readouterr().err
     # A model the checkpoint's weights do not fit is refused, naming the weights.
     with pytest.raises(SystemExit) as e:
         main(["-q", "train", "--data", str(images), "--merge", "tome", "--init-from", str(base), *TRAIN,

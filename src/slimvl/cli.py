@@ -138,10 +138,22 @@ def _task(a: argparse.Namespace, tok, answers: list[str] | None = None):
 def merge_args(p: argparse.ArgumentParser, help: str, none: bool = False) -> None:
     """``--merge METHOD --r R --r-text R``: token merging (slimvl.merge)."""
     p.add_argument("--merge", choices=(["none"] if none else []) + ["tome", "crossget"], help=help)
-    p.add_argument("--r", type=int, default=16, help="--merge: tokens merged per layer of the vision tower "
-                                                     "(clamped to half a layer's mergeable tokens)")
-    p.add_argument("--r-text", type=int, default=0, help="--merge: tokens merged per layer of a clip model's "
-                                                         "text tower")
+    p.add_argument("--r", type=int, help="tokens merged per layer of the vision tower, clamped to half a layer's "
+                   "mergeable tokens (without it: 16 with --merge; eval: the checkpoint's own r)")
+    p.add_argument("--r-text", type=int, help="tokens merged per layer of a clip model's text tower (without it: 0; "
+                   "eval: the checkpoint's own)")
+
+
+def _merge_choice(a: argparse.Namespace, model=None) -> tuple[str | None, int, int]:
+    """``(method, r, r_text)`` the command line asks for: ``--merge`` with
+    ``--r``/``--r-text`` (defaults 16 and 0), or, in eval, new r for a
+    checkpoint that merges already; ``--r`` alone otherwise is an error."""
+    own = model.merge_config() if model is not None and hasattr(model, "merge_config") else None
+    if a.merge is None and (a.r is not None or a.r_text is not None):
+        if own is None:
+            raise ValueError("--r/--r-text: give --merge tome or --merge crossget too (this model merges nothing)")
+        return own["method"], own["r"] if a.r is None else a.r, own["r_text"] if a.r_text is None else a.r_text
+    return a.merge, 16 if a.r is None else a.r, 0 if a.r_text is None else a.r_text
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -163,8 +175,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         raise ValueError("--decompose starts from a cross-encoder checkpoint and trains retrieval: it takes no "
                          "--init-from, --model or --merge, and --task retrieval only (fine-tune the dual encoder "
                          "with merging afterwards: --merge METHOD --init-from RUN)")
-    if a.merge and a.init_from and a.model:
-        raise ValueError("--merge with --init-from fine-tunes that checkpoint's model: drop --model")
+    if a.merge and a.init_from and (a.model or a.init_vit or a.init_bert):
+        raise ValueError("--merge with --init-from fine-tunes that checkpoint's model: drop --model, --init-vit "
+                         "and --init-bert")
+    method, r, r_text = _merge_choice(a)
     init = resolve_checkpoint(a.init_from or a.decompose) if a.init_from or a.decompose else None
     qa = TASKS[a.task].qa_tokenizer
     if init is not None:  # token ids must mean what they meant to the weights being loaded
@@ -175,7 +189,11 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.decompose:
         return _train_decomposed(a, init, overrides, entry, source)
     needs = entry.model_overrides(source)
-    fields = get_config(model_name).to_dict()
+    if a.merge and init is not None:  # the checkpoint's model is the one fine-tuned
+        model_name = read_meta(init)["config"]["model_type"]
+        fields = read_meta(init)["config"]
+    else:
+        fields = get_config(model_name).to_dict()
     missing = sorted(set(needs) - set(fields))
     if missing:
         fit = [m for m in list_models() if set(needs) <= set(get_config(m).to_dict())]
@@ -188,7 +206,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.merge and init is not None:
         from .merge.finetune import model_for_merging
 
-        model = model_for_merging(init, a.merge, a.r, a.r_text, **overrides)
+        model = model_for_merging(init, method, r, r_text, **overrides)
     else:
         if a.merge == "crossget" and "cross_tokens" in fields:
             overrides.setdefault("cross_tokens", True)  # CrossGET's guides, trained with its consistency loss
@@ -197,7 +215,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         if a.merge:
             from .merge import patch
 
-            patch(model, a.merge, r=a.r, r_text=a.r_text)
+            patch(model, method, r=r, r_text=r_text)
     _fit(a, model, cfg, entry, source, **({"merge": model.merge_config()} if a.merge else {}))
 
 
@@ -207,7 +225,12 @@ def _train_decomposed(a: argparse.Namespace, ckpt: Path, overrides: dict, entry,
     from .models import decompose
 
     cfg = _train_config(a)
-    _fit(a, decompose(load_model(ckpt), **overrides), cfg, entry, source, decomposed=str(ckpt))
+    cross = load_model(ckpt)
+    if "_merge" in vars(cross):  # trained with token merging: decomposed unmerged (patch the dual encoder after)
+        from .merge import unpatch
+
+        unpatch(cross)
+    _fit(a, decompose(cross, **overrides), cfg, entry, source, decomposed=str(ckpt))
 
 
 def _fit(a: argparse.Namespace, model, cfg, entry, source, **report) -> None:
@@ -241,13 +264,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
         if "cross_attn_keep" not in model.capabilities:
             raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
         model.cross_attn_keep = parse_keep(a.cross_attn_keep)
-    if a.merge is not None:  # instead of the checkpoint's own merging, if it has any
+    method, r, r_text = _merge_choice(a, model)
+    if a.merge is not None or a.r is not None or a.r_text is not None:  # instead of the checkpoint's own merging
         from .merge import is_patched, patch, unpatch
 
         if is_patched(model):
             unpatch(model)
-        if a.merge != "none":
-            patch(model, a.merge, r=a.r, r_text=a.r_text)
+        if method != "none":
+            patch(model, method, r=r, r_text=r_text)
     # A classifier's answers are the ones it was trained with (kept in the
     # checkpoint); the data's answers outside them count as wrong.
     entry, source = _task(a, tok, read_meta(ckpt).get("answers"))

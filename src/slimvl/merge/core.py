@@ -17,7 +17,10 @@ with no loop over tokens. Unlike ToMe's reference code, the output keeps
 the tokens' order (a destination stays where it was; a source disappears),
 so position-dependent code downstream (a causal text mask, "the first
 token is [CLS]") keeps working. Protected tokens (CLS, cross tokens, EOT)
-and padding are never sources nor destinations, so they survive unchanged.
+are never sources nor destinations, so they survive unchanged; padding
+never merges with a real token. ``r`` is clamped per row (half its free
+tokens): a row that cannot merge as many as the others merges padding into
+padding for the difference, so one row's merges never depend on another's.
 
 Shapes: ``B`` batch, ``N`` tokens, ``C`` metric width, ``r`` merges.
 """
@@ -99,11 +102,57 @@ def _from_destinations(dest: Tensor, is_source: Tensor, r: int) -> Merge:
     return Merge(slot=slot, keep=keep, r=r)
 
 
-def _sources_to(dest_of_sources: Tensor, sources: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _plan(can: Tensor, valid: Tensor | None, r: int) -> tuple[Tensor, int, Tensor | None]:
+    """How many merges each row makes: ``(real [B], R, padding [B, N] or None)``.
+
+    ``real`` is each row's own clamped r: ``r``, at most what the row
+    ``can`` merge (half its free tokens; for ToMe, also its free A
+    tokens). The output has one length, so every row must lose ``R``
+    tokens: a row with fewer real merges makes up the difference by merging
+    padding into padding (masked, never read), so that a caption's merges
+    never depend on the captions beside it. ``R`` is the largest count every
+    row can reach that way."""
+    real = can.clamp(min=0, max=r)
+    if valid is None:
+        return real.clamp(max=int(real.min())), int(real.min()), None
+    pad = ~valid
+    spare = (pad.sum(1) - 1).clamp(min=0)  # padding that can merge into the last padding token
+    most = int(torch.minimum(real + spare, real.max().expand_as(real)).min())
+    return real.clamp(max=most), most, pad
+
+
+def _choose(priority: Tensor, real: Tensor, total: int, pad: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sources ``[B, total]`` (ascending positions), the source flags ``[B,
+    N]`` and which sources are padding fillers ``[B, total]``: per row, the
+    ``real[b]`` tokens of lowest ``priority`` (+inf: never), then fillers,
+    the first padding tokens (never the last, their destination)."""
+    b, n = priority.shape
+    rank = torch.empty_like(priority, dtype=torch.long).scatter_(
+        1, priority.argsort(1), torch.arange(n, device=priority.device).expand(b, n))
+    is_source = rank < real[:, None]
+    filler = torch.zeros_like(is_source)
+    if pad is not None:
+        pad_rank = pad.long().cumsum(1) - 1
+        filler = pad & (pad_rank < (total - real)[:, None])
+        is_source = is_source | filler
+    sources = torch.sort(is_source.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :total]
+    sources = sources.sort(1).values
+    return sources, is_source, filler.gather(1, sources)
+
+
+def _last_padding(pad: Tensor) -> Tensor:
+    """``[B]`` the position of each row's last padding token (0 if none)."""
+    pos = torch.arange(1, pad.shape[1] + 1, device=pad.device)
+    return (pad.long() * pos).argmax(1)
+
+
+def _destinations(sources: Tensor, to: Tensor, is_filler: Tensor, pad: Tensor | None, n: int) -> Tensor:
+    """Each token's destination ``[B, N]`` (itself when kept): ``to [B, R]``
+    for the sources, the last padding token for the fillers."""
+    if pad is not None:
+        to = torch.where(is_filler, _last_padding(pad)[:, None].expand_as(to), to)
     b = sources.shape[0]
-    dest = torch.arange(n, device=sources.device).expand(b, n).scatter(1, sources, dest_of_sources)
-    is_source = torch.zeros(b, n, dtype=torch.bool, device=sources.device).scatter(1, sources, True)
-    return dest, is_source
+    return torch.arange(n, device=sources.device).expand(b, n).scatter(1, sources, to)
 
 
 @torch.no_grad()
@@ -113,24 +162,27 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     similar odd-position token (set B) by cosine of ``metric [B, N, C]``
     (the keys averaged over heads); the ``r`` best-matched A tokens merge
     into their partners. ``protected`` (``[N]`` or ``[B, N]`` bool) and
-    padding (``valid [B, N]`` False) never merge. ``r`` is clamped to what
-    the layer allows (``effective_r``, and at most the free A tokens);
-    returns None when nothing merges."""
+    padding (``valid [B, N]`` False) never merge with real tokens. ``r`` is
+    clamped per row to what the row allows (``effective_r``, at most its
+    free A tokens; a row short of them merges padding instead, see
+    ``_plan``); returns None when nothing merges."""
     b, n, _ = metric.shape
     blocked = blocked_tokens(n, protected, valid, b, metric.device)
     free_a, free_b = (~blocked[:, ::2]).sum(1), (~blocked[:, 1::2]).sum(1)
-    if int(free_b.min()) == 0:
-        return None
-    r = min(effective_r(r, int((~blocked).sum(1).min())), int(free_a.min()))
-    if r == 0:
+    allowed = torch.minimum((~blocked).sum(1) // 2, free_a) * (free_b > 0)
+    real, total, pad = _plan(allowed, valid, r)
+    if total == 0:
         return None
     k = F.normalize(metric.float(), dim=-1)
     scores = k[:, ::2] @ k[:, 1::2].transpose(1, 2)
     scores = scores.masked_fill(blocked[:, ::2, None] | blocked[:, None, 1::2], float("-inf"))
     best, partner = scores.max(-1)
-    chosen = best.argsort(-1, descending=True)[:, :r]  # indices into A
-    dest, is_source = _sources_to(2 * partner.gather(1, chosen) + 1, 2 * chosen, n)
-    return _from_destinations(dest, is_source, r)
+    # Priority: A tokens by best match (the best first), every other token never.
+    priority = torch.full((b, n), float("inf"), device=metric.device)
+    priority[:, ::2] = torch.where(torch.isfinite(best), -best, float("inf"))
+    sources, is_source, filler = _choose(priority, real, total, pad)
+    to = (2 * partner + 1).gather(1, (sources // 2).clamp(max=partner.shape[1] - 1))
+    return _from_destinations(_destinations(sources, to, filler, pad, n), is_source, total)
 
 
 def guided_importance(metric: Tensor, query: Tensor) -> Tensor:
@@ -147,7 +199,8 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
 
     Args:
         metric: ``[B, N, C]`` keys averaged over heads (cosine similarity).
-        r: merges wanted (clamped by ``effective_r``).
+        r: merges wanted (clamped per row by ``effective_r``; a row short
+            of free tokens merges padding into padding instead, ``_plan``).
         importance: ``[B, N]`` (``guided_importance``): important tokens
             are kept as destinations rather than merged away.
         protected, valid: as ``bipartite_soft_matching``.
@@ -164,8 +217,8 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
     if importance.shape != (b, n):
         raise ValueError(f"importance: expected [B, N] = {[b, n]}, got {tuple(importance.shape)}")
     blocked = blocked_tokens(n, protected, valid, b, metric.device)
-    r = effective_r(r, int((~blocked).sum(1).min()))
-    if r == 0:
+    real, total, pad = _plan((~blocked).sum(1) // 2, valid, r)
+    if total == 0:
         return None
     k = F.normalize(metric.float(), dim=-1)
     sim = k @ k.transpose(1, 2)
@@ -175,11 +228,9 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=sim.device).expand(b, n))
     allowed = sim.masked_fill(rank[:, None, :] <= rank[:, :, None], float("-inf"))  # only lower-ranked targets
     score = importance.float() - allowed.max(-1).values  # +inf for blocked and the lowest-ranked: never sources
-    sources = score.argsort(-1)[:, :r]
-    is_source = torch.zeros(b, n, dtype=torch.bool, device=sim.device).scatter(1, sources, True)
-    to = allowed.gather(1, sources[..., None].expand(b, r, n)).masked_fill(is_source[:, None, :], float("-inf"))
-    dest, is_source = _sources_to(to.argmax(-1), sources, n)
-    return _from_destinations(dest, is_source, r)
+    sources, is_source, filler = _choose(score, real, total, pad)
+    to = allowed.gather(1, sources[..., None].expand(b, total, n)).masked_fill(is_source[:, None, :], float("-inf"))
+    return _from_destinations(_destinations(sources, to.argmax(-1), filler, pad, n), is_source, total)
 
 
 __all__ = ["Merge", "bipartite_soft_matching", "complete_graph_matching", "guided_importance", "effective_r",

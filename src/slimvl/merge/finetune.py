@@ -40,9 +40,11 @@ def model_for_merging(checkpoint: str | Path, method: str, r: Any = 16, r_text: 
     check_finite(weights, folder)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if unexpected or any(not k.endswith(NEW_WEIGHTS) for k in missing):
+    reshaped = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if unexpected or reshaped or any(not k.endswith(NEW_WEIGHTS) for k in missing):
         raise ValueError(f"{folder}: its weights do not fit the model to fine-tune (missing {missing}, unexpected "
-                         f"{unexpected}); a config change may only add {list(NEW_WEIGHTS)}")
+                         f"{unexpected}, of another shape {reshaped}); a config change may only add "
+                         f"{list(NEW_WEIGHTS)}")
     model.load_state_dict(weights, strict=False)
     return patch(model, method, r=r, r_text=r_text)
 

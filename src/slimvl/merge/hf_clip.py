@@ -101,6 +101,12 @@ class _MergingLayer:
 
 
 def _clip_classes():
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:  # version 4 builds hidden states inside the encoder loop and nests its modules otherwise
+        raise ValueError(f"token merging on Hugging Face CLIP needs transformers >= 5 (found "
+                         f"{transformers.__version__})")
     from transformers import CLIPModel, CLIPPreTrainedModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
     return CLIPModel, CLIPPreTrainedModel, CLIPVisionModel, CLIPVisionModelWithProjection

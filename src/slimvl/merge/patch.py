@@ -14,7 +14,10 @@ merges:
   weights each token by its size, so that at r = 0 nothing changes and
   merged tokens count for what they stand for.
 - ``clip``: the vision tower (``r``) and the text tower (``r_text``,
-  default 0). Protected: [CLS], the cross tokens, the text's first token
+  default 0). Padding never merges with real tokens; a caption too short
+  for a layer's r merges what it can and makes up the rest by merging its
+  padding into padding, so every row keeps one length and a caption's
+  embedding does not depend on the captions batched with it. Protected: [CLS], the cross tokens, the text's first token
   and its EOT; CrossGET's guide is the cross token (vision; [CLS] without
   cross tokens) and the EOT (text). Order is kept, so the causal mask and
   the EOT lookup still hold.
@@ -94,6 +97,7 @@ class _Merging:
                 (isinstance(value, Schedule) and value.r == 0)
             if value != 0 and not nothing:
                 raise ValueError(f"r_text={value!r}: a patched {self.config.model_type} merges no text tokens")
+            value = 0  # whatever merges nothing, as one value that fits any depth
         else:
             layer_r(value, towers["text"], "r_text")
         self._settings().r_text = value
@@ -114,16 +118,16 @@ class _Merging:
         return self._merge
 
     def _run_merging(self, tower: str, blocks, x: Tensor, state: TokenState, causal: bool = False,
-                     before=None, after=None) -> tuple[Tensor, TokenState]:
+                     before=None) -> tuple[Tensor, TokenState]:
+        """The tower's layers with merging; ``before(i, x, state)``, when
+        given, runs before layer ``i`` (a cross token's update)."""
         s = self._settings()
         asked = layer_r(s.r if tower == "video" else s.r_text, len(blocks), "r" if tower == "video" else "r_text")
         done, tokens = [], []
         for i, blk in enumerate(blocks):
             if before is not None:
-                x = before(i, x)
+                x = before(i, x, state)
             x, state, d = merge_layer(blk, x, state, asked[i], s.method, causal)
-            if after is not None:
-                after(i, x)
             done.append(d)
             tokens.append(x.shape[1])
         s.record(self.config.model_type, tower, asked, done, tokens)
@@ -203,14 +207,16 @@ class _ClipMerging(_Merging):
         states: list[Tensor] = []
         record = cross and self.cross_record is not None
 
-        def before(i: int, x: Tensor) -> Tensor:
-            return self.cross_step(x, offsets[i]) if cross else x
-
-        def after(i: int, x: Tensor) -> None:
+        def before(i: int, x: Tensor, now: TokenState) -> Tensor:
+            if not cross:
+                return x
+            # The text's cross token is seeded from the EOT, which merging may have moved.
+            token = self.cross_value(x, offsets[i], self.cross_source(tower, mask if now.mask is None else now.mask))
             if record:
-                states.append(x[:, -1])
+                states.append(token)
+            return torch.cat([x[:, :-1], token[:, None]], 1)
 
-        x, state = self._run_merging(tower, blocks, x, state, causal=tower == "text", before=before, after=after)
+        x, state = self._run_merging(tower, blocks, x, state, causal=tower == "text", before=before)
         if record:
             self.cross_record.setdefault(tower, torch.stack(states, 1))
         return x, state.mask if state.mask is not None else mask.new_ones(x.shape[:2])
@@ -268,6 +274,9 @@ def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
 
         return patch_hf(model, method, r, r_text)
     if name == "dual_encoder" and isinstance(model, DualEncoder):
+        if is_patched(model.backbone):
+            raise ValueError("this dual_encoder's backbone is patched on its own; slimvl.merge.unpatch("
+                             "model.backbone) first, then patch the dual encoder")
         if not isinstance(model.backbone, SingleStream):
             raise ValueError(f"a dual_encoder of a {model.config.backbone['model_type']} has no layers token "
                              "merging supports (its encoder runs latents); decompose a single_stream model")

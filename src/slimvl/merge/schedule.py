@@ -9,8 +9,8 @@ class Schedule:
     """``r`` merges per layer on average, tilted by ``inflection`` in [-1, 1]:
     0 is constant, negative merges more in early layers (where tokens are
     many and merging saves the most), positive more in late ones. Layer
-    ``i`` of ``L`` merges ``round(r * (1 + inflection * (1 - 2 i / (L - 1))))``
-    with a negative ``inflection`` read as "decreasing"."""
+    ``i`` of ``L`` merges ``round(r * (1 - inflection * (1 - 2 i / (L - 1))))``
+    (at least 0), e.g. ``Schedule(8, -1)`` over 5 layers: 16, 12, 8, 4, 0."""
 
     r: int
     inflection: float = 0.0

@@ -10,14 +10,16 @@ query costs one encoding and a matrix product.
 
 Cross tokens (``cross_tokens=True``): each tower appends one more token,
 last, that starts as a copy of the token it pools ([CLS] or EOT). Before
-every layer it becomes its own value with the gradient stopped plus a
-learned per-layer offset, so each layer's cross token is trained by that
-layer's offset and by how the layer reads the other tokens, never through
-the chain of earlier cross-token states. A consistency term
-(``cross_consistency_loss``) pulls the two towers' cross tokens of a
-matched pair together after every layer, so that each tower's cross token
-learns what the other modality cares about: the guidance that token merging
-reads to choose which tokens may be merged. Cross tokens are never pooled.
+every layer it is set again, to a value with the gradient stopped (vision:
+its own current value; text: the EOT's, since in a causal tower no token
+reads the last one) plus a learned per-layer offset, as CrossGET's code
+does. A consistency term (``cross_consistency_loss``) pulls the two towers'
+cross tokens of a matched pair together at every layer; since the values
+it sees are the stopped ones plus offsets, it trains the offsets alone,
+while the towers' layers learn from the task loss. The vision cross
+token's query is what guides token merging (``slimvl.merge``): which
+tokens are important to what the other modality cares about. Cross tokens
+are never pooled.
 
 The tower loop is the methods ``tower_input`` -> ``run_tower`` ->
 ``pool_tower``; ``run_tower`` is the one place where the layers run, which
@@ -157,11 +159,23 @@ class ClipModel(DualEncoding, VLModel):
         """Bool ``[n, n]``, True where query ``i`` may read key ``j <= i``."""
         return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
-    def cross_step(self, x: Tensor, offset_i: Tensor) -> Tensor:
-        """``x [B, N, D]`` with its last token (the cross token) replaced by
-        its value with the gradient stopped plus ``offset_i [D]``. Built by
+    def cross_value(self, x: Tensor, offset_i: Tensor, source: Tensor | None = None) -> Tensor:
+        """The cross token ``[B, D]`` entering a layer: the value of token
+        ``source [B]`` of ``x [B, N, D]`` (None: the cross token itself, the
+        last) with the gradient stopped, plus ``offset_i [D]``."""
+        seed = x[:, -1] if source is None else x[torch.arange(x.shape[0], device=x.device), source]
+        return seed.detach() + offset_i.to(x.dtype)
+
+    def cross_step(self, x: Tensor, offset_i: Tensor, source: Tensor | None = None) -> Tensor:
+        """``x`` with its last token replaced by ``cross_value``. Built by
         concatenation: the tokens before may be needed by autograd."""
-        return torch.cat([x[:, :-1], x[:, -1:].detach() + offset_i.to(x.dtype)], 1)
+        return torch.cat([x[:, :-1], self.cross_value(x, offset_i, source)[:, None]], 1)
+
+    def cross_source(self, tower: str, mask: Tensor) -> Tensor | None:
+        """Which token seeds a tower's cross token before each layer: the
+        cross token itself for video (None), the EOT for text (``[B]``: the
+        last real token before the cross token; real tokens are a prefix)."""
+        return None if tower == "video" else mask.sum(1) - 2
 
     def run_tower(self, tower: str, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Run the tower's blocks over ``x [B, N, D]`` (``tower_input``): the
@@ -170,19 +184,24 @@ class ClipModel(DualEncoding, VLModel):
         The text tower is causal. Video rows have no padding, so the video
         tower passes no key-padding mask to attention (without one SDPA may
         pick its fused kernels). While ``cross_record`` is a dict, the cross
-        token after every block is kept there as ``[B, layers, D]`` under
-        the tower's name, the first encoding of a step only.
+        token *entering* every block (``cross_step``'s output, a stopped
+        value plus the layer's offset) is kept there as ``[B, layers, D]``
+        under the tower's name, the first encoding of a step only: as in
+        CrossGET's code, the consistency term then trains the offsets alone,
+        and the towers' layers learn from the task loss only.
         """
         blocks, offsets = self.tower_layers(tower)
         causal = self.causal_mask(x.shape[1], x.device) if tower == "text" else None
         padding = mask if tower == "text" else None
         record = [] if offsets is not None and self.cross_record is not None else None
+        source = self.cross_source(tower, mask) if offsets is not None else None
         for i, block in enumerate(blocks):
             if offsets is not None:
-                x = self.cross_step(x, offsets[i])
+                token = self.cross_value(x, offsets[i], source)
+                x = torch.cat([x[:, :-1], token[:, None]], 1)
+                if record is not None:
+                    record.append(token)  # the token itself: no path back into the layers
             x = block(x, key_padding_mask=padding, mask=causal)
-            if record is not None:
-                record.append(x[:, -1])
         if record is not None:
             self.cross_record.setdefault(tower, torch.stack(record, 1))
         return x, mask

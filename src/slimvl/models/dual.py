@@ -187,6 +187,9 @@ def decompose(model: VLModel, copy: bool = False, **options: Any) -> DualEncoder
 
     if isinstance(model, DualEncoder):
         raise ValueError("decompose: the model is already a dual encoder")
+    if "_merge" in vars(model):  # its patched layer loop would merge the captions of the text tower too
+        raise ValueError("decompose: the model is patched for token merging; slimvl.merge.unpatch(model) first, "
+                         "then patch the dual encoder (slimvl.merge.patch(dual, ...))")
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     if kind not in DECOMPOSABLE:
         raise ValueError(f"decompose: a {kind} cannot be decomposed; expected one of {list(DECOMPOSABLE)}")
