@@ -88,3 +88,23 @@ def test_a_checkpoint_keeps_its_merging(tmp_path):
     (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="token-merging settings"):
         load_model(tmp_path / "ckpt")
+
+
+def test_bench_measures_merged_models_by_counting(capsys):
+    main(["bench", "--model", "clip_tiny", "--min-run-time", "0.01", "--batch", "2", "--frames", "1",
+          "--text-len", "8"])
+    (plain,) = json.loads(capsys.readouterr().out)
+    main(["bench", "--model", "clip_tiny", "--min-run-time", "0.01", "--batch", "2", "--frames", "1",
+          "--text-len", "8", "--merge", "tome", "--r", "8"])
+    (merged,) = json.loads(capsys.readouterr().out)
+    assert plain["gflops_per_pair"] == pytest.approx(plain["gflops_per_pair_analytic"], rel=0.05)
+    # A merged model's cost follows its merges: counted, never a formula that ignores them.
+    assert merged["gflops_per_pair_analytic"] is None and merged["retrieval_gflops"] is None
+    assert merged["gflops_per_pair"] < 0.8 * plain["gflops_per_pair"]
+    model = tiny_model("clip_tiny")
+    patch(model, "tome", r=4)
+    with pytest.raises(NotImplementedError, match="count_flops"):
+        model.analytic_flops(1, 8)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "clip_tiny", "--r", "8", "--min-run-time", "0.01"])
+    assert e.value.code == 2 and "--merge" in capsys.readouterr().err

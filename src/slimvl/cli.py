@@ -362,6 +362,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     device, dtype = resolve_device(a.device), parse_dtype(a.dtype)
     models = [create_model(name, **parse_overrides(a.set)) for name in a.model]
+    method, r, r_text = _merge_choice(a)
+    if method is not None:  # every model merged alike (the ratios then compare merged models)
+        from .merge import patch
+
+        for m in models:
+            patch(m, method, r=r, r_text=r_text)
     # One text length for all, so that the ratios compare like with like.
     text_len = a.text_len or min(m.config.max_text_len for m in models)
     ref = matmul_gflops(device, dtype, min_run_time=a.min_run_time)
@@ -526,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch", type=int, default=64, help="throughput batch (latency is also measured at 1)")
     be.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     be.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    merge_args(be, "token merging in every model (its analytic GFLOPs are then not given: counted only; default: "
+                   "no merging)")
     be.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="fp32, or bf16/fp16 autocast")
     be.add_argument("--compile", action="store_true",

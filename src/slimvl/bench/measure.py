@@ -113,9 +113,10 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
                   matmul_ref: float | None = None, compile: bool = False) -> dict[str, float]:
     """Cost of scoring (video, text) pairs with ``model`` on ``device``.
 
-    Returns GFLOPs per pair (torch's counter and the analytic formula; for
-    models that cache per-item encodings, ``retrieval_gflops`` splits the
-    analytic cost into per video, per caption and per pair),
+    Returns GFLOPs per pair (torch's counter and the analytic formula, None
+    for a model without one such as a token-merging patch; for models that
+    cache per-item encodings, ``retrieval_gflops`` splits the analytic cost
+    into per video, per caption and per pair),
     latency at batch 1 and per pair at a throughput batch of ``batch``,
     peak activation memory, achieved GFLOP/s and its fraction of a same-dtype
     matmul (``matmul_ref`` GFLOP/s; measured here when not given).
@@ -129,7 +130,10 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
     dtype = parse_dtype(dtype)
     model = model.to(device).eval()
     flops = model_flops_per_pair(model, frames, text_len)
-    analytic = model.analytic_flops(frames, text_len)
+    try:
+        analytic, split = model.analytic_flops(frames, text_len), model.retrieval_flops(frames, text_len)
+    except NotImplementedError:  # e.g. a token-merging model: its cost depends on the input, counted only
+        analytic, split = None, None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def runner(b: int, compiled: bool = compile):
@@ -154,7 +158,7 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
     achieved = flops * batch / tb / 1e9
     return {
         "gflops_per_pair": flops / 1e9,
-        "gflops_per_pair_analytic": analytic / 1e9,
+        "gflops_per_pair_analytic": None if analytic is None else analytic / 1e9,
         "latency_ms_batch1": t1 * 1e3,
         "latency_ms_per_pair": tb / batch * 1e3,
         "throughput_pairs_per_s": batch / tb,
@@ -168,5 +172,5 @@ def profile_model(model: nn.Module, frames: int, text_len: int, batch: int = 64,
         "compiled": bool(compile),
         "params": sum(p.numel() for p in model.parameters()),
         # Cached retrieval (multi/mixed streams): per video, per caption and per pair from the caches.
-        "retrieval_gflops": {k: v / 1e9 for k, v in model.retrieval_flops(frames, text_len).items()},
+        "retrieval_gflops": None if split is None else {k: v / 1e9 for k, v in split.items()},
     }

@@ -38,9 +38,9 @@ from .schedule import Schedule, layer_r
 
 class MergeSettings:
     """What a patched model merges: ``method``, ``r`` (vision) and ``r_text``
-    as given (an int, a list or a ``Schedule``), and ``report``: for the
-    last forward, per tower, the merges each layer did (``r``, after
-    clamping) and the tokens it left (``tokens``)."""
+    as given (an int, a list or a ``Schedule``), and ``report``: per tower,
+    from the last forward through it, the merges each layer did (``r``,
+    after clamping) and the tokens it left (``tokens``)."""
 
     def __init__(self, method: str, r: Any, r_text: Any):
         self.method, self.r, self.r_text = method, r, r_text
@@ -109,9 +109,20 @@ class _Merging:
         as_data = lambda v: {"r": v.r, "inflection": v.inflection} if isinstance(v, Schedule) else v  # noqa: E731
         return {"method": s.method, "r": as_data(s.r), "r_text": as_data(s.r_text)}
 
+    def analytic_flops(self, frames: int, text_len: int) -> int:
+        """Not given for a patched model: its cost follows the merges each
+        layer makes (``merge_report``), which depend on the input; count it
+        with ``slimvl.bench.count_flops``."""
+        raise NotImplementedError(f"a patched {self.config.model_type} has no analytic FLOP formula (its merges "
+                                  "depend on the input): count them with slimvl.bench.count_flops")
+
+    def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:
+        return self.analytic_flops(frames, text_len)
+
     @property
     def merge_report(self) -> dict[str, dict[str, list[int]]]:
-        """Per tower, the merges each layer did in the last forward and the tokens left after it."""
+        """Per tower, the merges each layer did and the tokens left after it,
+        from the last forward through that tower."""
         return self._settings().report
 
     def _settings(self) -> MergeSettings:
