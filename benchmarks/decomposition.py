@@ -22,6 +22,7 @@ approximate indexes against exact search over ``--queries`` random queries.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -283,9 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parts", nargs="+", default=["models", "index"], choices=["models", "index"],
                    help="what to run: the models on the gallery, the index at scale, or both")
     p.add_argument("--name", default="decomposition", help="file name of the reports (OUT/NAME.json/.md/.png)")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     out, prog = Path(a.out), not a.quiet
-    payload: dict = {"command": "python benchmarks/decomposition.py " + " ".join(argv or [])}
+    payload: dict = {"command": " ".join(["python benchmarks/decomposition.py", *argv])}
     md = ""
     fig, axes = figure(len(a.parts), width=6.0)
     if "models" in a.parts:
