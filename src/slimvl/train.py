@@ -208,10 +208,11 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     task = data if isinstance(data, Task) else RetrievalTask(data)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(cfg.device)
-    rank, world = 0, 1
+    rank, world, owns_group = 0, 1, False
     if distributed:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
         rank, world = dist.get_rank(), dist.get_world_size()
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -298,6 +299,11 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                 raise TrainingInterrupted(step + 1, last_ckpt if rank == 0 else None, stop.name)
     seconds = before + time.perf_counter() - t0 - eval_seconds
     _write_log(run_dir, rank, cfg, task, history, evals, seconds)
+    if owns_group:
+        # Leave together: a rank that exits while another still writes its checkpoint can make gloo's
+        # teardown abort the process (seen as a rare SIGABRT under torchrun).
+        dist.barrier()
+        dist.destroy_process_group()
     return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None,
                        evals=evals)
 
