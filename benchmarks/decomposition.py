@@ -22,7 +22,6 @@ approximate indexes against exact search over ``--queries`` random queries.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +34,8 @@ from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import markdown_table, show, write_report
 from slimvl.bench.stats import paired_difference
 from slimvl.checkpoint import latest_checkpoint, load_model, read_meta, weights_checksum
-from slimvl.experiments import (counted_retrieval_flops, experiment_parser, gallery_dataset, retrieval_gflops,
-                                retrieval_splits, subset, train_or_load)
+from slimvl.experiments import (counted_retrieval_flops, experiment_parser, gallery_dataset, parse_options,
+                                retrieval_gflops, retrieval_splits, subset, train_or_load)
 from slimvl.index import IndexParams, VectorIndex
 from slimvl.models import decompose
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
@@ -284,10 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parts", nargs="+", default=["models", "index"], choices=["models", "index"],
                    help="what to run: the models on the gallery, the index at scale, or both")
     p.add_argument("--name", default="decomposition", help="file name of the reports (OUT/NAME.json/.md/.png)")
-    argv = sys.argv[1:] if argv is None else argv
-    a = p.parse_args(argv)
+    a, command = parse_options(p, "decomposition.py", argv)
     out, prog = Path(a.out), not a.quiet
-    payload: dict = {"command": " ".join(["python benchmarks/decomposition.py", *argv])}
+    payload: dict = {"command": command}
     md = ""
     fig, axes = figure(len(a.parts), width=6.0)
     if "models" in a.parts:

@@ -27,7 +27,6 @@ it shows how sure one gallery makes the difference, not the seeds' spread.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from slimvl.bench.report import markdown_table, write_report
 from slimvl.bench.stats import paired_difference
 from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
 from slimvl.data import make_dataset
-from slimvl.experiments import experiment_parser, gallery_dataset, retrieval_splits, train_or_load
+from slimvl.experiments import experiment_parser, gallery_dataset, parse_options, retrieval_splits, train_or_load
 from slimvl.merge import is_patched, patch, unpatch
 from slimvl.merge.finetune import model_for_merging
 from slimvl.pipeline import load_split, load_tokenizer
@@ -86,6 +85,13 @@ def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, ru
     model = load_model(base) if method is None else model_for_merging(base, method, r)
     train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
     return model
+
+
+def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, name: str, progress: bool) -> dict:
+    """``base`` fine-tuned without merging ("none"), with ToMe and with
+    CrossGET at ``r``; each run in ``folder / name.format(arm)``."""
+    return {arm: fine_tune(base, None if arm == "none" else arm, r, data, cfg, folder / name.format(arm), progress)
+            for arm in ("none", "tome", "crossget")}
 
 
 def set_merging(model, method: str | None, r: int):
@@ -185,10 +191,8 @@ def clip_part(a, out: Path, prog: bool) -> dict:
         train_or_load("clip_tiny", {**CLIP, "vocab_size": tok.vocab_size}, train_data,
                       replace(CLIP_TRAIN, steps=a.steps, seed=seed), base_dir, prog)
         base = latest_checkpoint(base_dir)
-        cfg = replace(CLIP_TUNE, steps=a.tune_steps, seed=seed)
-        models = {arm: fine_tune(base, None if arm == "none" else arm, a.r, train_data, cfg,
-                                 out / "merging" / f"clip_{arm}_r{a.r}_s{seed}", prog)
-                  for arm in ("none", "tome", "crossget")}
+        models = fine_tuned_arms(base, a.r, train_data, replace(CLIP_TUNE, steps=a.tune_steps, seed=seed),
+                                 out / "merging", f"clip_{{}}_r{a.r}_s{seed}", prog)
         rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed)
     return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
 
@@ -202,10 +206,8 @@ def pair_part(a, out: Path, prog: bool) -> dict:
     base = latest_checkpoint(out / "decomposition" / "cross")
     rows = []
     for seed in a.pair_seeds:
-        cfg = replace(PAIR_TUNE, steps=a.tune_steps, seed=seed)
-        models = {arm: fine_tune(base, None if arm == "none" else arm, a.pair_r, train_data, cfg,
-                                 out / "merging" / f"pairs_{arm}_r{a.pair_r}_s{seed}", prog)
-                  for arm in ("none", "tome", "crossget")}
+        models = fine_tuned_arms(base, a.pair_r, train_data, replace(PAIR_TUNE, steps=a.tune_steps, seed=seed),
+                                 out / "merging", f"pairs_{{}}_r{a.pair_r}_s{seed}", prog)
         rows += sweep(models, a.pair_r_sweep, pair_measure, test, a.min_run_time, seed)
     return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
 
@@ -243,10 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parts", nargs="+", default=["clip", "pairs"], choices=["clip", "pairs"],
                    help="the CLIP-style model (image-text), the cross-encoder (video-text), or both")
     p.add_argument("--name", default="merging", help="file name of the reports (OUT/NAME.json/.md/.png)")
-    argv = sys.argv[1:] if argv is None else argv
-    a = p.parse_args(argv)
+    a, command = parse_options(p, "merging.py", argv)
     out, prog = Path(a.out), not a.quiet
-    payload: dict = {"command": " ".join(["python benchmarks/merging.py", *argv])}
+    payload: dict = {"command": command}
     md = ""
     fig, axes = figure(2 * len(a.parts), width=5.0)
     for i, part in enumerate(a.parts):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from .recipes import DATA, FRAMES, TEXT_LEN
 from .tasks import RetrievalData
 from .tasks.retrieval import recall_metrics, score_matrix
 from .train import TrainConfig, train
+
+
+def parse_options(p: argparse.ArgumentParser, script: str, argv: list[str] | None) -> tuple[argparse.Namespace, str]:
+    """``p``'s options from ``argv`` (the command line when None) and the
+    command that reproduces the run, as its report records it."""
+    argv = sys.argv[1:] if argv is None else argv
+    return p.parse_args(argv), " ".join([f"python benchmarks/{script}", *argv])
 
 
 def preset_image_size(preset: str = "perceiver_vl_tiny", **overrides) -> int:

@@ -10,11 +10,11 @@ The algorithms are pure functions (``core``): ``bipartite_soft_matching``
 each giving a ``Merge`` that merges tokens (size- or importance-weighted
 mean, order kept) and carries masks and flags along.
 """
-from .core import Merge, bipartite_soft_matching, complete_graph_matching, effective_r, guided_importance
+from .core import Merge, bipartite_soft_matching, complete_graph_matching, guided_importance
 from .layers import METHODS, TokenState, merge_layer
 from .patch import MergeSettings, is_patched, patch, unpatch
 from .schedule import Schedule, layer_r
 
-__all__ = ["Merge", "bipartite_soft_matching", "complete_graph_matching", "effective_r", "guided_importance",
+__all__ = ["Merge", "bipartite_soft_matching", "complete_graph_matching", "guided_importance",
            "METHODS", "TokenState", "merge_layer", "MergeSettings", "is_patched", "patch", "unpatch", "Schedule",
            "layer_r"]

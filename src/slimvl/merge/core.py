@@ -87,12 +87,6 @@ def blocked_tokens(n: int, protected: Tensor | None, valid: Tensor | None, batch
     return out
 
 
-def effective_r(r: int, free: int) -> int:
-    """The merges a layer can do: ``r`` clamped to half its ``free``
-    (mergeable) tokens, as both references clamp, and never below 0."""
-    return max(0, min(int(r), free // 2))
-
-
 def _from_destinations(dest: Tensor, is_source: Tensor, r: int) -> Merge:
     """A ``Merge`` from each token's destination (itself when kept)."""
     kept = ~is_source
@@ -163,8 +157,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     (the keys averaged over heads); the ``r`` best-matched A tokens merge
     into their partners. ``protected`` (``[N]`` or ``[B, N]`` bool) and
     padding (``valid [B, N]`` False) never merge with real tokens. ``r`` is
-    clamped per row to what the row allows (``effective_r``, at most its
-    free A tokens; a row short of them merges padding instead, see
+    clamped per row to half its free tokens (as both references clamp),
+    at most its free A tokens; a row short of them merges padding instead, see
     ``_plan``); returns None when nothing merges."""
     b, n, _ = metric.shape
     blocked = blocked_tokens(n, protected, valid, b, metric.device)
@@ -199,7 +193,7 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
 
     Args:
         metric: ``[B, N, C]`` keys averaged over heads (cosine similarity).
-        r: merges wanted (clamped per row by ``effective_r``; a row short
+        r: merges wanted (clamped per row to half its free tokens; a row short
             of free tokens merges padding into padding instead, ``_plan``).
         importance: ``[B, N]`` (``guided_importance``): important tokens
             are kept as destinations rather than merged away.
@@ -233,5 +227,4 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
     return _from_destinations(_destinations(sources, to.argmax(-1), filler, pad, n), is_source, total)
 
 
-__all__ = ["Merge", "bipartite_soft_matching", "complete_graph_matching", "guided_importance", "effective_r",
-           "blocked_tokens"]
+__all__ = ["Merge", "bipartite_soft_matching", "complete_graph_matching", "guided_importance", "blocked_tokens"]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ..nn.masks import causal_mask
+
 from .core import Merge, bipartite_soft_matching, complete_graph_matching, guided_importance
 
 METHODS = ("tome", "crossget")
@@ -69,11 +71,6 @@ def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState)
     raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
 
 
-def causal_mask(n: int, device) -> Tensor:
-    """``[N, N]`` bool: token ``i`` sees tokens ``<= i``."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
-
-
 def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: str,
                 causal: bool = False) -> tuple[Tensor, TokenState, int]:
     """Run ``block`` on ``x [B, N, D]``, merging up to ``r`` tokens between
@@ -91,4 +88,4 @@ def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: 
     return x + block.mlp(block.norm2(x)), state, 0 if merge is None else merge.r
 
 
-__all__ = ["TokenState", "merge_layer", "match", "guide_query", "causal_mask", "METHODS"]
+__all__ = ["TokenState", "merge_layer", "match", "guide_query", "METHODS"]

@@ -185,14 +185,10 @@ class _DualMerging(_Merging):
         self.backbone._merge.n_video = 0 if video is None else self.patch_embed.num_tokens(video.shape[1])
         return x, mask
 
-    def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
-        x, valid = self.encode_positions(inputs, mask, 0 if modality is None else modality)
-        w = valid.to(x.dtype)
+    def pool_weights(self, valid: Tensor) -> Tensor:
         size = self.backbone._merge.last_size
-        if size is not None:
-            w = w * size.to(x.dtype)  # a merged token stands for `size` tokens of the unmerged mean
-        w = w.unsqueeze(-1)
-        return self.backbone.proj((x * w).sum(1) / w.sum(1))
+        # A merged token stands for `size` tokens of the unmerged mean.
+        return valid.float() if size is None else valid.float() * size
 
 
 class _ClipMerging(_Merging):

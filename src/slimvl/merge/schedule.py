@@ -32,7 +32,7 @@ def layer_r(r, layers: int, option: str = "r") -> list[int]:
     """``r`` per layer for ``layers`` layers: an int (every layer), a list
     of ``layers`` ints, or a ``Schedule``. A bad value is a ``ValueError``
     naming ``option``. These are the merges asked for; a layer with too few
-    mergeable tokens does fewer (``core.effective_r``)."""
+    mergeable tokens does fewer (at most half of them)."""
     if isinstance(r, Schedule):
         return r.per_layer(layers)
     if isinstance(r, (list, tuple)):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Block
+from ..nn.masks import causal_mask
 from .base import DualEncoding, VLModel, block_flops, linear_flops, score_in_fp32, without_autocast
 from .config import VLConfig
 from .registry import register_model
@@ -156,8 +157,8 @@ class ClipModel(DualEncoding, VLModel):
 
     @staticmethod
     def causal_mask(n: int, device: torch.device | str | None = None) -> Tensor:
-        """Bool ``[n, n]``, True where query ``i`` may read key ``j <= i``."""
-        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        """Bool ``[n, n]``, True where query ``i`` may read key ``j <= i`` (``nn.masks.causal_mask``)."""
+        return causal_mask(n, device)
 
     def cross_value(self, x: Tensor, offset_i: Tensor, source: Tensor | None = None) -> Tensor:
         """The cross token ``[B, D]`` entering a layer: the value of token

@@ -156,8 +156,13 @@ class DualEncoder(DualEncoding, VLModel):
     def pool_unimodal(self, inputs: Tensor, mask: Tensor, modality: int | None = None) -> Tensor:
         """Mean over the valid output positions, projected: ``[B, embed_dim]``."""
         x, valid = self.encode_positions(inputs, mask, VIDEO if modality is None else modality)
-        w = valid.to(x.dtype).unsqueeze(-1)
+        w = self.pool_weights(valid).to(x.dtype).unsqueeze(-1)
         return self.backbone.proj((x * w).sum(1) / w.sum(1))
+
+    def pool_weights(self, valid: Tensor) -> Tensor:
+        """Each output position's weight in the pooled mean ``[B, P]``: 1 if
+        valid, else 0 (a token-merging patch weighs merged tokens by size)."""
+        return valid.float()
 
     # -- cost -----------------------------------------------------------------
     def retrieval_flops(self, frames: int, text_len: int) -> dict[str, int]:

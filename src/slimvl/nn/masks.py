@@ -28,6 +28,11 @@ def size_bias(size: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return size.to(dtype).clamp_min(1e-6).log()[:, None, None, :]
 
 
+def causal_mask(n: int, device: torch.device | str | None = None) -> Tensor:
+    """Bool ``[n, n]``, True where query ``i`` may read key ``j <= i`` (a causal text tower)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
 def check_mask(mask: Tensor, b: int, h: int, n: int, s: int) -> None:
     """Raise ``ValueError`` unless ``mask`` broadcasts to ``[B, H, N, S]``."""
     shape = (b, h, n, s)
