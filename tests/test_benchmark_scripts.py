@@ -204,3 +204,32 @@ def test_merging(data, tmp_path):
     # The CrossGET arm of the CLIP model was fine-tuned with cross tokens.
     assert load_model(latest_checkpoint(tmp_path / "merging" / "clip_crossget_r8_s0")).config.cross_tokens
     assert out["command"].startswith("python benchmarks/merging.py")
+
+
+def test_fusion(tmp_path):
+    av = make_dataset(tmp_path / "av", kind="audio-video", n_train=12, n_val=4, n_test=16, frames=4, size=32,
+                      seconds=2.0, progress=False)
+    out = run("fusion", "--out", str(tmp_path), "--data", str(av), "--steps", "2", "--seeds", "0", "1", "--text",
+              "--view-maps", "default", "self", "--seconds-sweep", "1", "4", "--min-run-time", "0.01", "--quiet")
+    report = reports(tmp_path, "fusion")
+    summary = report["audio_video"]["summary"]
+    assert [r["arm"] for r in summary] == ["early", "late", "mbt", "locomt", "video only"]
+    runs = report["audio_video"]["runs"]
+    for r in summary:
+        scores = [x["score"] for x in runs if x["arm"] == r["arm"]]
+        assert len(scores) == 2 and r["score"] == pytest.approx(sum(scores) / 2)
+        assert r["gflops"] == pytest.approx(r["gflops_analytic"])
+        if r["arm"] != "early":
+            lo, hi = r["ci"]
+            assert lo <= hi
+    early = summary[0]["gflops"]
+    assert next(r for r in summary if r["arm"] == "locomt")["gflops"] < 0.8 * early
+    assert [r["arm"] for r in report["audio_video_text"]["summary"]][-1] == "video + text"
+    # The default view map is the LoCoMT arm's own run (seed 0): the same model, the same mAP.
+    default = next(v for v in report["view_maps"] if v["views"] == "default")
+    assert default["mAP"] == pytest.approx(next(x["mAP"] for x in runs if x["arm"] == "locomt" and x["seed"] == 0))
+    sweep = report["seconds_sweep"]
+    for scheme in ("early", "locomt"):
+        short, long = (next(r for r in sweep if r["scheme"] == scheme and r["seconds"] == s) for s in (1, 4))
+        assert long["gflops"] > short["gflops"] and long["audio_tokens"] == 4 * short["audio_tokens"]
+    assert out["n_test"] == 16

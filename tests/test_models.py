@@ -62,7 +62,8 @@ def test_every_preset_config_is_valid_and_builds_its_class():
     kinds = ("perceiver_vl", "single_stream", "clip")
     assert {n for n in list_models() if not n.startswith("test_")} == {
         f"{kind}_{size}" for kind in kinds for size in ("tiny", "small", "base")} | {
-        "perceiver_cls_tiny", "perceiver_cls_small"}
+        "perceiver_cls_tiny", "perceiver_cls_small"} | {
+        f"fusion_{scheme}_{size}" for scheme in ("early", "late", "mbt", "locomt") for size in ("tiny", "base")}
     # Building a small preset as-is (the default tiny sizes) works too.
     m = create_model("perceiver_vl_tiny")
     assert m.config == get_config("perceiver_vl_tiny")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from .data import Tokenizer, VideoTextDataset
 from .data.readers import available_splits, dataset_fingerprint
 from .data.qa import answer_vocab, read_vqa
@@ -88,3 +91,69 @@ def load_class_split(root: str | Path, split: str, target: str, frames: int, siz
     ds = VideoTextDataset(root, split, frames=frames, size=size, skip_bad=skip_bad, progress=progress)
     _need_items(ds, root, split)
     return ClassData.from_dataset(ds, target)
+
+
+def _audio_args(config) -> dict:
+    """The spectrogram settings a fusion model's config fixes (``FusionConfig``)."""
+    return dict(seconds=config.audio_seconds, sample_rate=config.sample_rate, n_fft=config.n_fft,
+                hop_length=config.hop_length, n_mels=config.n_mels, f_max=config.f_max)
+
+
+def av_class_names(root: str | Path) -> list[str]:
+    """The display names of an AudioSet-style folder's classes
+    (``class_labels_indices.csv``), in label order."""
+    from .data.audioset import read_class_labels
+
+    return [c.name for c in read_class_labels(Path(root) / "class_labels_indices.csv")]
+
+
+def audio_statistics(root: str | Path, config, split: str = "train", limit: int = 512,
+                     progress: bool = True) -> tuple[float, float]:
+    """Mean and standard deviation of the log-mel spectrograms of (up to
+    ``limit`` clips of) a split, with ``config``'s spectrogram settings: what
+    the fusion models normalise audio with (AST's dataset statistics).
+    Silent clips are left out (they would pull the mean to the floor)."""
+    from .data.audio import spectrogram_stats
+    from .data.av_dataset import AudioVideoDataset
+
+    ds = AudioVideoDataset(root, split, frames=1, size=config.image_size, skip_bad=True, progress=progress,
+                           limit=limit, **_audio_args(config))
+    if len(ds) == 0:
+        raise ValueError(f"{root}: split {split!r} has no readable clip with sound to take audio statistics from")
+    return spectrogram_stats(ds.audio)
+
+
+def load_av_split(root: str | Path, split: str, config, tokenizer: Tokenizer | None = None, target: str = "labels",
+                  frames: int = 4, skip_bad: bool = False, keep_silent: bool = False,
+                  progress: bool = True):
+    """Read one split of an AudioSet-style folder into ``AVData`` for a fusion
+    model: frames and log-mel spectrograms with ``config``'s settings, the
+    audio normalised with ``config.audio_mean`` / ``audio_std`` (a kept
+    silent clip's spectrogram is zero), and the targets: the multi-label
+    classes (``target="labels"``) or the statements, tokenised, and their
+    answers (``"statements"``)."""
+    from .data.audio import normalise
+    from .data.av_dataset import AudioVideoDataset
+    from .tasks.audio_video import ANSWERS, AVData
+
+    if target not in ("labels", "statements"):
+        raise ValueError(f"target={target!r}: expected 'labels' or 'statements'")
+    ds = AudioVideoDataset(root, split, frames=frames, size=config.image_size, skip_bad=skip_bad,
+                           keep_silent=keep_silent, progress=progress, **_audio_args(config))
+    if len(ds) == 0:
+        raise ValueError(f"{root}: split {split!r} has no readable clips")
+    audio = normalise(ds.audio, config.audio_mean, config.audio_std)
+    audio[torch.as_tensor(ds.silent, dtype=torch.bool)] = 0.0
+    inputs = {"video": ds.videos, "audio": audio.half()}  # half: 2x less memory; batches go back to float
+    if target == "statements":
+        if ds.statements is None:
+            raise ValueError(f"{root}: no {split}_statements.csv, which --task audio-video-text reads")
+        if tokenizer is None:
+            raise ValueError("statements need a tokenizer (the dataset's tokenizer.json or --vocab)")
+        ids, mask = tokenizer.encode(list(ds.statements), config.max_text_len)
+        inputs.update(text=ids, text_mask=mask)
+        labels, classes = torch.as_tensor(ds.answers, dtype=torch.long), list(ANSWERS)
+    else:
+        labels, classes = torch.as_tensor(ds.labels, dtype=torch.float32), list(ds.class_names)
+    return AVData(inputs, labels, classes, target, [str(p) for p, _ in ds.skipped], ds.fingerprint,
+                  int(np.asarray(ds.silent).sum()), tokenizer if target == "statements" else None)

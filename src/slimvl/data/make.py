@@ -1,4 +1,4 @@
-"""Write the synthetic world to disk in standard layouts (MSR-VTT or Karpathy).
+"""Write the synthetic world to disk in standard layouts (MSR-VTT, Karpathy, AudioSet).
 
 Downstream code only ever sees the standard layout, so the same readers work
 for synthetic and real data. ``world.json`` carries the extra synthetic
@@ -20,12 +20,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..files import ensure_writable_dir, remove_stale_temporaries
+from . import make_av
 from . import world as W
 from .media import write_video
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-KINDS = ("video-text", "image-text")
+KINDS = ("video-text", "image-text", "audio-video")
+# The file that makes a folder a dataset of each kind (with world.json and DONE).
+MAIN_FILE = {"video-text": "annotations.json", "image-text": "dataset.json",
+             "audio-video": "class_labels_indices.csv"}
 _PARALLEL_MIN_ITEMS = 64  # below this a worker pool costs more than it saves
 
 
@@ -41,6 +45,9 @@ def _params(kind, seed, n_train, n_val, n_test, group_size, frames, size, captio
 def check_params(params: dict) -> None:
     """Raise ``ValueError`` naming the first parameter ``make_dataset`` cannot
     honour, before anything is written."""
+    if params["kind"] == make_av.KIND:
+        return make_av.check_av_params(params)
+
     def fail(name: str, why: str) -> None:
         raise ValueError(f"{name}={params[name]!r}: {why}")
 
@@ -95,7 +102,7 @@ def dataset_is_valid(root, **params) -> bool:
     recorded = read_done(root)
     if recorded is None:
         return False
-    main = "annotations.json" if recorded.get("kind") == "video-text" else "dataset.json"
+    main = MAIN_FILE.get(recorded.get("kind"), "dataset.json")
     if not (root / main).is_file() or not (root / "world.json").is_file():
         return False
     for k, v in params.items():
@@ -146,17 +153,18 @@ def _write_item(job: tuple) -> None:
         Image.fromarray(W.render(scene, 1, size)[0]).save(path, compress_level=1)
 
 
-def _run_jobs(jobs: list[tuple], workers: int, progress: bool, desc: str) -> None:
+def _run_jobs(jobs: list[tuple], workers: int, progress: bool, desc: str, fn=_write_item) -> None:
+    """``fn(job)`` for every job, in a fork pool of ``workers`` when it pays."""
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress, unit="item")
     if workers > 1 and len(jobs) >= _PARALLEL_MIN_ITEMS:
         # fork: workers need no re-imports (spawn would re-import torch per worker).
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         with ctx.Pool(workers) as pool:
-            for _ in pool.imap_unordered(_write_item, jobs, chunksize=16):
+            for _ in pool.imap_unordered(fn, jobs, chunksize=16):
                 bar.update()
     else:
         for job in jobs:
-            _write_item(job)
+            fn(job)
             bar.update()
     bar.close()
 
@@ -168,14 +176,18 @@ def _word_tokens(text: str) -> list[str]:
 def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4000, n_val: int = 200,
                  n_test: int = 100, group_size: int = 4, frames: int = 8, size: int = 64,
                  captions_per_item: int = 2, heldout_fraction_test: float = 0.4, test_captions: int = 1,
-                 progress: bool = True, workers: int | None = None, fps: int = 8, overwrite: bool = False) -> Path:
+                 progress: bool = True, workers: int | None = None, fps: int = 8, overwrite: bool = False,
+                 seconds: float = 2.0) -> Path:
     """Generate (or reuse) a synthetic dataset at ``root`` and return ``root``.
 
     ``kind="video-text"`` writes the MSR-VTT layout (``annotations.json``,
     ``splits/*.txt``, ``videos/*.mp4``); ``"image-text"`` writes the Karpathy
-    layout (``dataset.json``, ``images/*.png``). Both add ``world.json`` and a
-    ``tokenizer.json`` trained on the train captions. All splits are made of
-    near-duplicate groups of ``group_size``; train never contains held-out
+    layout (``dataset.json``, ``images/*.png``); ``"audio-video"`` the
+    AudioSet layout (``slimvl.data.make_av``: ``seconds``-long MP4s with a
+    sound track, multi-label segments, statements; groups, captions and
+    ``fps`` do not apply). All add ``world.json`` and a ``tokenizer.json``
+    trained on the train captions (statements). Video and image splits are
+    made of near-duplicate groups of ``group_size``; train never contains held-out
     (shape, colour, motion) triples, about ``heldout_fraction_test`` of
     val/test groups do. A valid existing dataset with equal params is reused.
     Anything else already at ``root`` is refused, naming the parameters that
@@ -186,11 +198,16 @@ def make_dataset(root, kind: str = "video-text", seed: int = 0, n_train: int = 4
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     root = Path(root)
-    check_params(dict(kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, group_size=group_size, frames=frames,
-                      size=size, captions_per_item=captions_per_item, test_captions=test_captions,
-                      heldout_fraction_test=heldout_fraction_test))
-    params = _params(kind, seed, n_train, n_val, n_test, group_size, frames, size, captions_per_item,
-                     test_captions, heldout_fraction_test)
+    if kind == make_av.KIND:
+        check_params(dict(kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, frames=frames, size=size,
+                          seconds=seconds))
+        params = make_av.av_params(seed, n_train, n_val, n_test, frames, size, seconds, FORMAT_VERSION)
+    else:
+        check_params(dict(kind=kind, n_train=n_train, n_val=n_val, n_test=n_test, group_size=group_size,
+                          frames=frames, size=size, captions_per_item=captions_per_item, test_captions=test_captions,
+                          heldout_fraction_test=heldout_fraction_test))
+        params = _params(kind, seed, n_train, n_val, n_test, group_size, frames, size, captions_per_item,
+                         test_captions, heldout_fraction_test)
     if dataset_is_valid(root, **params):
         return root
     if root.exists() and not overwrite:
@@ -238,6 +255,8 @@ def _refuse_to_replace(root: Path, params: dict) -> None:
 
 def _write(tmp: Path, params: dict, progress: bool, workers: int, fps: int, name: str) -> None:
     """Generate the whole dataset that ``params`` describe into the folder ``tmp``."""
+    if params["kind"] == make_av.KIND:
+        return make_av.write_av(tmp, params, progress, workers, f"writing {make_av.KIND} to {name}", _run_jobs)
     kind, seed, group_size, frames, size = (params[k] for k in ("kind", "seed", "group_size", "frames", "size"))
     video = kind == "video-text"
     media_dir = tmp / ("videos" if video else "images")

@@ -87,26 +87,39 @@ def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise MediaError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+def add_h264_stream(container, width: int, height: int, fps, crf: int = 10):
+    """Add slimvl's H.264 video stream (yuv420p, no B-frames, one thread) to
+    an output ``container``; ``fps`` an int or a ``Fraction``."""
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    # No B-frames / lookahead: tiny clips, and frame count must round-trip.
+    stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency", "bf": "0",
+                      "threads": "1"}
+    stream.thread_type = "NONE"
+    return stream
+
+
+def encode_frames(container, stream, frames: np.ndarray) -> None:
+    """Encode uint8 ``[T, H, W, 3]`` frames into ``stream`` and flush it."""
+    import av
+
+    for i in range(frames.shape[0]):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+        frame = frame.reformat(format="yuv420p", threads=1)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: int = 10) -> None:
     """Write uint8 ``[T, H, W, 3]`` frames as H.264 (yuv420p) MP4, all T frames kept."""
     import av
 
-    t, h, w, _ = frames.shape
+    _, h, w, _ = frames.shape
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = w, h
-        stream.pix_fmt = "yuv420p"
-        # No B-frames / lookahead: tiny clips, and frame count must round-trip.
-        stream.options = {"crf": str(crf), "preset": "veryfast", "tune": "zerolatency", "bf": "0",
-                          "threads": "1"}
-        stream.thread_type = "NONE"
-        for i in range(t):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-            frame = frame.reformat(format="yuv420p", threads=1)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        encode_frames(container, add_h264_stream(container, w, h, fps, crf), frames)
 
 
 def normalize(x):

@@ -1,8 +1,10 @@
-"""Input embeddings: space-time patches, text tokens, modality tags.
+"""Input embeddings: space-time patches, spectrogram patches, text tokens,
+modality tags.
 
 Every visual token is ``Linear(patch) + spatial position + temporal (frame)
-position + modality``; every text token is ``token + 1D position +
-modality``. An image is a one-frame video.
+position + modality``; every audio token is ``Linear(patch) + frequency
+position + time position + modality``; every text token is ``token + 1D
+position + modality``. An image is a one-frame video.
 """
 from __future__ import annotations
 
@@ -51,6 +53,44 @@ class PatchEmbed(nn.Module):
                       pt=self.tubelet, ph=self.patch_size, pw=self.patch_size)
         x = self.proj(x) + self.spatial + self.temporal[: x.shape[1], None, :]
         return rearrange(x, "b t n d -> b (t n) d")
+
+
+class SpectrogramEmbed(nn.Module):
+    """Cut a log-mel spectrogram ``[B, n_mels, F]`` (``F <= max_frames``) into
+    non-overlapping ``patch_mel x patch_time`` patches (AST-style) and project
+    each linearly to ``dim``; returns ``[B, (n_mels / patch_mel) *
+    ceil(F / patch_time), dim]``.
+
+    Tokens are frequency-major: token ``r * T + t`` is mel-patch row ``r``
+    (row 0: the lowest mel bins) at time patch ``t`` of ``T``. Each gets a
+    learned frequency position (per row) and time position (per time patch),
+    so a shorter clip is simply fewer time patches. The time axis is
+    zero-padded to a multiple of ``patch_time``: zero is the training mean of
+    a normalised spectrogram, which adds no energy the clip does not have.
+    """
+
+    def __init__(self, n_mels: int, max_frames: int, patch_mel: int, patch_time: int, dim: int):
+        super().__init__()
+        if n_mels % patch_mel:
+            raise ValueError(f"SpectrogramEmbed: patch_mel={patch_mel} does not divide n_mels={n_mels}")
+        self.n_mels, self.max_frames, self.patch_mel, self.patch_time = n_mels, max_frames, patch_mel, patch_time
+        self.rows = n_mels // patch_mel
+        self.max_steps = -(-max_frames // patch_time)
+        self.proj = nn.Linear(patch_mel * patch_time, dim)
+        self.frequency = _init_pos(nn.Parameter(torch.zeros(self.rows, dim)))
+        self.time = _init_pos(nn.Parameter(torch.zeros(self.max_steps, dim)))
+
+    def num_tokens(self, frames: int) -> int:
+        """How many audio tokens a spectrogram of ``frames`` frames becomes."""
+        return self.rows * -(-frames // self.patch_time)
+
+    def forward(self, spec: Tensor) -> Tensor:
+        pad = (-spec.shape[2]) % self.patch_time
+        if pad:
+            spec = nn.functional.pad(spec, (0, pad))
+        x = rearrange(spec, "b (r pm) (t pt) -> b r t (pm pt)", pm=self.patch_mel, pt=self.patch_time)
+        x = self.proj(x) + self.frequency[:, None, :] + self.time[: x.shape[2]]
+        return rearrange(x, "b r t d -> b (r t) d")
 
 
 class TextEmbed(nn.Module):

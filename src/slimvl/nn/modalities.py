@@ -6,7 +6,7 @@ A model's inputs are a mapping from names to tensors (``{"video": ...,
 tensors, their shapes (``describe``) and how to make random inputs of the
 right shapes (``dummy``), which is all that FLOP counting, timing and
 compile checks need to run any model, whatever its modalities. A new
-modality (audio, say) registers here, or from the code that adds it.
+modality registers here, or from the code that adds it.
 """
 from __future__ import annotations
 
@@ -98,6 +98,14 @@ def _text(config, batch: int, sizes: dict[str, int], g: torch.Generator) -> dict
             "text_mask": torch.ones(batch, n, dtype=torch.bool)}
 
 
+def _audio(config, batch: int, sizes: dict[str, int], g: torch.Generator) -> dict[str, Tensor]:
+    # A whole clip by default (what the config's audio_seconds give); a caller may ask for fewer frames.
+    frames = sizes.get("audio_frames", config.audio_frames)
+    return {"audio": torch.randn(batch, config.n_mels, frames, generator=g)}
+
+
 register_modality(Modality("video", ("video",), "video: float [B, T, 3, H, W] in [-1, 1] (an image is T=1)", _video))
 register_modality(Modality("text", ("text", "text_mask"),
                            "text: token ids [B, L] and text_mask: bool [B, L] (True = real token)", _text))
+register_modality(Modality("audio", ("audio",), "audio: float [B, n_mels, F] log-mel spectrogram, normalised with the "
+                           "training split's statistics", _audio))

@@ -159,11 +159,12 @@ class ClassTask(Task):
         return {"classes": self.data.classes, "target": self.data.target}
 
 
-def check_classifier(model: nn.Module, data: ClassData) -> None:
+def check_classifier(model: nn.Module, data: ClassData, presets: str = "perceiver_cls_*") -> None:
     """Raise ``ValueError`` when ``model`` cannot classify ``data`` (no
-    classifier head, another number of classes, the other kind of labels)."""
+    classifier head, another number of classes, the other kind of labels);
+    ``presets`` names the models that can, for the message."""
     if "classify" not in model.capabilities:
-        raise ValueError(f"a {model.config.model_type} has no classification head (use a perceiver_cls_* preset)")
+        raise ValueError(f"a {model.config.model_type} has no classification head (use a {presets} preset)")
     c = model.config
     if c.num_classes != len(data.classes) or c.multi_label != data.multi_label:
         raise ValueError(f"model num_classes={c.num_classes}, multi_label={c.multi_label}; the {data.target!r} "

@@ -48,6 +48,11 @@ class TaskEntry:
         validation: how ``train(val_data=...)`` wants the validation split.
         qa_tokenizer: the dataset's question-aware tokenizer (``qa/``).
         options: the task options it takes (others are refused).
+        data_overrides: ``(source, model_config) -> {config field: value}``
+            measured on the training data for the model about to be
+            trained (audio normalisation statistics), or None; the user's
+            ``--set`` wins.
+        text: whether the task reads text (a tokenizer is needed).
         evaluate_policy: ``(model, data, calibration, source, device,
             batch_size, queries: dict) -> metrics`` under a latent policy
             (``slimvl eval --queries``; ``calibration()`` reads the held-out
@@ -64,6 +69,8 @@ class TaskEntry:
     qa_tokenizer: bool = False
     options: tuple[str, ...] = ()
     evaluate_policy: Callable[..., dict] | None = None
+    data_overrides: Callable[[TaskSource, Any], dict] | None = None
+    text: bool = True
 
 
 TASKS: dict[str, TaskEntry] = {}
