@@ -213,17 +213,19 @@ def test_fusion(tmp_path):
               "--view-maps", "default", "self", "--seconds-sweep", "1", "4", "--min-run-time", "0.01", "--quiet")
     report = reports(tmp_path, "fusion")
     summary = report["audio_video"]["summary"]
-    assert [r["arm"] for r in summary] == ["early", "late", "mbt", "locomt", "video only"]
+    assert [r["arm"] for r in summary] == ["early", "late", "mbt", "locomt", "video only", "locomt at MBT's GFLOPs"]
     runs = report["audio_video"]["runs"]
     for r in summary:
         scores = [x["score"] for x in runs if x["arm"] == r["arm"]]
         assert len(scores) == 2 and r["score"] == pytest.approx(sum(scores) / 2)
         assert r["gflops"] == pytest.approx(r["gflops_analytic"])
         if r["arm"] != "early":
-            lo, hi = r["ci"]
+            lo, hi = r["ci_early"]
             assert lo <= hi
     early = summary[0]["gflops"]
     assert next(r for r in summary if r["arm"] == "locomt")["gflops"] < 0.8 * early
+    mbt, deep = (next(r for r in summary if r["arm"] == a) for a in ("mbt", "locomt at MBT's GFLOPs"))
+    assert abs(deep["gflops"] - mbt["gflops"]) < 0.15 * mbt["gflops"]
     assert [r["arm"] for r in report["audio_video_text"]["summary"]][-1] == "video + text"
     # The default view map is the LoCoMT arm's own run (seed 0): the same model, the same mAP.
     default = next(v for v in report["view_maps"] if v["views"] == "default")
