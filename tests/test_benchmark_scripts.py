@@ -235,3 +235,22 @@ def test_fusion(tmp_path):
         short, long = (next(r for r in sweep if r["scheme"] == scheme and r["seconds"] == s) for s in (1, 4))
         assert long["gflops"] > short["gflops"] and long["audio_tokens"] == 4 * short["audio_tokens"]
     assert out["n_test"] == 16
+
+
+def test_fusion_bootstrap_measures_the_headline_map():
+    import torch
+
+    from slimvl.tasks.audio_video import mean_average_precision
+
+    spec = importlib.util.spec_from_file_location("benchmark_fusion_ap", BENCHMARKS / "fusion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(200, 5, generator=g) > 0.6).float()
+    good = labels * 2 + torch.rand(200, 5, generator=g) * 1.5  # tie-free, informative
+    bad = torch.rand(200, 5, generator=g)
+    # The fast AP the bootstrap resamples is the metric the tables report.
+    assert module.sorted_ap(good, labels > 0.5).mean().item() == pytest.approx(mean_average_precision(good, labels))
+    lo, hi = module.paired_map_interval([good], [bad], labels, resamples=200)
+    diff = mean_average_precision(good, labels) - mean_average_precision(bad, labels)
+    assert 0 < lo <= diff <= hi
