@@ -144,3 +144,18 @@ def test_silent_clips_are_skipped_unless_kept(tmp_path):
     assert kept.n == 3 and kept.silent == 1
     assert torch.count_nonzero(kept.inputs["audio"][1]) == 0  # its spectrogram is zero, the others are not
     assert torch.count_nonzero(kept.inputs["audio"][0]) > 0
+
+
+def test_a_video_only_perceiver_classifier_trains_on_the_audio_video_labels(av_root, tmp_path, capsys):
+    from slimvl.checkpoint import load_model, resolve_checkpoint
+    from slimvl.cli import main
+
+    run = tmp_path / "cls"
+    main(["-q", "train", "--data", str(av_root), "--task", "audio-video", "--model", "perceiver_cls_tiny",
+          "--out", str(run), "--steps", "2", "--train-set", "batch_size=4"])
+    capsys.readouterr()
+    model = load_model(resolve_checkpoint(run))
+    assert model.modalities == ("video",) and model.config.num_classes == 13 and model.config.multi_label
+    main(["-q", "eval", "--data", str(av_root), "--task", "audio-video", "--checkpoint", str(run), "--split", "test"])
+    metrics = _json_after(capsys.readouterr().out)
+    assert metrics["n_clips"] == 12 and 0 < metrics["mAP"] <= 1

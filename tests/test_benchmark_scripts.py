@@ -254,3 +254,24 @@ def test_fusion_bootstrap_measures_the_headline_map():
     lo, hi = module.paired_map_interval([good], [bad], labels, resamples=200)
     diff = mean_average_precision(good, labels) - mean_average_precision(bad, labels)
     assert 0 < lo <= diff <= hi
+
+
+def test_gpu(tmp_path):
+    out = run("gpu", "--out", str(tmp_path), "--device", "cpu", "--dtype", "fp32", "--quick", "--modes", "eager",
+              "--quiet")
+    rows = reports(tmp_path, "gpu")["rows"]
+    assert {r["input"] for r in rows} == {"video", "image", "audio+video"}
+    assert {"perceiver_vl", "single_stream", "dual encoder", "clip ToMe r=8", "clip CrossGET r=8", "fusion locomt",
+            "perceiver_vl LayerDrop keep 1", "perceiver_vl N/4 latents"} <= {r["model"] for r in rows}
+    for r in rows:
+        base = next(b for b in rows if (b["model"], b["input"], b["frames"], b["mode"]) ==
+                    (r["baseline"], r["input"], r["frames"], r["mode"]))
+        assert math.isclose(r["train_vs_baseline"], r["train_step_ms"] / base["train_step_ms"])
+        assert math.isclose(r["batch1_vs_baseline"], r["serve_ms_batch1"] / base["serve_ms_batch1"])
+        assert r["train_tflops_per_s"] > 0 and 0 < r["serve_fraction_of_matmul"]
+    # Fewer latents and fewer cross-attentions cost fewer FLOPs than the full Perceiver.
+    video = {r["model"]: r for r in rows if r["input"] == "video"}
+    assert video["perceiver_vl N/4 latents"]["gflops"] < video["perceiver_vl"]["gflops"]
+    assert video["perceiver_vl LayerDrop keep 1"]["gflops"] < video["perceiver_vl"]["gflops"]
+    demo = out["demo"]
+    assert math.isclose(demo["speedup"], demo["cpu2_ms_per_step"] / demo["device_ms_per_step"])

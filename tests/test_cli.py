@@ -163,7 +163,13 @@ def test_data_make_train_resume_eval_end_to_end(tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["checkpoint"].endswith("step_0000003")
     assert metrics["n_items"] == 7 and metrics["skipped_media"] == 1 and 0.0 <= metrics["t2v_r1"] <= 1.0
-    assert metrics["cross_attn_keep"] is None
+    assert metrics["cross_attn_keep"] is None and metrics["compiled"] is False
+    # Compiled layers score the same pairs the same way.
+    main(["-q", "eval", "--data", str(data), "--checkpoint", str(run), "--frames", "2", "--skip-bad", "--compile"])
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["compiled"] is True
+    assert {k: round(v, 6) for k, v in compiled.items() if k.startswith(("t2v_", "v2t_"))} == \
+        {k: round(v, 6) for k, v in metrics.items() if k.startswith(("t2v_", "v2t_"))}
     # Inference with the first cross-attention only, then a cross-attention the model does not have.
     main(["-q", "eval", "--data", str(data), "--checkpoint", str(run), "--frames", "2", "--skip-bad",
           "--cross-attn-keep", "1"])

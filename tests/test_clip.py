@@ -247,7 +247,7 @@ def test_the_objective_mixes_in_the_consistency_term():
     torch.manual_seed(0)
     loss, parts = objective(batch)
     assert model.cross_record is None and set(parts) == {"itc", "cross"} and parts["cross"] > 0
-    assert loss.item() == pytest.approx(0.75 * parts["itc"] + 0.25 * parts["cross"], rel=1e-5)
+    assert loss.item() == pytest.approx(0.75 * float(parts["itc"]) + 0.25 * float(parts["cross"]), rel=1e-5)
     loss.backward()
     assert model.vision_cross.grad.abs().sum() > 0 and model.text_cross.grad.abs().sum() > 0
     assert clip(False).training_objective(task) is task

@@ -238,8 +238,8 @@ def test_the_student_skips_the_cross_attentions_its_teacher_skipped_even_with_dr
     m.train()
     decisions, original = [], LatentEncoder._skip
 
-    def logged(self, drop):
-        decisions.append(original(self, drop))
+    def logged(self, drop, cross):
+        decisions.append(original(self, drop, cross))
         return decisions[-1]
 
     LatentEncoder._skip = logged

@@ -123,13 +123,16 @@ def test_cli_eval_names_the_checkpoint_and_the_non_finite_count(shapes, tmp_path
                                          ("perceiver_vl_tiny", "multi"), ("perceiver_vl_tiny", "mixed")])
 def test_scores_stay_fp32_under_bf16_autocast(name, stream):
     """bf16 scores tie: with the head in bf16 a 10x20 gallery kept about a
-    third of its distinct values. In fp32 every pair keeps its own."""
+    third of its distinct values. In fp32 every pair keeps its own, but for
+    a rare chance tie."""
     model = tiny_model(name, **({"stream": stream} if stream else {}))
     data = tiny_data(n_groups=10)
     exact = score_matrix(model, data, device="cpu", amp="off", progress=False)
     mixed = score_matrix(model, data, device="cpu", amp="bf16", progress=False)
     assert mixed.dtype == torch.float32
-    assert mixed.unique().numel() == exact.unique().numel() == exact.numel()
+    # fp32 can still tie two unrelated pairs by chance (seen on one CPU: two
+    # of the 800 scores, 0.4429 each); bf16 scores would lose two thirds.
+    assert min(mixed.unique().numel(), exact.unique().numel()) >= exact.numel() - 2
     # The rest of the network did run in bf16 (the scores moved, a little).
     assert 0 < (mixed - exact).abs().max() < 0.1 * exact.std() + 0.2
 

@@ -291,6 +291,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
             patch(model, method, r=r, r_text=r_text)
     # A classifier's answers are the ones it was trained with (kept in the
     # checkpoint); the data's answers outside them count as wrong.
+    if a.compile:
+        model.compile_layers()
     entry, source = _task(a, tok, read_meta(ckpt).get("answers"))
     queries = _queries(a, entry, model)
     rerank = _rerank(a, model)
@@ -311,6 +313,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
     print(json.dumps({"checkpoint": str(ckpt), "task": a.task,
                       "cross_attn_keep": getattr(model.config, "cross_attn_keep", None),
                       "active_latents": getattr(model.config, "active_latents", None), "device": str(device),
+                      "compiled": bool(a.compile),
                       **({"merge": model.merge_config()} if hasattr(model, "merge_config") else {}),
                       **metrics}, indent=2))
 
@@ -487,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-split", default="val", help="split evaluated with --eval-every: train, val, test "
                                                        "(or another split the dataset defines)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    tr.add_argument("--compile", action="store_true", default=None, help="torch.compile the model and loss "
+                    "(TrainConfig.compile; the mode: --train-set compile_mode=max-autotune); worth it on a GPU")
     tr.add_argument("--init-from", help="slimvl checkpoint or run folder to start from (num_latents may differ, "
                                         "see --latent-resize)")
     tr.add_argument("--latent-resize", choices=["interpolate", "reinit"], default="interpolate",
@@ -537,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the dual encoder's own backbone, while its weights are unchanged)")
     merge_args(ev, "token merging at evaluation: none, tome or crossget (default: as the checkpoint was "
                    "trained)", none=True)
+    ev.add_argument("--compile", action="store_true", help="torch.compile every layer first (faster on a GPU "
+                    "once compiled; the first batches pay for compiling)")
     ev.set_defaults(func=cmd_eval)
 
     from .cli_index import add_parsers

@@ -49,7 +49,7 @@ def cmd_index_build(a: argparse.Namespace) -> None:
     from .data import VideoTextDataset
     from .index import GalleryIndex, IndexParams, weights_checksum
     from .pipeline import _need_items
-    from .runtime import resolve_device, to_float_video
+    from .runtime import resolve_device, video_to
     from .tasks.retrieval import RetrievalData
 
     out = Path(a.out)
@@ -69,7 +69,7 @@ def cmd_index_build(a: argparse.Namespace) -> None:
     videos, texts = [], []
     with torch.inference_mode():
         for sl in _batches(len(ds), a.batch_size, "videos", a.quiet):
-            videos.append(model.encode_video(to_float_video(data.videos[sl]).to(device)).cpu())
+            videos.append(model.encode_video(video_to(data.videos[sl], device)).cpu())
         for sl in _batches(len(data.caption_item), a.batch_size, "captions", a.quiet):
             texts.append(model.encode_text(data.caption_ids[sl].to(device), data.caption_mask[sl].to(device)).cpu())
     encoder = {"model": model.config.to_dict(), "checkpoint": str(ckpt.resolve()), "frames": a.frames,

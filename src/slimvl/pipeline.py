@@ -94,7 +94,11 @@ def load_class_split(root: str | Path, split: str, target: str, frames: int, siz
 
 
 def _audio_args(config) -> dict:
-    """The spectrogram settings a fusion model's config fixes (``FusionConfig``)."""
+    """The spectrogram settings a fusion model's config fixes (``FusionConfig``);
+    none for a model that does not hear (the reader's defaults: its audio is
+    decoded but never read)."""
+    if not hasattr(config, "audio_seconds"):
+        return {}
     return dict(seconds=config.audio_seconds, sample_rate=config.sample_rate, n_fft=config.n_fft,
                 hop_length=config.hop_length, n_mels=config.n_mels, f_max=config.f_max)
 
@@ -142,7 +146,7 @@ def load_av_split(root: str | Path, split: str, config, tokenizer: Tokenizer | N
                            keep_silent=keep_silent, progress=progress, **_audio_args(config))
     if len(ds) == 0:
         raise ValueError(f"{root}: split {split!r} has no readable clips")
-    audio = normalise(ds.audio, config.audio_mean, config.audio_std)
+    audio = normalise(ds.audio, getattr(config, "audio_mean", 0.0), getattr(config, "audio_std", 1.0))
     audio[torch.as_tensor(ds.silent, dtype=torch.bool)] = 0.0
     inputs = {"video": ds.videos, "audio": audio.half()}  # half: 2x less memory; batches go back to float
     if target == "statements":

@@ -31,7 +31,8 @@ from .runtime import autocast_for, resolve_device
 from .tasks.base import Task
 from .tasks.retrieval import RetrievalData, RetrievalTask
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "open_run_dir", "lr_at",
+           "LossWatch", "compiled"]
 
 log = logging.getLogger("slimvl")
 
@@ -103,6 +104,17 @@ class TrainConfig:
     frozen_pretrained_steps: int = 0
     amp: str = "auto"  # "auto" (bf16 on GPUs that support it), "bf16" or "off"
     device: str = "auto"
+    # torch.compile the task's objective (the model's forward passes and the
+    # loss): fewer, fused kernels, which is what a launch-bound GPU step needs.
+    # The first steps compile (seconds to minutes); see BENCHMARKS.md.
+    compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode: "default", "reduce-overhead", "max-autotune"...
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager" traces without generating code)
+    # Keep the decoded media (videos, audio) on the device for the whole run,
+    # so that a step gathers its batch there instead of copying it from the
+    # host: "auto" does on a GPU when they take at most half of its free
+    # memory; "on" always, "off" never. Text stays on the host.
+    media_on_device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.groups_per_unit < 1:
@@ -144,7 +156,27 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.frozen_pretrained_steps={self.frozen_pretrained_steps}: must be >= 0")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"TrainConfig.amp={self.amp!r}: must be 'auto', 'bf16' or 'off'")
+        if self.media_on_device not in ("auto", "on", "off"):
+            raise ValueError(f"TrainConfig.media_on_device={self.media_on_device!r}: must be 'auto', 'on' or 'off'")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r}: must be one of {list(COMPILE_MODES)}")
+        if self.compile and self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"TrainConfig.compile_backend={self.compile_backend!r}: torch.compile knows "
+                             f"{sorted(torch._dynamo.list_backends(exclude_tags=()))}")
 
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compiled(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """``module`` under ``torch.compile`` as ``cfg`` asks (itself when
+    ``cfg.compile`` is off). The module's own parameters and state dict are
+    untouched: checkpoints are the same either way."""
+    if not cfg.compile:
+        return module
+    mode = None if cfg.compile_mode == "default" or cfg.compile_backend != "inductor" else cfg.compile_mode
+    return torch.compile(module, mode=mode, backend=cfg.compile_backend)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -222,7 +254,13 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     ckpt = _agreed(lambda: open_run_dir(run_dir, resume, rank), distributed, device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    if device.type == "cuda":
+        # fp32 matmuls (the parts kept out of autocast: scores, norms) on tensor cores as TF32.
+        torch.set_float32_matmul_precision("high")
+    # The fused kernel updates every parameter in a few launches instead of
+    # several per tensor (a launch-bound step spent most of AdamW's time there).
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+                                  fused=device.type == "cuda")
     start, history, evals, before = 0, [], [], 0.0
     if ckpt is not None:
         _check_same_run(ckpt, task, cfg)
@@ -236,7 +274,8 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                                already_finished=True)
         if rank == 0:
             log.info("resumed from %s at step %d", ckpt, start)
-    objective = model.training_objective(task.objective(model, cfg))
+    task = _media_placed(task, cfg, device, rank)
+    objective = model.training_objective(compiled(task.objective(model, cfg), cfg))
     frozen = [p for n, p in model.named_parameters() if n in model.pretrained_names]
     if cfg.frozen_pretrained_steps and not frozen:
         raise ValueError(f"TrainConfig.frozen_pretrained_steps={cfg.frozen_pretrained_steps}: nothing was loaded "
@@ -248,18 +287,18 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc=f"train {model.config.model_type} ({task.name})", dynamic_ncols=True)
     last_ckpt, t0, seen, eval_seconds = None, time.perf_counter(), 0, 0.0
+    # On a GPU the host reads the loss only when it has to (logging, a
+    # checkpoint, an evaluation): the device keeps the first non-finite step.
+    finite = LossWatch(run_dir, every_step=device.type != "cuda")
     with _stop_requests() as stop:
         for step in bar:
             stop.step, stop.checkpoint = step, last_ckpt
             batch = task.batch(cfg, step, rank, world, device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            with autocast_for(device, cfg.amp):
+            with autocast_for(device, cfg.amp), _step_draws(model):
                 loss, parts = net(batch)
-            if not torch.isfinite(loss):
-                good = latest_checkpoint(run_dir) if run_dir is not None else None
-                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopping. "
-                                       f"Last good checkpoint: {good or 'none'}")
+            finite.update(loss, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if step < cfg.frozen_pretrained_steps:
@@ -269,13 +308,20 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
             optimizer.step()
 
             seen += task.samples(batch) * world
-            if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            logging_step = (step + 1) % cfg.log_every == 0 or step + 1 == end
+            evaluating = val_data is not None and cfg.eval_every > 0 and \
+                ((step + 1) % cfg.eval_every == 0 or step + 1 == end)
+            stopping = stop.requested(distributed, device)
+            if logging_step or evaluating or stopping or (step + 1) % cfg.checkpoint_every == 0:
+                finite.check()
+            if logging_step:
                 rate = seen / (time.perf_counter() - t0 - eval_seconds)
                 history.append({"step": step + 1, "loss": round(loss.item(), 5),
-                                **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
-                                "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1)})
+                                **{k: round(float(v), 5) for k, v in parts.items()}, "lr": lr_at(step, cfg),
+                                "grad_norm": round(gnorm.item(), 4), "samples_per_s": round(rate, 1),
+                                "seconds": round(before + time.perf_counter() - t0 - eval_seconds, 3)})
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-            if val_data is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == end):
+            if evaluating:
                 # Rank 0 evaluates; a failure there (non-finite scores) stops
                 # every rank, instead of the others waiting for it forever.
                 t_eval = time.perf_counter()
@@ -288,7 +334,6 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                         bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
                 eval_seconds += time.perf_counter() - t_eval
             # Ctrl-C or SIGTERM: keep the step just finished, then stop.
-            stopping = stop.requested(distributed, device)
             if run_dir is not None and rank == 0 and \
                     ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stopping):
                 last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals, task,
@@ -306,6 +351,71 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
         dist.destroy_process_group()
     return TrainResult(steps=end, seconds=seconds, history=history, checkpoint=str(last_ckpt) if last_ckpt else None,
                        evals=evals)
+
+
+def _media_placed(task: Task, cfg: TrainConfig, device: torch.device, rank: int) -> Task:
+    """The task as ``cfg.media_on_device`` asks: with its decoded media on
+    the training device (a copy; the caller's task is left alone) or as it is."""
+    media = {id(t): t for t in task.media() if t.device != device}
+    size = sum(t.numel() * t.element_size() for t in media.values())
+    if not media or cfg.media_on_device == "off":
+        return task
+    if cfg.media_on_device == "auto":
+        if device.type != "cuda" or size > torch.cuda.mem_get_info(device)[0] // 2:
+            return task
+    if rank == 0:
+        log.info("decoded media on %s for the run: %.2f GB", device, size / 1e9)
+    return task.with_media_on(device)
+
+
+@contextmanager
+def _step_draws(model: torch.nn.Module) -> Iterator[None]:
+    """The step's random structural choices (LayerDrop's skips) drawn once,
+    before its forward passes (``model.draw_step``), and forgotten after."""
+    draw = getattr(model, "draw_step", None)
+    if draw is None:
+        yield
+        return
+    draw()
+    try:
+        yield
+    finally:
+        model.end_step()
+
+
+class LossWatch:
+    """Stops a run whose loss is not finite, keeping the last good checkpoint.
+
+    ``every_step=True`` checks each loss as it comes (free on a CPU, where
+    reading a number costs no wait). Otherwise the device records the first
+    non-finite step and its loss, and ``check`` (called before anything is
+    logged, evaluated or saved) reads them: the steps in between run
+    without the host waiting for the device, and a diverged model is never
+    checkpointed.
+    """
+
+    def __init__(self, run_dir: Path | None, every_step: bool = True):
+        self.run_dir, self.every_step = run_dir, every_step
+        self.first: torch.Tensor | None = None  # [step, loss] of the first non-finite loss; step -1: none yet
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        if self.every_step:
+            if not torch.isfinite(loss):
+                self._fail(step, loss.item())
+            return
+        loss = loss.detach().float()
+        now = torch.stack([torch.where(torch.isfinite(loss), -1.0, float(step)), loss])
+        self.first = now if self.first is None else torch.where(self.first[0] >= 0, self.first, now)
+
+    def check(self) -> None:
+        if self.first is not None:
+            step, loss = self.first.tolist()  # the one host read
+            if step >= 0:
+                self._fail(int(step), loss)
+
+    def _fail(self, step: int, loss: float) -> None:
+        good = latest_checkpoint(self.run_dir) if self.run_dir is not None else None
+        raise TrainingDiverged(f"loss is {loss} at step {step}; stopping. Last good checkpoint: {good or 'none'}")
 
 
 def _write_log(run_dir: Path | None, rank: int, cfg: TrainConfig, task: Task, history: list, evals: list,
@@ -364,7 +474,8 @@ def _check_tokenizer(task: Task, model: torch.nn.Module) -> None:
 
 # Settings that may change on resume: how long, where, and what is logged.
 # Any other TrainConfig field changes the run itself.
-_RESUME_FREE = {"steps", "device", "amp", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+_RESUME_FREE = {"steps", "device", "amp", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                "compile", "compile_mode", "compile_backend", "media_on_device"}
 
 
 def _check_same_run(ckpt: Path, task: Task, cfg: TrainConfig) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bench.flops import dummy_batch
-from ..runtime import autocast_for, to_float_video
+from ..runtime import autocast_for, video_to
 from ..tasks.base import check_scores, for_inference, row_batches, used_width
 from ..tasks.retrieval.data import RetrievalData
 from ..tasks.retrieval.metrics import t2v_ranks
@@ -119,7 +119,7 @@ class VTMInputs(PolicyInputs):
         """Every (caption, candidate) pair of the captions ``rows``, caption by caption."""
         k, d = self.pairs_per_input, self.data
         width = used_width(d.caption_mask[rows])
-        return {"video": to_float_video(d.videos[self.candidates[rows].flatten()]).to(device),
+        return {"video": video_to(d.videos[self.candidates[rows].flatten()], device),
                 "text": d.caption_ids[rows, :width].repeat_interleave(k, 0).to(device),
                 "text_mask": d.caption_mask[rows, :width].repeat_interleave(k, 0).to(device)}
 

@@ -94,6 +94,28 @@ class VLModel(nn.Module):
     # The inputs it reads (slimvl.nn.modalities): an inputs mapping holds their tensors.
     modalities: tuple[str, ...] = ("video", "text")
 
+    def compile_layers(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None):
+        """Compile every layer in place (``torch.compile`` of each
+        transformer block, cross-attention block, view block and embedding;
+        "regional" compilation), and return the model.
+
+        Every entry point then runs compiled code: ``forward``, but also
+        ``encode_video``, ``score_cached``, ``answer`` and the rest, which a
+        compiled ``forward`` alone would miss; the Python between layers
+        (LayerDrop, token merging's bookkeeping) stays eager, and one graph
+        serves every layer of a kind, so compiling takes seconds, not
+        minutes. Weights and state dict are unchanged. ``mode`` as
+        ``torch.compile`` (``"reduce-overhead"``: CUDA graphs per layer).
+        """
+        from ..nn import SpectrogramEmbed
+        from ..nn.fusion import ViewBlock
+
+        kinds = (Block, CrossBlock, ViewBlock, PatchEmbed, SpectrogramEmbed, TextEmbed)
+        for m in self.modules():
+            if isinstance(m, kinds):
+                m.compile(mode=mode, backend=backend, dynamic=dynamic)
+        return self
+
     def __init__(self, config: VLConfig):
         super().__init__()
         self.config = config
@@ -154,11 +176,22 @@ class VLModel(nn.Module):
             raise ValueError(f"inputs on different devices: video {video.device}, text_ids {text_ids.device}, "
                              f"text_mask {text_mask.device}")
 
+    def checks_values(self, t: Tensor) -> bool:
+        """Whether to check the values of input ``t`` (not only its shape):
+        a check reads a result on the host, which on a GPU waits for the
+        device. Skipped while tracing for compilation, for empty or meta
+        tensors, and while training on an accelerator: the training loop
+        checks its tokenizer against the model before the first step, and a
+        wait per step is what keeps a small model from using the GPU."""
+        if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
+            return False
+        return not (self.training and t.device.type != "cpu")
+
     def check_token_ids(self, text_ids: Tensor) -> None:
         """Raise ``ValueError`` if an id is outside ``0..vocab_size-1`` (text
         tokenised with another tokenizer than the model's): the embedding
         lookup would fail with a bare ``IndexError``, or a device assert."""
-        if text_ids.numel() == 0 or text_ids.device.type == "meta" or torch.compiler.is_compiling():
+        if not self.checks_values(text_ids):
             return
         lo, hi = torch.stack(torch.aminmax(text_ids)).tolist()  # one device sync
         if lo < 0 or hi >= self.config.vocab_size:

@@ -226,7 +226,7 @@ class ClipModel(DualEncoding, VLModel):
         """VLModel's checks, and: every caption's real tokens come first
         (the EOT is found from the count of real tokens), at least one."""
         super().check_text(text_ids, text_mask)
-        if text_mask.numel() == 0 or text_mask.device.type == "meta" or torch.compiler.is_compiling():
+        if not self.checks_values(text_mask):
             return
         lengths = text_mask.sum(1, keepdim=True)
         prefix = torch.arange(text_mask.shape[1], device=text_mask.device) < lengths
@@ -326,7 +326,7 @@ class CrossConsistencyObjective(nn.Module):
         super().__init__()
         self.objective, self.model = objective, model
 
-    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor | float]]:
         model, w = self.model, self.model.config.cross_weight
         model.cross_record = {}
         try:
@@ -339,7 +339,7 @@ class CrossConsistencyObjective(nn.Module):
             cross = cross_consistency_loss(record["video"], record["text"], model)
         finally:
             model.cross_record = None
-        return (1 - w) * loss + w * cross, {**parts, "cross": cross.item()}
+        return (1 - w) * loss + w * cross, {**parts, "cross": cross.detach()}
 
 
 __all__ = ["ClipConfig", "ClipModel", "CrossConsistencyObjective", "cross_consistency_loss"]

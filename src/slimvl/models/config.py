@@ -86,8 +86,10 @@ class PerceiverVLConfig(VLConfig):
 
     Efficiency options:
         cross_attn_drop: LayerDrop on cross-attention, the probability of
-            *skipping* each cross-attention but the first, per forward pass
-            while training. Never random in eval mode.
+            *skipping* each cross-attention but the first while training:
+            drawn once per training step by ``slimvl.train`` (every forward
+            pass of the step skips the same ones), once per forward pass
+            elsewhere. Never random in eval mode.
         cross_attn_keep: which cross-attentions run (indices among the ``c``
             layers, e.g. ``[0]``), or an int ``n`` for the first ``n``; None
             runs all. The inference-time counterpart of ``cross_attn_drop``.

@@ -48,11 +48,20 @@ class LatentEncoder(nn.Module):
 
     LayerDrop on cross-attention: while training, each cross-attention but
     the first one that runs (the first of ``keep``) is skipped with
-    probability ``cross_attn_drop`` (one draw per
-    forward pass, from torch's global generator, so that a resumed run draws
-    the same). The skipped layer's residual branch simply does not run: the
-    latents go on to the next layer unchanged, as at inference with
-    ``cross_attn_keep``.
+    probability ``cross_attn_drop``. The skipped layer's residual branch
+    simply does not run: the latents go on to the next layer unchanged, as
+    at inference with ``cross_attn_keep``. The decisions come from torch's
+    global generator (so that a resumed run draws the same), in one of three
+    ways:
+
+    - ``plan`` set (``draw_plan``; the training loop draws one per step):
+      the step's decisions, as Python bools, for every forward pass of the
+      step. Nothing is drawn inside the forward, so a compiled forward has
+      no graph break and no host synchronisation (one graph per plan).
+    - eager, no plan: one draw per cross-attention per forward pass.
+    - compiled, no plan: the draw is made on the device and the layer's
+      output kept or not by ``torch.where`` (no graph break; the skipped
+      layer is computed all the same, so it saves no time).
     """
 
     def __init__(self, c: PerceiverVLConfig):
@@ -72,6 +81,13 @@ class LatentEncoder(nn.Module):
         # random stream moves as it would without them).
         self.drop_record: list[bool] | None = None
         self.drop_replay: list[bool] | None = None
+        self.plan: tuple[bool, ...] | None = None
+
+    def draw_plan(self, drop: float) -> None:
+        """Draw this step's LayerDrop decisions (``plan``: one per
+        cross-attention, True = skip) on the CPU: no device work, no sync."""
+        n = self.pattern.count("c")
+        self.plan = tuple(u < drop for u in torch.rand(n).tolist()) if drop > 0 else None
 
     def forward(self, inputs: Tensor, mask: Tensor, keep: tuple[int, ...], drop: float = 0.0,
                 num: int | None = None, kv: dict | None = None) -> Tensor:
@@ -90,8 +106,13 @@ class LatentEncoder(nn.Module):
                 continue
             # The first cross-attention that runs is never dropped: without
             # it the latents would never read the input at all.
-            if self.training and drop and read and self._skip(drop):
-                continue
+            if self.training and drop and read:
+                if self.plan is None and self.drop_replay is None and torch.compiler.is_compiling():
+                    keep_it = torch.rand((), device=lat.device) >= drop
+                    lat = torch.where(keep_it, self._cross(layer, cross, lat, inputs, mask, kv), lat)
+                    continue
+                if self._skip(drop, cross):
+                    continue
             lat = self._cross(layer, cross, lat, inputs, mask, kv)
             read = True
         return self.norm(lat)
@@ -101,8 +122,11 @@ class LatentEncoder(nn.Module):
         n = self.latents.shape[0] if num is None else num
         return repeat(self.latents[:n] + self.latent_pos[:n], "n d -> b n d", b=batch)
 
-    def _skip(self, drop: float) -> bool:
-        skip = bool(torch.rand(()) < drop)
+    def _skip(self, drop: float, cross: int) -> bool:
+        if self.plan is not None:
+            skip = self.plan[cross]
+        else:
+            skip = bool(torch.rand(()) < drop)
         if self.drop_replay is not None:
             skip = self.drop_replay.pop(0)
         if self.drop_record is not None:
@@ -167,6 +191,30 @@ class LatentOptions:
             yield
         finally:
             self.active_latents = before
+
+    def draw_step(self) -> None:
+        """Draw one training step's random choices: the nested latent count
+        (``step_latents``, with ``nested_mode="sample"``) and LayerDrop's
+        decisions for every latent encoder (``LatentEncoder.plan``). The
+        training loop calls it before each step and ``end_step`` after, so
+        a step's forward passes draw nothing themselves: they compile to a
+        graph without breaks and never wait on a random number."""
+        c = self.config
+        counts = list(c.nested_latents)
+        # Nested training's latent count for the step (``NestedLatents``), drawn first as it always was.
+        self.step_latents = counts[int(torch.randint(len(counts), ()))] \
+            if self.training and counts and c.nested_mode == "sample" else None
+        drop = c.cross_attn_drop if self.training else 0.0
+        for m in self.modules():
+            if isinstance(m, LatentEncoder):
+                m.draw_plan(drop)
+
+    def end_step(self) -> None:
+        """Forget the step's draws (later forwards draw their own)."""
+        self.step_latents = None
+        for m in self.modules():
+            if isinstance(m, LatentEncoder):
+                m.plan = None
 
     def distill_modules(self) -> list[nn.Module]:
         """The modules whose outputs self-distillation matches

@@ -96,11 +96,12 @@ class NestedLatents(nn.Module):
         super().__init__()
         self.objective, self.model = objective, model
 
-    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, Tensor | float]]:
         c = self.model.config
         counts, mode, weight = list(c.nested_latents), c.nested_mode, c.nested_distill
         if mode == "sample":
-            counts = [counts[int(torch.randint(len(counts), ()))]]
+            drawn = getattr(self.model, "step_latents", None)  # the training loop draws it before the step
+            counts = [drawn if drawn is not None else counts[int(torch.randint(len(counts), ()))]]
         teacher, rng, drops = None, None, None
         if weight and any(q < c.num_latents for q in counts):
             teacher, rng, drops = self._teacher(batch)
@@ -115,7 +116,7 @@ class NestedLatents(nn.Module):
             if teacher is not None and q < c.num_latents:
                 d = distill_loss(outputs, teacher)
                 loss = loss + weight * d
-                p["distill"] = d.item()
+                p["distill"] = d.detach()
             total = loss if total is None else total + loss
             if mode == "sample":
                 parts = {**p, "latents": float(q)}

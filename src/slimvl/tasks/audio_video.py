@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, to_float_video
+from ..runtime import autocast_for, host_to, video_to
 from .base import check_scores, for_inference, row_batches
 from .classify import ClassBatch, ClassTask, check_classifier, correct
 from .registry import TaskEntry, TaskSource, register_task
@@ -73,8 +73,9 @@ def av_batch(data: AVData, rows: np.ndarray | Tensor, device: torch.device,
         if modalities is not None and key.removesuffix("_mask") not in modalities:
             continue
         t = t[rows]
-        inputs[key] = (to_float_video(t) if key == "video" else t.float() if key == "audio" else t).to(device)
-    return ClassBatch(inputs, data.labels[rows].to(device))
+        t = video_to(t, device) if key == "video" else host_to(t, device)
+        inputs[key] = t.float() if key == "audio" else t
+    return ClassBatch(inputs, host_to(data.labels[rows], device))
 
 
 def average_precision(scores: Tensor, positive: Tensor) -> float:
@@ -203,6 +204,8 @@ def _entry(target: str) -> TaskEntry:
     def fit(source: TaskSource, config) -> dict:
         from ..pipeline import audio_statistics
 
+        if "audio" not in getattr(config, "modalities", ()):  # a model that does not hear (video only)
+            return {}
         mean, std = audio_statistics(source.root, config, progress=source.progress)
         return {"audio_mean": mean, "audio_std": std}
 

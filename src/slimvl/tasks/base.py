@@ -9,12 +9,15 @@ checkpoints besides the weights (an answer vocabulary, say).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from ..runtime import media_on, media_tensors
 
 log = logging.getLogger("slimvl")
 
@@ -46,11 +49,16 @@ def log_fitting(dataset, n_texts: int, truncated: int, max_len: int, what: str) 
         log.info("%s/%s: %s", dataset.root, dataset.split, "; ".join(parts))
 
 
-def used_width(mask: Tensor) -> int:
+def used_width(mask: Tensor, bucket: bool = False) -> int:
     """Columns of a ``[B, L]`` padding mask that any row uses: a batch is
     trimmed to them (masked keys do not change the result, they only cost
-    time)."""
-    return int(mask.any(0).nonzero().max()) + 1
+    time). ``bucket`` rounds up to a power of two (at least 8, at most
+    ``L``), so that a compiled model sees a handful of text shapes and
+    reuses its graphs instead of meeting a new width at every batch."""
+    width = int(mask.any(0).nonzero().max()) + 1
+    if bucket:
+        width = min(mask.shape[1], max(8, 1 << (width - 1).bit_length()))
+    return width
 
 
 def for_inference(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -123,7 +131,10 @@ class Task:
         """Raise ``ValueError`` when ``cfg`` cannot run on ``world`` processes."""
 
     def objective(self, model: nn.Module, cfg) -> nn.Module:
-        """A module whose ``forward(batch)`` returns ``(loss, {part: float})``."""
+        """A module whose ``forward(batch)`` returns ``(loss, {part: value})``:
+        the parts (a term of the loss, an accuracy) as detached 0-d tensors
+        (or floats), read by the training loop only on logging steps, so that
+        a step never waits for the device to report a number."""
         raise NotImplementedError
 
     def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> Any:
@@ -141,6 +152,18 @@ class Task:
     def meta(self) -> dict:
         """JSON data stored in every checkpoint (e.g. an answer vocabulary)."""
         return {}
+
+    def media(self) -> list[Tensor]:
+        """The decoded media tensors batches gather from (videos, audio)."""
+        return list(media_tensors(self.data).values())
+
+    def with_media_on(self, device: torch.device, memo: dict | None = None) -> "Task":
+        """A copy of this task whose data's decoded media live on ``device``
+        (``slimvl.runtime.media_on``; ``memo`` shares one copy between tasks
+        over the same data). This task is left as it is."""
+        out = copy.copy(self)
+        out.data = media_on(self.data, device, memo)
+        return out
 
     @property
     def skipped(self) -> list[str]:
@@ -164,12 +187,12 @@ class _WeightedSum(nn.Module):
         self.objectives = nn.ModuleDict(objectives)
         self.weights = weights
 
-    def forward(self, batches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batches: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         total, parts = 0.0, {}
         for name, objective in self.objectives.items():
             loss, sub = objective(batches[name])
             total = total + self.weights[name] * loss
-            parts[name] = loss.item()
+            parts[name] = loss.detach()
             parts.update({f"{name}/{k}": v for k, v in sub.items()})
         return total, parts
 
@@ -225,6 +248,15 @@ class MultiTask(Task):
         out: dict = {}
         for t in self.tasks.values():
             out.update(t.meta())
+        return out
+
+    def media(self) -> list[Tensor]:
+        return [m for t in self.tasks.values() for m in t.media()]
+
+    def with_media_on(self, device: torch.device, memo: dict | None = None) -> "MultiTask":
+        memo = {} if memo is None else memo
+        out = copy.copy(self)
+        out.tasks = {k: t.with_media_on(device, memo) for k, t in self.tasks.items()}
         return out
 
     @property

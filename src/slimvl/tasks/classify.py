@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, to_float_video
+from ..runtime import autocast_for, host_to, video_to
 from .base import InputsBatch, Task, check_scores, for_inference, heldout_split, row_batches
 from .registry import TaskEntry, TaskSource, register_task
 
@@ -98,7 +98,7 @@ class ClassBatch(InputsBatch):
 def class_batch(data: ClassData, rows: np.ndarray | Tensor, device: torch.device) -> ClassBatch:
     """Gather the tensors of the given clips."""
     rows = torch.as_tensor(rows)
-    return ClassBatch({"video": to_float_video(data.videos[rows]).to(device)}, data.labels[rows].to(device))
+    return ClassBatch({"video": video_to(data.videos[rows], device)}, host_to(data.labels[rows], device))
 
 
 def class_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -121,10 +121,10 @@ class ClassObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, b: ClassBatch) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, b: ClassBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         logits = self.model(b.inputs)
         loss = class_loss(logits, b.labels)
-        return loss, {"cls": loss.item(), "acc": correct(logits.detach(), b.labels).float().mean().item()}
+        return loss, {"cls": loss.detach(), "acc": correct(logits.detach(), b.labels).float().mean()}
 
 
 class ClassTask(Task):

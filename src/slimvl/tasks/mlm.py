@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, to_float_video
+from ..runtime import autocast_for, video_to
 from .base import InputsBatch, MultiTask, Task, check_scores, for_inference, row_batches, used_width
 from .registry import TaskEntry, TaskSource, register_task
 from .retrieval.task import RetrievalTask, load_retrieval_split
@@ -68,11 +68,11 @@ class MLMObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, b: MLMBatch) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, b: MLMBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         logits = self.model.mlm_logits(b.inputs, masked=b.masked).float()[b.masked]
         target = b.target[b.masked]
         loss = F.cross_entropy(logits, target)
-        return loss, {"mlm": loss.item(), "acc": (logits.argmax(-1) == target).float().mean().item()}
+        return loss, {"mlm": loss.detach(), "acc": (logits.argmax(-1) == target).float().mean()}
 
 
 class MLMTask(Task):
@@ -100,14 +100,20 @@ class MLMTask(Task):
             raise ValueError(f"model vocab_size={model.config.vocab_size}, tokenizer has {self.vocab_size} ids")
         return MLMObjective(model)
 
-    def make_batch(self, rows: np.ndarray, rng: np.random.Generator, device: torch.device, data=None) -> MLMBatch:
-        """The given captions (of ``data``, default the task's), masked with ``rng``."""
+    def make_batch(self, rows: np.ndarray, rng: np.random.Generator, device: torch.device, data=None,
+                   bucket: bool = False) -> MLMBatch:
+        """The given captions (of ``data``, default the task's), masked with
+        ``rng`` (``bucket``: text width rounded up, ``used_width``)."""
         d = self.data if data is None else data
         rows = torch.as_tensor(rows)
         width = used_width(d.caption_mask[rows])
         ids, mask = d.caption_ids[rows, :width], d.caption_mask[rows, :width]
         corrupted, masked = mask_tokens(ids, mask, rng, self.mask_id, self.vocab_size, self.special, self.prob)
-        return MLMBatch({"video": to_float_video(d.videos[d.caption_item[rows]]).to(device),
+        if bucket:  # widened after the draws, so that the masks do not depend on it
+            wide = used_width(d.caption_mask[rows], bucket=True)
+            ids, mask, corrupted, masked = (torch.cat([t, t.new_zeros(len(t), wide - width)], 1)
+                                            for t in (ids, mask, corrupted, masked))
+        return MLMBatch({"video": video_to(d.videos[d.caption_item[rows]], device),
                          "text": corrupted.to(device), "text_mask": mask.to(device)}, masked.to(device), ids.to(device))
 
     def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> MLMBatch:
@@ -116,7 +122,7 @@ class MLMTask(Task):
         rows = rng.choice(n, size=cfg.batch_size, replace=cfg.batch_size > n)
         # Every rank draws the whole step's masks, then keeps its rows: the
         # global batch is the same whatever the number of processes.
-        b = self.make_batch(rows, rng, device)
+        b = self.make_batch(rows, rng, device, bucket=cfg.compile)
         keep = slice(rank, None, world)
         return MLMBatch({k: t[keep] for k, t in b.inputs.items()}, b.masked[keep], b.target[keep])
 

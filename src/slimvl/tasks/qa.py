@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, to_float_video
+from ..runtime import autocast_for, video_to
 from .base import (InputsBatch, Task, check_scores, for_inference, heldout_split, log_fitting, row_batches,
                    used_width)
 from .registry import TaskEntry, TaskSource, register_task
@@ -128,11 +128,12 @@ class QABatch(InputsBatch):
     answer: Tensor
 
 
-def qa_batch(data: QAData, rows: np.ndarray | Tensor, device: torch.device) -> QABatch:
-    """Gather the tensors of the given questions."""
+def qa_batch(data: QAData, rows: np.ndarray | Tensor, device: torch.device, bucket: bool = False) -> QABatch:
+    """Gather the tensors of the given questions (``bucket``: text width
+    rounded up to a power of two, ``used_width``)."""
     rows = torch.as_tensor(rows)
-    width = used_width(data.question_mask[rows])
-    return QABatch({"video": to_float_video(data.videos[data.question_item[rows]]).to(device),
+    width = used_width(data.question_mask[rows], bucket)
+    return QABatch({"video": video_to(data.videos[data.question_item[rows]], device),
                     "text": data.question_ids[rows, :width].to(device),
                     "text_mask": data.question_mask[rows, :width].to(device)}, data.answer[rows].to(device))
 
@@ -144,10 +145,10 @@ class QAObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, b: QABatch) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, b: QABatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         logits = self.model.answer(b.inputs).float()
         loss = F.cross_entropy(logits, b.answer)
-        return loss, {"qa": loss.item(), "acc": (logits.argmax(-1) == b.answer).float().mean().item()}
+        return loss, {"qa": loss.detach(), "acc": (logits.argmax(-1) == b.answer).float().mean()}
 
 
 class QATask(Task):
@@ -195,7 +196,7 @@ class QATask(Task):
     def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> QABatch:
         rng = np.random.default_rng([cfg.seed, step])
         rows = rng.choice(self.trainable, size=cfg.batch_size, replace=cfg.batch_size > len(self.trainable))
-        return qa_batch(self.data, rows[rank::world], device)
+        return qa_batch(self.data, rows[rank::world], device, bucket=cfg.compile)
 
     def samples(self, batch: QABatch) -> int:
         return batch.size

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ...runtime import to_float_video
+from ...runtime import host_to, video_to
 from ..base import InputsBatch, log_fitting, used_width
 from .hard_negatives import compose_videos, partners, swap_table
 from .losses import gumbel_noise, random_negatives
@@ -126,18 +126,20 @@ class UnitBatch(InputsBatch):
 
 def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
                negatives: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-               hard: dict[str, torch.Tensor] | None = None) -> UnitBatch:
-    """Gather the tensors of the given units (caption indices ``[U, P]``)."""
+               hard: dict[str, torch.Tensor] | None = None, bucket: bool = False) -> UnitBatch:
+    """Gather the tensors of the given units (caption indices ``[U, P]``);
+    ``bucket``: text width rounded up to a power of two (``used_width``)."""
     caps = torch.as_tensor(captions).flatten()
-    width = used_width(data.caption_mask[caps])
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    width = used_width(data.caption_mask[caps], bucket)
+    move = lambda t: None if t is None else host_to(t, device)  # noqa: E731
     if hard is not None and "text" in hard:
         hard = {**hard, "text": hard["text"][:, :width], "text_mask": hard["text_mask"][:, :width]}
-    inputs = {"video": to_float_video(data.videos[data.caption_item[caps]]).to(device),
-              "text": data.caption_ids[caps, :width].to(device),
-              "text_mask": data.caption_mask[caps, :width].to(device)}
+    inputs = {"video": video_to(data.videos[data.caption_item[caps]], device),
+              "text": host_to(data.caption_ids[caps, :width], device),
+              "text_mask": host_to(data.caption_mask[caps, :width], device)}
     return UnitBatch(inputs, len(captions), move(negatives), move(noise),
-                     None if hard is None else {k: v.to(device) for k, v in hard.items()})
+                     None if hard is None else {k: video_to(v, device) if k == "video" else host_to(v, device)
+                                                        for k, v in hard.items()})
 
 
 def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, world: int,
@@ -156,7 +158,7 @@ def step_batch(data: RetrievalData, cfg: "TrainConfig", step: int, rank: int, wo
     if cfg.hard_negatives != "none":  # this rank's rows of the global batch
         rows = np.arange(captions.size).reshape(captions.shape)[rank::world].flatten()
         hard = hard_negative_batch(data, cfg, step, captions, rows)
-    return unit_batch(data, captions[rank::world], device, negatives, noise, hard)
+    return unit_batch(data, captions[rank::world], device, negatives, noise, hard, bucket=cfg.compile)
 
 
 def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int, captions: np.ndarray,
@@ -193,7 +195,7 @@ def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int, capt
         right = torch.from_numpy(rng.integers(2, size=every.numel()).astype(bool))[torch.as_tensor(rows)]
         videos = data.videos[data.caption_item[caps]]
         others = data.videos[data.caption_item[every[torch.as_tensor(other[rows])]]]
-        out["video"] = to_float_video(compose_videos(videos, others, right, cfg.compose))
+        out["video"] = compose_videos(videos, others, right, cfg.compose)  # uint8: converted on the device
     return out
 
 

@@ -12,7 +12,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ...runtime import autocast_for, device_for, to_float_video
+from ...runtime import autocast_for, device_for, video_to
 from ..base import for_inference, row_batches
 from .data import RetrievalData
 from .metrics import retrieval_metrics
@@ -59,7 +59,7 @@ def pair_scores(model: torch.nn.Module, data: RetrievalData, captions: torch.Ten
                dynamic_ncols=True)
     for idx in row_batches(len(captions), batch_size):
         caps, its = captions[idx], items[idx]
-        video = to_float_video(data.videos[its]).to(device)
+        video = video_to(data.videos[its], device)
         with autocast_for(device, amp):
             out = model(video, data.caption_ids[caps].to(device), data.caption_mask[caps].to(device))
         scores[idx] = out.logits.float().cpu()
@@ -77,7 +77,7 @@ def _cached_score_matrix(model, data: RetrievalData, batch_size: int, dev: torch
     videos, texts = [], []
     with autocast_for(dev, amp):
         for start in range(0, n_items, batch_size):
-            videos.append(model.cache_videos(to_float_video(data.videos[start:start + batch_size]).to(dev)))
+            videos.append(model.cache_videos(video_to(data.videos[start:start + batch_size], dev)))
             bar.update(len(videos[-1]))
         for start in range(0, n_caps, batch_size):
             sl = slice(start, start + batch_size)

@@ -144,16 +144,14 @@ def compose_videos(videos: Tensor, others: Tensor, right: Tensor, mode: str = "s
     if videos.dim() != 5 or others.shape != videos.shape:
         raise ValueError(f"videos and others: expected two [B, T, C, H, W] of one shape, got {tuple(videos.shape)} "
                          f"and {tuple(others.shape)}")
-    out = videos.clone()
     if mode == "time":
         if videos.shape[1] < 2:
             raise ValueError(f"compose mode 'time' mixes the frames of two clips; these have {videos.shape[1]} "
                              "frame(s): use compose='space'")
         half = videos.shape[1] // 2
-        out[:, half:] = others[:, half:]
-        return out
+        return torch.cat([videos[:, :half], others[:, half:]], 1)
+    # A select, not boolean indexing: on a GPU that would wait for the host to count the rows.
+    cols = torch.arange(videos.shape[-1], device=videos.device)
     w = videos.shape[-1] // 2
-    right = right.to(videos.device)
-    out[right, ..., w:] = others[right, ..., w:]
-    out[~right, ..., :w] = others[~right, ..., :w]
-    return out
+    take = torch.where(right.to(videos.device)[:, None], cols >= w, cols < w)  # [B, W]
+    return torch.where(take[:, None, None, None, :], others, videos)

@@ -71,15 +71,15 @@ class RetrievalObjective(torch.nn.Module):
             out["hard_text_valid"] = b.hard["text_valid"].view(b.units, -1)
         return out
 
-    def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, b: UnitBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         u, p = b.units, b.size // b.units
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor | float] = {}
         itc = v = t = reuse = None
         if self.itc_weight or self.model.pairs_reuse_encodings:
             v, t, reuse = self._unimodal(b)
         if self.itc_weight:
             itc = contrastive_loss(v, t, self.model.logit_scale, **self._hard(b))
-            parts["itc"] = itc.item()
+            parts["itc"] = itc.detach()
         if not self.model.has_pair_scorer:
             return itc, parts
         with torch.no_grad():
@@ -99,7 +99,7 @@ class RetrievalObjective(torch.nn.Module):
             cap, vid = (layout.caption + offset).flatten(), (layout.video + offset).flatten()
         logits = self.model.score_pairs(b.inputs, vid, cap, reuse).float()
         vtm = vtm_group_loss(logits.view(u, -1), layout)
-        parts["vtm"] = vtm.item()
+        parts["vtm"] = vtm.detach()
         loss = vtm if itc is None else vtm + self.itc_weight * itc
         return loss, parts
 
