@@ -47,6 +47,35 @@ def test_a_bucketed_mlm_batch_masks_the_same_tokens():
         assert torch.equal(b[:, :w], a) and not b[:, w:].any()  # same draws; the extra columns are padding
 
 
+class _MixedDevices(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records operations that take tensors on the host and on the device at
+    once (a 0-d host tensor, a scalar, is allowed, as PyTorch does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        tensors = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor) and t.dim()]
+        if len({t.device.type for t in tensors}) > 1:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_mixed_device_check_sees_host_indices_into_device_media():
+    media = torch.zeros(4, 3, device=META)
+    with _MixedDevices() as mixed:
+        media[torch.tensor([0, 2])]
+    assert mixed.ops  # the check can fail: this is what gather avoids
+    from slimvl.runtime import gather
+
+    with _MixedDevices() as mixed:
+        assert gather(media, [0, 2]).shape == (2, 3)
+    assert mixed.ops == []
+
+
 def _tasks():
     data = tiny_data()
     return [("retrieval", RetrievalTask(data), TrainConfig(groups_per_step=4, hard_negatives="videos")),
@@ -66,8 +95,11 @@ def test_batches_are_gathered_where_the_media_are(kind):
         if hasattr(task.data, name):
             assert getattr(on_meta.data, name) is getattr(task.data, name)
     # Gathering a batch from the device's copy reads no media value on the host
-    # (it would fail on "meta") and mixes no host tensor into a device operation.
-    batch = on_meta.batch(cfg, 0, 0, 1, META)
+    # (it would fail on "meta") and mixes no host tensor into a device operation
+    # (indexing device media with host indices would make the host wait).
+    with _MixedDevices() as mixed:
+        batch = on_meta.batch(cfg, 0, 0, 1, META)
+    assert mixed.ops == []
     want = task.batch(cfg, 0, 0, 1, torch.device("cpu"))
     for key, t in want.inputs.items():
         assert batch.inputs[key].device == META and batch.inputs[key].shape == t.shape
@@ -100,3 +132,36 @@ def test_training_with_the_media_on_the_device_matches_training_from_the_host():
         curves.append([h["loss"] for h in train(tiny_model(device=DEVICE), data, cfg, progress=False).history])
     assert curves[0] == pytest.approx(curves[1], rel=1e-5, abs=1e-6)
     assert data.videos.device.type == "cpu"  # the caller's data stays where it was
+
+
+def test_checkpoint_every_zero_trains_without_a_run_folder():
+    cfg = TrainConfig(steps=2, groups_per_step=4, checkpoint_every=0, log_every=10)
+    assert train(tiny_model(), tiny_data(), cfg, progress=False).steps == 2
+
+
+def test_evaluation_inside_a_run_uses_full_fp32_and_the_callers_precision_is_restored(monkeypatch):
+    seen = []
+    task = RetrievalTask(tiny_data())
+    monkeypatch.setattr(task, "evaluate", lambda *a: seen.append(torch.get_float32_matmul_precision()) or {})
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        cfg = TrainConfig(steps=2, groups_per_step=4, eval_every=1, log_every=1, device=DEVICE)
+        train(tiny_model(device=DEVICE), task, cfg, progress=False, val_data=tiny_data())
+        assert seen == ["highest", "highest"]
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_dual_encoders_layerdrop_is_drawn_per_step():
+    import slimvl
+    from slimvl.models.latents import LatentEncoder
+    from slimvl.train import _step_draws
+
+    dual = slimvl.decompose(tiny_model(cross_attn_drop=0.5)).train()
+    encoders = [m for m in dual.modules() if isinstance(m, LatentEncoder)]
+    assert encoders
+    with _step_draws(dual):
+        assert all(e.plan is not None for e in encoders)
+    assert all(e.plan is None for e in encoders)

@@ -3,7 +3,7 @@ mixed precision, and turning stored frames into model input."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import is_dataclass, replace
 
 import torch
 
@@ -62,13 +62,25 @@ def video_to(video_uint8: torch.Tensor, device: torch.device | str) -> torch.Ten
     return to_float_video(host_to(video_uint8, device))
 
 
+def gather(t: torch.Tensor, rows) -> torch.Tensor:
+    """``t[rows]`` for host-side row indices (a list, an array or a CPU
+    tensor), wherever ``t`` lives. For a tensor on a GPU the indices go over
+    first without blocking: indexing it with a host tensor would make the
+    host wait for the copy."""
+    rows = torch.as_tensor(rows)
+    return t[host_to(rows, t.device) if t.device.type != "cpu" else rows]
+
+
 # The decoded media a batch gathers from: the big tensors of a task's data.
 MEDIA_KEYS = ("videos", "video", "audio")
 
 
 def media_tensors(data) -> dict[str, torch.Tensor]:
-    """The decoded media of a task's data (the fields ``media_on`` moves)."""
-    found = {}
+    """The decoded media of a task's data (the fields ``media_on`` moves;
+    none when the data is not a dataclass, which it cannot copy)."""
+    found: dict[str, torch.Tensor] = {}
+    if not is_dataclass(data):
+        return found
     if isinstance(getattr(data, "videos", None), torch.Tensor):
         found["videos"] = data.videos
     inputs = getattr(data, "inputs", None)
@@ -78,9 +90,10 @@ def media_tensors(data) -> dict[str, torch.Tensor]:
 
 
 def media_on(data, device: torch.device | str, memo: dict | None = None):
-    """A shallow copy of a task's data (a dataclass) whose decoded media, its
-    ``videos`` field and the ``video`` / ``audio`` of an ``inputs`` dict,
-    live on ``device``; every other field is shared with ``data``.
+    """A shallow copy of a task's data (a dataclass; other data is returned
+    as it is) whose decoded media, its ``videos`` field and the ``video`` /
+    ``audio`` of an ``inputs`` dict, live on ``device``; every other field
+    is shared with ``data``.
 
     On a GPU a training step then gathers its batch on the device instead of
     copying it from the host. Text and indices stay on the host: they are

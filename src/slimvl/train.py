@@ -254,9 +254,6 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     ckpt = _agreed(lambda: open_run_dir(run_dir, resume, rank), distributed, device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    if device.type == "cuda":
-        # fp32 matmuls (the parts kept out of autocast: scores, norms) on tensor cores as TF32.
-        torch.set_float32_matmul_precision("high")
     # The fused kernel updates every parameter in a few launches instead of
     # several per tensor (a launch-bound step spent most of AdamW's time there).
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
@@ -290,7 +287,10 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
     # On a GPU the host reads the loss only when it has to (logging, a
     # checkpoint, an evaluation): the device keeps the first non-finite step.
     finite = LossWatch(run_dir, every_step=device.type != "cuda")
-    with _stop_requests() as stop:
+    # On CUDA the step's fp32 matmuls (the parts kept out of autocast: scores,
+    # norms) run on tensor cores as TF32; evaluations, and the caller's
+    # process after the run, keep the precision they had.
+    with _stop_requests() as stop, _matmul_precision("high" if device.type == "cuda" else None):
         for step in bar:
             stop.step, stop.checkpoint = step, last_ckpt
             batch = task.batch(cfg, step, rank, world, device)
@@ -311,8 +311,8 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
             logging_step = (step + 1) % cfg.log_every == 0 or step + 1 == end
             evaluating = val_data is not None and cfg.eval_every > 0 and \
                 ((step + 1) % cfg.eval_every == 0 or step + 1 == end)
-            stopping = stop.requested(distributed, device)
-            if logging_step or evaluating or stopping or (step + 1) % cfg.checkpoint_every == 0:
+            saving = cfg.checkpoint_every > 0 and (step + 1) % cfg.checkpoint_every == 0
+            if logging_step or evaluating or saving:
                 finite.check()
             if logging_step:
                 rate = seen / (time.perf_counter() - t0 - eval_seconds)
@@ -325,17 +325,20 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                 # Rank 0 evaluates; a failure there (non-finite scores) stops
                 # every rank, instead of the others waiting for it forever.
                 t_eval = time.perf_counter()
-                metrics = _agreed(lambda: task.evaluate(model, val_data, device) if rank == 0 else None,
-                                  distributed, device, what="evaluate the model", errors=Exception)
+                with _matmul_precision("highest"):  # scores in full fp32, as any evaluation (no TF32 ties)
+                    metrics = _agreed(lambda: task.evaluate(model, val_data, device) if rank == 0 else None,
+                                      distributed, device, what="evaluate the model", errors=Exception)
                 model.train()
                 if rank == 0:
                     evals.append({"step": step + 1, "train_seconds": round(t_eval - t0 - eval_seconds, 2), **metrics})
                     if task.headline in metrics and progress:
                         bar.write(f"step {step + 1}: val {task.headline} {metrics[task.headline]:.3f}")
                 eval_seconds += time.perf_counter() - t_eval
-            # Ctrl-C or SIGTERM: keep the step just finished, then stop.
-            if run_dir is not None and rank == 0 and \
-                    ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == end or stopping):
+            # Ctrl-C or SIGTERM (also during an evaluation): keep the step just finished, then stop.
+            stopping = stop.requested(distributed, device)
+            if stopping:
+                finite.check()
+            if run_dir is not None and rank == 0 and (saving or step + 1 == end or stopping):
                 last_ckpt = _checkpoint(run_dir, model, optimizer, cfg, step + 1, history, evals, task,
                                         before + time.perf_counter() - t0 - eval_seconds)
             if stopping:
@@ -369,18 +372,32 @@ def _media_placed(task: Task, cfg: TrainConfig, device: torch.device, rank: int)
 
 
 @contextmanager
-def _step_draws(model: torch.nn.Module) -> Iterator[None]:
-    """The step's random structural choices (LayerDrop's skips) drawn once,
-    before its forward passes (``model.draw_step``), and forgotten after."""
-    draw = getattr(model, "draw_step", None)
-    if draw is None:
-        yield
-        return
-    draw()
+def _matmul_precision(precision: str | None) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(precision)`` inside the block
+    (None: unchanged), the process's own setting restored after."""
+    before = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
-        model.end_step()
+        torch.set_float32_matmul_precision(before)
+
+
+@contextmanager
+def _step_draws(model: torch.nn.Module) -> Iterator[None]:
+    """The step's random structural choices (LayerDrop's skips, the nested
+    latent count) drawn once, before its forward passes, by every module
+    with a ``draw_step`` (a Perceiver, or one inside a dual encoder), and
+    forgotten after (``end_step``)."""
+    owners = [m for m in model.modules() if callable(getattr(m, "draw_step", None))]
+    for m in owners:
+        m.draw_step()
+    try:
+        yield
+    finally:
+        for m in owners:
+            m.end_step()
 
 
 class LossWatch:

@@ -107,7 +107,8 @@ class LatentEncoder(nn.Module):
             # The first cross-attention that runs is never dropped: without
             # it the latents would never read the input at all.
             if self.training and drop and read:
-                if self.plan is None and self.drop_replay is None and torch.compiler.is_compiling():
+                if self.plan is None and self.drop_replay is None and self.drop_record is None \
+                        and torch.compiler.is_compiling():
                     keep_it = torch.rand((), device=lat.device) >= drop
                     lat = torch.where(keep_it, self._cross(layer, cross, lat, inputs, mask, kv), lat)
                     continue

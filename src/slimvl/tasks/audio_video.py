@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, host_to, video_to
+from ..runtime import autocast_for, gather, host_to, video_to
 from .base import check_scores, for_inference, row_batches
 from .classify import ClassBatch, ClassTask, check_classifier, correct
 from .registry import TaskEntry, TaskSource, register_task
@@ -72,7 +72,7 @@ def av_batch(data: AVData, rows: np.ndarray | Tensor, device: torch.device,
     for key, t in data.inputs.items():
         if modalities is not None and key.removesuffix("_mask") not in modalities:
             continue
-        t = t[rows]
+        t = gather(t, rows)
         t = video_to(t, device) if key == "video" else host_to(t, device)
         inputs[key] = t.float() if key == "audio" else t
     return ClassBatch(inputs, host_to(data.labels[rows], device))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, host_to, video_to
+from ..runtime import autocast_for, gather, host_to, video_to
 from .base import InputsBatch, Task, check_scores, for_inference, heldout_split, row_batches
 from .registry import TaskEntry, TaskSource, register_task
 
@@ -98,7 +98,7 @@ class ClassBatch(InputsBatch):
 def class_batch(data: ClassData, rows: np.ndarray | Tensor, device: torch.device) -> ClassBatch:
     """Gather the tensors of the given clips."""
     rows = torch.as_tensor(rows)
-    return ClassBatch({"video": video_to(data.videos[rows], device)}, host_to(data.labels[rows], device))
+    return ClassBatch({"video": video_to(gather(data.videos, rows), device)}, host_to(data.labels[rows], device))
 
 
 def class_loss(logits: Tensor, labels: Tensor) -> Tensor:

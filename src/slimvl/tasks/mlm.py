@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, video_to
+from ..runtime import autocast_for, gather, host_to, video_to
 from .base import InputsBatch, MultiTask, Task, check_scores, for_inference, row_batches, used_width
 from .registry import TaskEntry, TaskSource, register_task
 from .retrieval.task import RetrievalTask, load_retrieval_split
@@ -113,8 +113,9 @@ class MLMTask(Task):
             wide = used_width(d.caption_mask[rows], bucket=True)
             ids, mask, corrupted, masked = (torch.cat([t, t.new_zeros(len(t), wide - width)], 1)
                                             for t in (ids, mask, corrupted, masked))
-        return MLMBatch({"video": video_to(d.videos[d.caption_item[rows]], device),
-                         "text": corrupted.to(device), "text_mask": mask.to(device)}, masked.to(device), ids.to(device))
+        return MLMBatch({"video": video_to(gather(d.videos, d.caption_item[rows]), device),
+                         "text": host_to(corrupted, device), "text_mask": host_to(mask, device)},
+                        host_to(masked, device), host_to(ids, device))
 
     def batch(self, cfg, step: int, rank: int, world: int, device: torch.device) -> MLMBatch:
         rng = np.random.default_rng([cfg.seed, step, 2])

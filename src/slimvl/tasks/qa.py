@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..runtime import autocast_for, video_to
+from ..runtime import autocast_for, gather, host_to, video_to
 from .base import (InputsBatch, Task, check_scores, for_inference, heldout_split, log_fitting, row_batches,
                    used_width)
 from .registry import TaskEntry, TaskSource, register_task
@@ -133,9 +133,9 @@ def qa_batch(data: QAData, rows: np.ndarray | Tensor, device: torch.device, buck
     rounded up to a power of two, ``used_width``)."""
     rows = torch.as_tensor(rows)
     width = used_width(data.question_mask[rows], bucket)
-    return QABatch({"video": video_to(data.videos[data.question_item[rows]], device),
-                    "text": data.question_ids[rows, :width].to(device),
-                    "text_mask": data.question_mask[rows, :width].to(device)}, data.answer[rows].to(device))
+    return QABatch({"video": video_to(gather(data.videos, data.question_item[rows]), device),
+                    "text": host_to(data.question_ids[rows, :width], device),
+                    "text_mask": host_to(data.question_mask[rows, :width], device)}, host_to(data.answer[rows], device))
 
 
 class QAObjective(nn.Module):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ...runtime import host_to, video_to
+from ...runtime import gather, host_to, video_to
 from ..base import InputsBatch, log_fitting, used_width
 from .hard_negatives import compose_videos, partners, swap_table
 from .losses import gumbel_noise, random_negatives
@@ -134,7 +134,7 @@ def unit_batch(data: RetrievalData, captions: np.ndarray, device: torch.device,
     move = lambda t: None if t is None else host_to(t, device)  # noqa: E731
     if hard is not None and "text" in hard:
         hard = {**hard, "text": hard["text"][:, :width], "text_mask": hard["text_mask"][:, :width]}
-    inputs = {"video": video_to(data.videos[data.caption_item[caps]], device),
+    inputs = {"video": video_to(gather(data.videos, data.caption_item[caps]), device),
               "text": host_to(data.caption_ids[caps, :width], device),
               "text_mask": host_to(data.caption_mask[caps, :width], device)}
     return UnitBatch(inputs, len(captions), move(negatives), move(noise),
@@ -166,7 +166,8 @@ def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int, capt
     """The hard negatives of step ``step``'s units (caption indices
     ``[U, P]``), for the rows ``rows`` of the flattened units (None: all):
     swapped captions (``text``, ``text_mask``, ``text_valid``) and composed
-    videos (``video``, float), as ``cfg.hard_negatives`` asks.
+    videos (``video``, uint8 where the data's videos are: the batch
+    converts them on the device), as ``cfg.hard_negatives`` asks.
 
     Every draw is a function of ``(seed, step)`` and the row alone, so a
     data-parallel rank builds only its own rows and gets what one process
@@ -193,8 +194,8 @@ def hard_negative_batch(data: RetrievalData, cfg: "TrainConfig", step: int, capt
         rng = np.random.default_rng([cfg.seed, step, 3])  # cheap draws for the global batch, then this rank's rows
         other = (partners(rng, u, cfg.groups_per_unit, data.group_size) + (np.arange(u) * p)[:, None]).flatten()
         right = torch.from_numpy(rng.integers(2, size=every.numel()).astype(bool))[torch.as_tensor(rows)]
-        videos = data.videos[data.caption_item[caps]]
-        others = data.videos[data.caption_item[every[torch.as_tensor(other[rows])]]]
+        videos = gather(data.videos, data.caption_item[caps])
+        others = gather(data.videos, data.caption_item[every[torch.as_tensor(other[rows])]])
         out["video"] = compose_videos(videos, others, right, cfg.compose)  # uint8: converted on the device
     return out
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...runtime import host_to
+
 if TYPE_CHECKING:
     from ...data.tokenizer import Tokenizer
 
@@ -153,5 +155,5 @@ def compose_videos(videos: Tensor, others: Tensor, right: Tensor, mode: str = "s
     # A select, not boolean indexing: on a GPU that would wait for the host to count the rows.
     cols = torch.arange(videos.shape[-1], device=videos.device)
     w = videos.shape[-1] // 2
-    take = torch.where(right.to(videos.device)[:, None], cols >= w, cols < w)  # [B, W]
+    take = torch.where(host_to(right, videos.device)[:, None], cols >= w, cols < w)  # [B, W]
     return torch.where(take[:, None, None, None, :], others, videos)
