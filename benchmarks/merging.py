@@ -20,6 +20,10 @@ evaluated over an r sweep:
   cross-encoder: pairs scored), as speed-ups over no merging measured in
   the same run (> 1: faster).
 
+``--speed-only`` measures the CLIP model's image encoding alone (GFLOPs,
+batch 1, batch 64) on untrained weights, in interleaved rounds: what
+merging costs depends on the token counts, not on what the weights learned.
+
 ``--seeds`` repeats the fine-tuning (CLIP: the base too) with each seed;
 tables give the mean and the spread (min..max) over seeds. The 95%
 interval is over test items (each item's hits averaged over the seeds), so
@@ -43,6 +47,7 @@ from slimvl.data import make_dataset
 from slimvl.experiments import experiment_parser, gallery_dataset, parse_options, retrieval_splits, train_or_load
 from slimvl.merge import is_patched, patch, unpatch
 from slimvl.merge.finetune import model_for_merging
+from slimvl.models import create_model
 from slimvl.pipeline import load_split, load_tokenizer
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
 from slimvl.tasks.retrieval import score_matrix, t2v_ranks, v2t_ranks
@@ -54,10 +59,13 @@ CLIP = dict(image_size=64, patch_size=8, tubelet=1, max_frames=1, dim=128, heads
             embed_dim=128, max_text_len=TEXT_LEN)
 CLIP_TRAIN = TrainConfig(steps=1000, groups_per_step=16, groups_per_unit=16, negatives_per_item=0, lr=1e-3,
                          warmup_steps=50, itc_weight=1.0, checkpoint_every=250)
-CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
+# A twentieth of the base's learning rate (CrossGET's CLIP recipe fine-tunes at a fiftieth): at 2e-4 every arm
+# drifted further from its base, and the arms' seed spread was wider.
+CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=5e-5, warmup_steps=20, checkpoint_every=100)
 PAIR_TUNE = replace(TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
 LABELS = {"none": "no merging", "free": "ToMe, training-free", "tome": "ToMe, fine-tuned",
           "crossget": "CrossGET, fine-tuned"}
+SPEED_LABELS = {"none": "no merging", "tome": "ToMe", "crossget": "CrossGET (with its cross token)"}
 COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("seeds", "seeds", "d"), ("t2v_r1", "t2v R@1", ".3f"),
            ("v2t_r1", "v2t R@1", ".3f"), ("mean_r1", "mean R@1", ".3f"), ("mean_r1_range", "range (seeds)", ""),
            ("vs_none", "mean R@1 vs no merging (95% CI)", ""), ("gflops", "GFLOPs", ".4f"),
@@ -75,22 +83,29 @@ def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
     return (order + (v2t_ranks(scores, caption_item) <= 1).double()) / 2
 
 
-def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, run_dir: Path, progress: bool):
-    """``base`` fine-tuned with ``method`` merging (None: without); a finished run is loaded, an interrupted one
-    resumed."""
+def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, run_dir: Path, progress: bool,
+              **overrides):
+    """``base`` fine-tuned with ``method`` merging (None: without; ``overrides``: config changes that add no
+    weights but the cross tokens'); a finished run is loaded, an interrupted one resumed."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
         return load_model(ckpt)
     torch.manual_seed(cfg.seed)
-    model = load_model(base) if method is None else model_for_merging(base, method, r)
+    model = load_model(base) if method is None else model_for_merging(base, method, r, **overrides)
     train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
     return model
 
 
-def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, name: str, progress: bool) -> dict:
+def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, name: str, progress: bool,
+                    cross_hidden: bool = False) -> dict:
     """``base`` fine-tuned without merging ("none"), with ToMe and with
-    CrossGET at ``r``; each run in ``folder / name.format(arm)``."""
-    return {arm: fine_tune(base, None if arm == "none" else arm, r, data, cfg, folder / name.format(arm), progress)
+    CrossGET at ``r`` (its vision cross token hidden with ``cross_hidden``);
+    each run in ``folder / name.format(arm)`` (arm "crossget-hidden" for a
+    hidden cross token)."""
+    hidden = {"cross_hidden": True} if cross_hidden else {}
+    return {arm: fine_tune(base, None if arm == "none" else arm, r, data, cfg,
+                           folder / name.format(arm + ("-hidden" if arm == "crossget" and hidden else "")), progress,
+                           **(hidden if arm == "crossget" else {}))
             for arm in ("none", "tome", "crossget")}
 
 
@@ -178,6 +193,13 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def tune_tag(a, default: TrainConfig) -> str:
+    """What a fine-tuning run's folder name adds when its recipe is not the
+    default, so that a finished run of another recipe is never reused."""
+    return (f"_steps{a.tune_steps}" if a.tune_steps != default.steps else "") + \
+        (f"_lr{a.tune_lr:g}" if a.tune_lr and a.tune_lr != default.lr else "")
+
+
 def clip_part(a, out: Path, prog: bool) -> dict:
     root = Path(a.image_data) if a.image_data else make_dataset(
         out / f"data_images{a.gallery}", kind="image-text", seed=0, n_train=6000, n_val=200, n_test=a.gallery,
@@ -191,8 +213,10 @@ def clip_part(a, out: Path, prog: bool) -> dict:
         train_or_load("clip_tiny", {**CLIP, "vocab_size": tok.vocab_size}, train_data,
                       replace(CLIP_TRAIN, steps=a.steps, seed=seed), base_dir, prog)
         base = latest_checkpoint(base_dir)
-        models = fine_tuned_arms(base, a.r, train_data, replace(CLIP_TUNE, steps=a.tune_steps, seed=seed),
-                                 out / "merging", f"clip_{{}}_r{a.r}_s{seed}", prog)
+        models = fine_tuned_arms(base, a.r, train_data, replace(CLIP_TUNE, steps=a.tune_steps,
+                                                                lr=a.tune_lr or CLIP_TUNE.lr, seed=seed),
+                                 out / "merging", f"clip_{{}}_r{a.r}{tune_tag(a, CLIP_TUNE)}_s{seed}", prog,
+                                 cross_hidden=a.cross_hidden)
         rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed)
     return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
 
@@ -206,10 +230,66 @@ def pair_part(a, out: Path, prog: bool) -> dict:
     base = latest_checkpoint(out / "decomposition" / "cross")
     rows = []
     for seed in a.pair_seeds:
-        models = fine_tuned_arms(base, a.pair_r, train_data, replace(PAIR_TUNE, steps=a.tune_steps, seed=seed),
-                                 out / "merging", f"pairs_{{}}_r{a.pair_r}_s{seed}", prog)
+        models = fine_tuned_arms(base, a.pair_r, train_data, replace(PAIR_TUNE, steps=a.tune_steps,
+                                                                     lr=a.tune_lr or PAIR_TUNE.lr, seed=seed),
+                                 out / "merging", f"pairs_{{}}_r{a.pair_r}{tune_tag(a, PAIR_TUNE)}_s{seed}", prog)
         rows += sweep(models, a.pair_r_sweep, pair_measure, test, a.min_run_time, seed)
     return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
+
+
+SPEED_COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("tokens_left", "tokens after each layer", ""),
+                 ("gflops", "image GFLOPs", ".4f"), ("latency_ratio", "speed-up b=1 (x)", ".2f"),
+                 ("latency_spread", "range (rounds)", ""), ("throughput_ratio", "throughput b=64 (x)", ".2f"),
+                 ("throughput_spread", "range (rounds)", "")]
+
+
+def speed_part(a) -> list[dict]:
+    """Image encoding of the CLIP-style model, untrained: no merging, ToMe and
+    CrossGET (with its cross token) over ``--r-sweep``. In each of
+    ``--rounds`` rounds every arm is timed right after no merging, and its
+    ratios are against that measurement (this machine's speed drifts); the
+    table gives the median ratio and its range over rounds."""
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    plain, cross = (create_model("clip_tiny", **CLIP, vocab_size=64, cross_tokens=c,
+                                 cross_hidden=c and a.cross_hidden).to(device).eval() for c in (False, True))
+    images = torch.rand(64, 1, 3, CLIP["image_size"], CLIP["image_size"], device=device) * 2 - 1
+    arms = [("none", plain, None, 0)] + [("tome", plain, "tome", r) for r in a.r_sweep if r] + \
+        [("crossget", cross, "crossget", r) for r in a.r_sweep]
+    rows = [{"arm": arm, "method": SPEED_LABELS[arm], "r": r, "latency": [], "throughput": []} for arm, _, _, r in arms]
+
+    def times(model, method, r) -> tuple[float, float]:
+        set_merging(model, method, r)
+        return (median_seconds(lambda: model.encode_video(images[:1]), a.min_run_time),
+                64 / median_seconds(lambda: model.encode_video(images), a.min_run_time))
+
+    with torch.inference_mode():
+        for (_, model, method, r), row in zip(arms, rows):
+            set_merging(model, method, r)
+            row["gflops"] = count_flops(lambda: model.encode_video(images[:8]), model) / 8 / 1e9
+            row["tokens"] = model.merge_report.get("video", {}).get("tokens") if is_patched(model) else None
+        for i in range(a.rounds):
+            for (_, model, method, r), row in zip(arms[1:], rows[1:]):
+                one, many = times(plain, None, 0)
+                rows[0]["latency"].append(one)
+                rows[0]["throughput"].append(many)
+                one, many = times(model, method, r)
+                row["latency"].append(rows[0]["latency"][-1] / one)
+                row["throughput"].append(many / rows[0]["throughput"][-1])
+            print(f"round {i + 1}/{a.rounds}: " + ", ".join(
+                f"{row['arm']} r={row['r']} x{row['throughput'][-1]:.2f}" for row in rows[1:]), flush=True)
+    for model in (plain, cross):
+        set_merging(model, None, 0)
+    none = rows[0]
+    none.update(latency_s=float(np.median(none.pop("latency"))), images_per_s=float(np.median(none.pop("throughput"))),
+                latency=[1.0], throughput=[1.0])
+    for row in rows:
+        lat, thr = row.pop("latency"), row.pop("throughput")
+        row.update(latency_ratio=float(np.median(lat)), latency_spread=f"{min(lat):.2f}..{max(lat):.2f}",
+                   throughput_ratio=float(np.median(thr)), throughput_spread=f"{min(thr):.2f}..{max(thr):.2f}",
+                   latency_ratios=lat, throughput_ratios=thr,
+                   tokens_left=", ".join(map(str, row["tokens"])) if row["tokens"] else "all (no merging)")
+    return rows
 
 
 def plot(axes, rows: list[dict], title: str) -> None:
@@ -223,6 +303,26 @@ def plot(axes, rows: list[dict], title: str) -> None:
         ax.legend(fontsize=7)
 
 
+def speed_report(a, out: Path, payload: dict) -> dict:
+    """``--speed-only``: the table, the JSON (every round's times) and a plot of throughput against GFLOPs."""
+    if a.rounds < 1:
+        raise SystemExit(f"--rounds {a.rounds}: at least one round is needed")
+    rows = speed_part(a)
+    payload["speed"] = rows
+    md = (f"CLIP-style model, image encoding on {a.device}, untrained weights, {a.rounds} rounds "
+          f"(median ratio against no merging in the same round):\n\n{markdown_table(rows, SPEED_COLUMNS)}\n")
+    fig, axes = figure(2, width=5.0)
+    for ax, y, ylabel in ((axes[0], "throughput_ratio", "throughput at batch 64 (x no merging)"),
+                          (axes[1], "latency_ratio", "speed-up at batch 1 (x no merging)")):
+        plot_lines(ax, rows[1:], "gflops", y, by="method", xlabel="image GFLOPs", ylabel=ylabel,
+                   title=f"merging speed ({a.device})")
+        ax.plot([rows[0]["gflops"]], [1.0], "k*", markersize=10, label="no merging")
+        ax.legend(fontsize=7)
+    write_report(out, a.name or "merging_speed", payload, md, fig)
+    print(md)
+    return payload
+
+
 def strip(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("hits", "scores")} for r in rows]
 
@@ -232,6 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-data", help="image-text dataset folder (default: made under OUT when missing)")
     p.add_argument("--gallery", type=int, default=1000, help="test images of the CLIP part (one caption each)")
     p.add_argument("--tune-steps", type=int, default=CLIP_TUNE.steps, help="fine-tuning steps of every arm")
+    p.add_argument("--cross-hidden", action="store_true", help="CLIP: CrossGET's vision cross token read by no "
+                   "other token (ClipConfig.cross_hidden), so that adding it changes nothing before fine-tuning")
+    p.add_argument("--tune-lr", type=float, help=f"fine-tuning peak learning rate of every arm (default: CLIP "
+                   f"{CLIP_TUNE.lr:g}, cross-encoder {PAIR_TUNE.lr:g})")
     p.add_argument("--r", type=int, default=12, help="CLIP: tokens merged per layer while fine-tuning")
     p.add_argument("--r-sweep", type=int, nargs="+", default=[0, 4, 8, 12, 16], help="CLIP: r evaluated")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CLIP: seeds (base and fine-tuning)")
@@ -244,10 +348,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
     p.add_argument("--parts", nargs="+", default=["clip", "pairs"], choices=["clip", "pairs"],
                    help="the CLIP-style model (image-text), the cross-encoder (video-text), or both")
-    p.add_argument("--name", default="merging", help="file name of the reports (OUT/NAME.json/.md/.png)")
+    p.add_argument("--speed-only", action="store_true", help="only the CLIP model's image-encoding speed, on "
+                   "untrained weights (no data, no training): report OUT/merging_speed.*")
+    p.add_argument("--rounds", type=int, default=5, help="--speed-only: interleaved timing rounds")
+    p.add_argument("--device", default="cpu", help="--speed-only: device of the timed models")
+    p.add_argument("--name", help="file name of the reports (OUT/NAME.json/.md/.png; default merging, or "
+                   "merging_speed with --speed-only)")
     a, command = parse_options(p, "merging.py", argv)
     out, prog = Path(a.out), not a.quiet
     payload: dict = {"command": command}
+    if a.speed_only:
+        return speed_report(a, out, payload)
     md = ""
     fig, axes = figure(2 * len(a.parts), width=5.0)
     for i, part in enumerate(a.parts):
@@ -260,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"all pairs (fine-tuned at r = {a.pair_r})")
         md += f"{what}:\n\n{markdown_table(table, COLUMNS)}\n"
         plot(axes[2 * i: 2 * i + 2], table, "CLIP-style, image-text" if part == "clip" else "cross-encoder, video-text")
-    write_report(out, a.name, payload, md, fig)
+    write_report(out, a.name or "merging", payload, md, fig)
     print(md)
     return payload
 

@@ -33,8 +33,8 @@ def _train(original):
 
 def _median_seconds(original):
     @functools.wraps(original)
-    def median(fn, min_run_time=1.0, warmup=1):
-        return original(fn, min(min_run_time, 0.01), warmup)
+    def median(fn, min_run_time=1.0, warmup=1, threads=None):
+        return original(fn, min(min_run_time, 0.01), warmup, threads)
 
     return median
 

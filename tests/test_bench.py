@@ -28,6 +28,23 @@ def test_counted_flops_match_analytic(name, frames, text_len):
     assert abs(counted - analytic) / analytic < 0.05, (counted, analytic)
 
 
+def test_median_seconds_times_on_the_process_thread_count():
+    from slimvl.bench import median_seconds
+
+    seen = []
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert median_seconds(lambda: seen.append(torch.get_num_threads()), min_run_time=0.01) > 0
+        assert set(seen) == {2}  # torch.utils.benchmark would time on one thread
+        seen.clear()
+        median_seconds(lambda: seen.append(torch.get_num_threads()), min_run_time=0.01, threads=1)
+        assert set(seen[1:]) == {1}  # the warm-up call runs outside the timer
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_counted_flops_per_pair_independent_of_batch():
     m = tiny("perceiver_vl_tiny")
     one = model_flops_per_pair(m, 2, 6, batch=1)

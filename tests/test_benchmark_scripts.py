@@ -202,8 +202,27 @@ def test_merging(data, tmp_path):
             assert row["tokens"][-1] < row["tokens"][0]
             assert -1 <= row["diff"] <= 1 and row["ci"] >= 0 and 0 <= row["mean_r1"] <= 1
     # The CrossGET arm of the CLIP model was fine-tuned with cross tokens.
-    assert load_model(latest_checkpoint(tmp_path / "merging" / "clip_crossget_r8_s0")).config.cross_tokens
+    assert load_model(latest_checkpoint(tmp_path / "merging" / "clip_crossget_r8_steps2_s0")).config.cross_tokens
     assert out["command"].startswith("python benchmarks/merging.py")
+
+
+def test_merging_speed_only(tmp_path):
+    out = run("merging", "--out", str(tmp_path), "--speed-only", "--r-sweep", "0", "8", "--rounds", "2",
+              "--min-run-time", "0.01", "--quiet")
+    res = reports(tmp_path, "merging_speed")
+    rows = {(r["arm"], r["r"]): r for r in res["speed"]}
+    assert list(rows) == [("none", 0), ("tome", 8), ("crossget", 0), ("crossget", 8)]
+    none = rows[("none", 0)]
+    assert none["throughput_ratio"] == 1.0 and none["images_per_s"] > 0 and none["tokens"] is None
+    # The cross token costs a little; merging removes 8 tokens a layer (7 in the last: half of the 15 left).
+    assert none["gflops"] < rows[("crossget", 0)]["gflops"]
+    assert rows[("tome", 8)]["tokens"] == [57, 49, 41, 33, 25, 17]
+    assert rows[("crossget", 8)]["tokens"] == [58, 50, 42, 34, 26, 18]  # its cross token is kept
+    for key in (("tome", 8), ("crossget", 8)):
+        assert rows[key]["gflops"] < 0.7 * rows[(key[0] if key[0] == "crossget" else "none", 0)]["gflops"]
+        assert len(rows[key]["throughput_ratios"]) == 2 and all(x > 0 for x in rows[key]["throughput_ratios"])
+    assert out["command"].startswith("python benchmarks/merging.py --out")
+    assert (tmp_path / "merging_speed.png").exists() and "| ToMe | 8 |" in (tmp_path / "merging_speed.md").read_text()
 
 
 def test_fusion(tmp_path):

@@ -137,6 +137,35 @@ def test_cross_tokens_start_as_copies_of_the_pooled_tokens_and_stay_last():
     assert torch.equal(model.causal_mask(3), torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool))
 
 
+@pytest.mark.parametrize("method", [None, "crossget", "tome"])
+def test_hidden_cross_tokens_with_zero_offsets_change_nothing(method):
+    """``cross_hidden``: no token reads the cross token, so with zero offsets
+    the embeddings are the plain model's (patched at r = 0 too); visible, a
+    vision cross token changes them. At r > 0 the hidden token stays last
+    and protected, and the cross token still reads the others."""
+    from slimvl.merge import patch
+
+    plain = clip(False, seed=3)
+    hidden, visible = (clip(True, seed=3, cross_hidden=h) for h in (True, False))
+    for m in (hidden, visible):
+        m.load_state_dict(plain.state_dict(), strict=False)  # the same weights, zero offsets
+        if method:
+            patch(m, method, r=0)
+    video, ids, mask = inputs(1)
+    with torch.no_grad():
+        torch.testing.assert_close(hidden.encode_video(video), plain.encode_video(video), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden.encode_text(ids, mask), plain.encode_text(ids, mask), atol=1e-5, rtol=1e-5)
+        assert (visible.encode_video(video) - plain.encode_video(video)).abs().max() > 1e-3
+        if method:
+            hidden.r = 8
+            merged = hidden.encode_video(video)
+            assert hidden.merge_report["video"]["tokens"] == [1 + 32 + 1 - 8, 1 + 32 + 1 - 16]
+            assert merged.shape == (3, 16) and torch.isfinite(merged).all()
+            x, m = hidden.tower_input("video", video=video)
+            out, keys = hidden.run_tower("video", x, m)
+            assert keys.all() and out.shape == (3, 1 + 32 + 1 - 16, 32)
+
+
 def test_cross_step_stops_the_gradient_of_the_cross_token_only():
     model = clip(True)
     x = torch.randn(2, 5, 32, requires_grad=True)
@@ -297,7 +326,8 @@ def test_analytic_flops_are_the_counted_ones(cross):
 
 
 @pytest.mark.parametrize("field,value", [("depth", 0), ("text_depth", -1), ("text_depth", 1.5),
-                                         ("cross_tokens", "yes"), ("cross_weight", 1.0), ("cross_weight", -0.1),
+                                         ("cross_tokens", "yes"), ("cross_hidden", True), ("cross_hidden", 1),
+                                         ("cross_weight", 1.0), ("cross_weight", -0.1),
                                          ("temperature", 0.005), ("temperature", float("nan")),
                                          ("num_answers", 3)])
 def test_bad_config_fields_are_named(field, value):

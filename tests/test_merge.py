@@ -104,11 +104,35 @@ def test_complete_graph_never_points_to_a_higher_ranked_token():
         sim = k @ k.transpose(1, 2)
         sim = sim.masked_fill(torch.eye(24, dtype=torch.bool) | protected[:, None] | protected[None, :],
                               float("-inf"))
-        rank = sim.max(-1).values.argsort(-1, descending=True).argsort(-1)
+        # Mutual best pairs tie: the one at the lower position ranks first.
+        rank = sim.max(-1).values.sort(dim=-1, descending=True, stable=True).indices.argsort(-1)
         src, dst = _sources(m, 24)
         assert (rank.gather(1, dst) > rank.gather(1, src)).all()
         kept = torch.zeros(4, 24, dtype=torch.bool).scatter(1, m.keep, True)
         assert kept.gather(1, dst).all()  # sources never chain: every destination survives
+
+
+def test_complete_graph_holds_its_rules_whatever_the_importance_scale():
+    """Masked pairs are offsets, not -inf: an importance far larger than any
+    cosine still never makes a protected token, or one with no lower-ranked
+    target, a source; the r lowest scores are the sources."""
+    x = _tokens(b=4, n=24, seed=3)
+    protected = torch.zeros(24, dtype=torch.bool)
+    protected[[0, 23]] = True
+    for scale in (1e-3, 1e5):
+        imp = torch.randn(4, 24, generator=torch.Generator().manual_seed(1)) * scale
+        m = complete_graph_matching(x, 11, imp, protected)
+        src, dst = _sources(m, 24)
+        assert m.r == 11 and not protected[src].any() and not protected[dst].any()
+        kept = torch.zeros(4, 24, dtype=torch.bool).scatter(1, m.keep, True)
+        assert kept.gather(1, dst).all()
+        k = F.normalize(x, dim=-1)
+        sim = (k @ k.transpose(1, 2)).masked_fill(torch.eye(24, dtype=torch.bool) | protected[:, None]
+                                                  | protected[None, :], float("-inf"))
+        rank = sim.max(-1).values.sort(dim=-1, descending=True, stable=True).indices.argsort(-1)
+        allowed = sim.masked_fill(rank[:, None, :] <= rank[:, :, None], float("-inf"))
+        score = (imp - allowed.max(-1).values).masked_fill(protected.expand(4, -1), float("inf"))
+        assert torch.equal(src, score.topk(11, largest=False).indices.sort(1).values)
 
 
 def test_crossget_keeps_important_tokens_and_merges_duplicates():
@@ -140,6 +164,28 @@ def test_r_is_clamped_to_what_a_layer_can_merge():
     assert complete_graph_matching(x, 100, torch.zeros(3, 9), protected).r == 4
     assert bipartite_soft_matching(x, 0) is None
     assert complete_graph_matching(x[:, :2], 5, torch.zeros(3, 2), protected[:2]) is None
+
+
+def test_each_method_compares_keys_as_its_reference_does():
+    """ToMe: keys averaged over heads; CrossGET: whole keys and queries
+    (heads side by side), so an importance is a cosine of full vectors."""
+    from slimvl.merge.layers import heads_metric
+
+    torch.manual_seed(0)
+    attn = Attention(16, heads=4).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        k, _ = attn.project_kv(x)  # [B, H, N, d]
+        q = attn.project_q(x)
+        _, k_mean, q_mean = attn(x, return_metric=True, return_query=True)
+        _, k_cat, q_cat = attn(x, return_metric=True, return_query=True, metric="concat")
+    torch.testing.assert_close(k_mean, k.mean(1))
+    torch.testing.assert_close(k_cat, torch.cat(list(k.unbind(1)), -1))
+    torch.testing.assert_close(q_cat, torch.cat(list(q.unbind(1)), -1))
+    assert torch.equal(heads_metric("crossget", k), k_cat) and torch.equal(heads_metric("tome", k), k_mean)
+    assert q_mean.shape == (2, 5, 4) and k_cat.shape == (2, 5, 16)
+    with pytest.raises(ValueError, match="metric='sum'"):
+        attn(x, return_metric=True, metric="sum")
 
 
 def test_proportional_attention_equals_attention_over_the_duplicates():

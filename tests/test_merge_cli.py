@@ -40,12 +40,13 @@ def test_train_finetune_and_eval_with_merging(images, tmp_path, capsys):
     assert "merge" not in _last_json(capsys)
     # CrossGET from the base: cross tokens added (their offsets start at zero), the consistency loss logged.
     main(["-q", "train", "--data", str(images), "--merge", "crossget", "--r", "4", "--init-from", str(base), *TRAIN,
-          "--out", str(tuned)])
+          "--set", "cross_hidden=true", "--out", str(tuned)])
     assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 4, "r_text": 0}
     log = json.loads((tuned / "train_log.json").read_text())
     assert "cross" in log["history"][-1]
     model = load_model(latest_checkpoint(tuned))
     assert is_patched(model) and model.merge_method == "crossget" and model.r == 4 and model.config.cross_tokens
+    assert model.config.cross_hidden  # a setting that adds no weights passes through to the fine-tuned model
     # Evaluation merges as trained, or as asked.
     evals = {}
     for extra in ([], ["--merge", "none"], ["--merge", "tome", "--r", "8"]):

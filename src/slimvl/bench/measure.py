@@ -19,12 +19,16 @@ from torch.utils._pytree import tree_flatten
 from .flops import call_model, dummy_batch, model_flops_per_pair
 
 
-def median_seconds(fn: Callable[[], Any], min_run_time: float = 1.0, warmup: int = 1) -> float:
+def median_seconds(fn: Callable[[], Any], min_run_time: float = 1.0, warmup: int = 1,
+                   threads: int | None = None) -> float:
     """Median wall time of ``fn()`` by ``torch.utils.benchmark`` (blocked
-    autorange), after ``warmup`` untimed calls."""
+    autorange), after ``warmup`` untimed calls, on ``threads`` CPU threads
+    (default: this process's ``torch.get_num_threads()``, which
+    ``OMP_NUM_THREADS`` sets)."""
     for _ in range(warmup):  # first calls allocate, pick kernels, compile, record CUDA graphs
         fn()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    # The timer's own default is one thread, whatever the process runs on: say it.
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

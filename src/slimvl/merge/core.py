@@ -186,6 +186,10 @@ def guided_importance(metric: Tensor, query: Tensor) -> Tensor:
     return (F.normalize(metric.float(), dim=-1) @ F.normalize(query.float(), dim=-1).unsqueeze(-1)).squeeze(-1)
 
 
+# What a masked pair's similarity loses: far below any cosine, and exact to add as 0 where nothing is masked.
+_FAR = 1e4
+
+
 @torch.no_grad()
 def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protected: Tensor | None = None,
                             valid: Tensor | None = None) -> Merge | None:
@@ -200,7 +204,8 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
         protected, valid: as ``bipartite_soft_matching``.
 
     Every token is ranked by its best similarity to any other, highest
-    first, and may point only to tokens ranked after it. Its score is
+    first (on a tie, as for a mutually most similar pair, the earlier
+    position first), and may point only to tokens ranked after it. Its score is
     ``importance - best allowed similarity``; the ``r`` lowest scores are
     sources, each merged into its most similar allowed non-source (the
     lowest-ranked free token is never a source, so one always exists).
@@ -215,15 +220,23 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
     if total == 0:
         return None
     k = F.normalize(metric.float(), dim=-1)
-    sim = k @ k.transpose(1, 2)
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
-    sim = sim.masked_fill(eye | blocked[:, :, None] | blocked[:, None, :], float("-inf"))
-    order = sim.max(-1).values.argsort(-1, descending=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=sim.device).expand(b, n))
-    allowed = sim.masked_fill(rank[:, None, :] <= rank[:, :, None], float("-inf"))  # only lower-ranked targets
-    score = importance.float() - allowed.max(-1).values  # +inf for blocked and the lowest-ranked: never sources
+    sim = k @ k.transpose(1, 2)  # cosines, in [-1, 1]
+    # Masks as additive offsets of -_FAR, in place: the matching runs in every layer, and on a CPU boolean
+    # [B, N, N] masks and masked_fill cost more than the merge saves. Only the blocked *columns* are masked: a
+    # blocked token's own row may rank it anywhere, which changes neither the free tokens' order nor their
+    # targets, and its score is set to +inf below.
+    sim.add_(blocked.float().mul_(-_FAR)[:, None, :])
+    sim.diagonal(dim1=1, dim2=2).fill_(-_FAR)
+    order = sim.amax(-1).sort(dim=-1, descending=True, stable=True).indices  # stable: mutual best pairs tie
+    rank = torch.empty_like(order, dtype=sim.dtype).scatter_(
+        1, order, torch.arange(n, device=sim.device, dtype=sim.dtype).expand(b, n))
+    # Only lower-ranked targets: rank(j) - rank(i) is a whole number, >= 1 where allowed.
+    sim.add_((rank[:, None, :] - rank[:, :, None]).clamp_(0, 1).sub_(1).mul_(_FAR))
+    best = sim.amax(-1)
+    # Never sources: the blocked, and a row whose every target is masked (the lowest-ranked free token).
+    score = (importance.float() - best).masked_fill_(blocked | (best < -2), float("inf"))  # cosines are >= -1
     sources, is_source, filler = _choose(score, real, total, pad)
-    to = allowed.gather(1, sources[..., None].expand(b, total, n)).masked_fill(is_source[:, None, :], float("-inf"))
+    to = sim.gather(1, sources[..., None].expand(b, total, n)).sub_(is_source.float().mul_(_FAR)[:, None, :])
     return _from_destinations(_destinations(sources, to.argmax(-1), filler, pad, n), is_source, total)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn.masks import size_bias
-from .layers import METHODS, TokenState, match
+from .layers import METHODS, TokenState, heads_metric, match
 from .patch import MergeSettings, _Merging, is_patched
 from .schedule import layer_r
 
@@ -92,7 +92,8 @@ class _MergingLayer:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale,
                                              dropout_p=attn.dropout if self.training else 0.0)
         x = x + attn.out_proj(out.transpose(1, 2).reshape(b, n, -1))
-        merge, importance = match(merge_method, k.mean(1), q.mean(1), merge_r, state) if merge_r > 0 else (None, None)
+        merge, importance = (match(merge_method, heads_metric(merge_method, k), heads_metric(merge_method, q), merge_r,
+                                   state) if merge_r > 0 else (None, None))
         if merge is not None:
             x, size = merge.tokens(x, state.size, importance)
             state = state.after(merge, size)

@@ -21,6 +21,9 @@ from ..nn.masks import causal_mask
 from .core import Merge, bipartite_soft_matching, complete_graph_matching, guided_importance
 
 METHODS = ("tome", "crossget")
+# How each method's metric combines the attention heads (``Attention``'s ``metric``): ToMe averages the keys
+# over heads; CrossGET's code compares whole keys and queries, heads side by side.
+METRIC = {"tome": "mean", "crossget": "concat"}
 
 
 @dataclass
@@ -61,7 +64,9 @@ def guide_query(queries: Tensor, guide: Tensor | None) -> Tensor:
 
 def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState) -> tuple[Merge | None, Tensor | None]:
     """The merge ``method`` picks for this layer and the importance that
-    weights its ensemble (None for ToMe's plain size-weighted mean)."""
+    weights its ensemble (None for ToMe's plain size-weighted mean).
+    ``keys``/``queries`` ``[B, N, C]``: the heads combined as ``METRIC[method]``
+    says (``heads_metric``)."""
     if method == "tome":
         return bipartite_soft_matching(keys, r, state.protected, state.mask), None
     if method == "crossget":
@@ -79,7 +84,7 @@ def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: 
     allows). With ``r = 0`` this is exactly ``block``'s own forward."""
     mask = causal_mask(x.shape[1], x.device) if causal else None
     h, keys, queries = block.attn(block.norm1(x), key_padding_mask=state.mask, size=state.size, mask=mask,
-                                  return_metric=True, return_query=True)
+                                  return_metric=True, return_query=True, metric=METRIC.get(method, "mean"))
     x = x + h
     merge, importance = match(method, keys, queries, r, state) if r > 0 else (None, None)
     if merge is not None:
@@ -88,4 +93,10 @@ def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: 
     return x + block.mlp(block.norm2(x)), state, 0 if merge is None else merge.r
 
 
-__all__ = ["TokenState", "merge_layer", "match", "guide_query", "METHODS"]
+def heads_metric(method: str, t: Tensor) -> Tensor:
+    """Per-head keys or queries ``[B, H, N, d]`` combined as ``method``'s
+    matching compares them (``METRIC``): ``[B, N, d]`` or ``[B, N, H * d]``."""
+    return t.mean(1) if METRIC.get(method, "mean") == "mean" else t.transpose(1, 2).flatten(2)
+
+
+__all__ = ["TokenState", "merge_layer", "match", "guide_query", "heads_metric", "METHODS", "METRIC"]

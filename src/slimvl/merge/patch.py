@@ -208,8 +208,9 @@ class _ClipMerging(_Merging):
             eot = (mask.sum(1) - 1 - int(cross))[:, None]
             protected = (pos == 0) | (pos == eot) | last
             guide = pos == eot
-        # Video rows have no padding: no key-padding mask, as in the unpatched tower (SDPA's fused kernels).
-        state = TokenState(protected=protected.expand(b, -1), mask=mask if tower == "text" else None,
+        # The unpatched tower's key mask: padding (text), none (video: SDPA's fused kernels) or the hidden cross
+        # token. A key nobody reads counts as padding for the matching: it is protected anyway.
+        state = TokenState(protected=protected.expand(b, -1), mask=self.key_mask(tower, mask),
                            guide=guide.expand(b, -1))
         states: list[Tensor] = []
         record = cross and self.cross_record is not None
@@ -226,7 +227,7 @@ class _ClipMerging(_Merging):
         x, state = self._run_merging(tower, blocks, x, state, causal=tower == "text", before=before)
         if record:
             self.cross_record.setdefault(tower, torch.stack(states, 1))
-        return x, state.mask if state.mask is not None else mask.new_ones(x.shape[:2])
+        return x, state.mask if tower == "text" else mask.new_ones(x.shape[:2])
 
 
 _MIXINS: dict[str, type] = {"single_stream": _SingleStreamMerging, "dual_encoder": _DualMerging,

@@ -21,6 +21,14 @@ token's query is what guides token merging (``slimvl.merge``): which
 tokens are important to what the other modality cares about. Cross tokens
 are never pooled.
 
+In the text tower no token reads the cross token (it is last, and the
+tower is causal); in the vision tower every token does, as in CrossGET's
+code: a copy of [CLS] that doubles [CLS]'s weight in every attention, so a
+trained model changes the moment cross tokens are added. ``cross_hidden``
+hides it there too (a key no other token reads, the cross token still
+reading them all): with zero offsets the model is then exactly the model
+without cross tokens, and fine-tuning starts from where it was.
+
 The tower loop is the methods ``tower_input`` -> ``run_tower`` ->
 ``pool_tower``; ``run_tower`` is the one place where the layers run, which
 a token-merging patch overrides.
@@ -52,6 +60,8 @@ class ClipConfig(VLConfig):
         depth: layers of the vision tower.
         text_depth: layers of the (causal) text tower.
         cross_tokens: add CrossGET's cross token to each tower.
+        cross_hidden: no vision token reads the vision cross token (as
+            no text token reads the text one); needs ``cross_tokens``.
         cross_weight: ``w`` of the training loss ``(1 - w) * task + w *
             cross`` when cross tokens are on (0: cross tokens without their
             consistency term).
@@ -63,6 +73,7 @@ class ClipConfig(VLConfig):
     depth: int = 4
     text_depth: int = 4
     cross_tokens: bool = False
+    cross_hidden: bool = False
     cross_weight: float = 0.5
     temperature: float = 0.07
 
@@ -72,8 +83,11 @@ class ClipConfig(VLConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 self._fail(name, "must be a positive integer")
-        if not isinstance(self.cross_tokens, bool):
-            self._fail("cross_tokens", "must be true or false")
+        for name in ("cross_tokens", "cross_hidden"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, "must be true or false")
+        if self.cross_hidden and not self.cross_tokens:
+            self._fail("cross_hidden", "hides the cross tokens: it needs cross_tokens=True")
         w = self.cross_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < 1:
             self._fail("cross_weight", "must be a weight in [0, 1): the loss is (1 - w) * task + w * cross")
@@ -172,6 +186,19 @@ class ClipModel(DualEncoding, VLModel):
         concatenation: the tokens before may be needed by autograd."""
         return torch.cat([x[:, :-1], self.cross_value(x, offset_i, source)[:, None]], 1)
 
+    def key_mask(self, tower: str, mask: Tensor) -> Tensor | None:
+        """The key-padding mask ``[B, N]`` of a tower's attention (True = a
+        key to read): the text's padding; None for video (no padding: SDPA's
+        fused kernels), or, with ``cross_hidden``, every key but the last
+        (the cross token)."""
+        if tower == "text":
+            return mask
+        if not self.config.cross_hidden:
+            return None
+        keys = torch.ones_like(mask)
+        keys[:, -1] = False
+        return keys
+
     def cross_source(self, tower: str, mask: Tensor) -> Tensor | None:
         """Which token seeds a tower's cross token before each layer: the
         cross token itself for video (None), the EOT for text (``[B]``: the
@@ -193,7 +220,7 @@ class ClipModel(DualEncoding, VLModel):
         """
         blocks, offsets = self.tower_layers(tower)
         causal = self.causal_mask(x.shape[1], x.device) if tower == "text" else None
-        padding = mask if tower == "text" else None
+        padding = self.key_mask(tower, mask)
         record = [] if offsets is not None and self.cross_record is not None else None
         source = self.cross_source(tower, mask) if offsets is not None else None
         for i, block in enumerate(blocks):

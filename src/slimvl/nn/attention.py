@@ -65,6 +65,7 @@ class Attention(nn.Module):
         return_metric: bool = False,
         kv: tuple[Tensor, Tensor] | None = None,
         return_query: bool = False,
+        metric: str = "mean",
     ) -> Tensor | tuple[Tensor, ...]:
         """Attend from ``x`` to ``context`` (``x`` itself when None), or to
         keys and values projected before (``kv``, from ``project_kv``).
@@ -84,6 +85,11 @@ class Attention(nn.Module):
             return_query: with ``return_metric``, also return the queries
                 averaged over heads ``[B, N, d]`` (CrossGET's importance is
                 a key's cosine with a guiding token's query).
+            metric: how the returned keys (and queries) combine the heads:
+                ``"mean"`` (ToMe's metric, ``[B, S, d]``) or ``"concat"``
+                (``[B, S, H * d]``, CrossGET's: its cosines are the
+                attention logits summed over heads, which averaging the
+                vectors first would mix across heads).
 
         Returns ``[B, N, D]`` (and the metric, and the queries).
         """
@@ -98,4 +104,7 @@ class Attention(nn.Module):
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         if not return_metric:
             return out
-        return (out, k.mean(1), q.mean(1)) if return_query else (out, k.mean(1))
+        if metric not in ("mean", "concat"):
+            raise ValueError(f"metric={metric!r}: expected 'mean' or 'concat'")
+        heads = (lambda t: t.mean(1)) if metric == "mean" else (lambda t: rearrange(t, "b h n d -> b n (h d)"))
+        return (out, heads(k), heads(q)) if return_query else (out, heads(k))
