@@ -59,8 +59,8 @@ CLIP = dict(image_size=64, patch_size=8, tubelet=1, max_frames=1, dim=128, heads
             embed_dim=128, max_text_len=TEXT_LEN)
 CLIP_TRAIN = TrainConfig(steps=1000, groups_per_step=16, groups_per_unit=16, negatives_per_item=0, lr=1e-3,
                          warmup_steps=50, itc_weight=1.0, checkpoint_every=250)
-# A twentieth of the base's learning rate (CrossGET's CLIP recipe fine-tunes at a fiftieth): at 2e-4 every arm
-# drifted further from its base, and the arms' seed spread was wider.
+# A twentieth of the base's learning rate, nearer CrossGET's CLIP recipe (a fiftieth); BENCHMARKS.md keeps the
+# figures of the earlier run at 2e-4.
 CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=5e-5, warmup_steps=20, checkpoint_every=100)
 PAIR_TUNE = replace(TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
 LABELS = {"none": "no merging", "free": "ToMe, training-free", "tome": "ToMe, fine-tuned",
