@@ -65,8 +65,9 @@ def _expected_tokens(asked: list[int]) -> list[int]:
 def _analytic_flops(tokens: list[int], asked: list[int], method: str) -> int:
     """Multiply-adds x 2 of the vision forward: patch embedding; per layer the
     projections and attention over its input tokens, the MLP over its output
-    tokens, and the matching's products (keys averaged over heads, width d)."""
-    d = D // HEADS
+    tokens, and the matching's products: ToMe's over keys averaged over
+    heads (width D / heads), CrossGET's over whole keys and queries (width D)."""
+    d = D // HEADS if method == "tome" else D
     flops, n = 2 * BATCH * PATCHES * D * 3 * PATCH * PATCH, 1 + PATCHES
     for out, r in zip(tokens, asked):
         flops += 4 * 2 * BATCH * n * D * D + 2 * 2 * BATCH * n * n * D + 2 * 2 * BATCH * out * D * MLP
@@ -103,7 +104,11 @@ def test_token_counts_and_flops_follow_the_schedule(method, r, asked):
     tokens = _expected_tokens(asked)
     assert model.merge_report["video"]["tokens"] == tokens
     assert model.merge_report["video"]["r"] == [a - b for a, b in zip([1 + PATCHES] + tokens, tokens)]
-    assert flops == _analytic_flops(tokens, asked, method) < base
+    assert flops == _analytic_flops(tokens, asked, method)
+    if method == "tome" or min(asked) >= 4:
+        # CrossGET's matching compares whole keys (N^2 D per layer): on a model this small, a layer that merges
+        # 3 tokens, or merges in the last layer only, costs more than it saves. The count above says so exactly.
+        assert flops < base
     with torch.no_grad():
         out = model(pixel_values=x, output_hidden_states=True)
     # The input, then every layer's output: decreasing lengths, [CLS] pooled from index 0.
@@ -119,7 +124,8 @@ def test_flops_fall_with_r(method):
     x = _pixels()
     patch(model, method, r=0)
     counts = []
-    for r in (0, 2, 6, 12):
+    # CrossGET's whole-key matching outweighs merging 2 tokens a layer here (see the test above).
+    for r in (0, 2, 6, 12) if method == "tome" else (0, 6, 9, 12):
         model.r = r
         counts.append(count_flops(lambda: model(pixel_values=x), model))
     assert counts == sorted(counts, reverse=True) and len(set(counts)) == len(counts)
