@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from ..nn.attention import combine_heads
 from ..nn.masks import causal_mask
 
 from .core import Merge, bipartite_soft_matching, complete_graph_matching, guided_importance
@@ -96,7 +97,7 @@ def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: 
 def heads_metric(method: str, t: Tensor) -> Tensor:
     """Per-head keys or queries ``[B, H, N, d]`` combined as ``method``'s
     matching compares them (``METRIC``): ``[B, N, d]`` or ``[B, N, H * d]``."""
-    return t.mean(1) if METRIC.get(method, "mean") == "mean" else t.transpose(1, 2).flatten(2)
+    return combine_heads(t, METRIC.get(method, "mean"))
 
 
 __all__ = ["TokenState", "merge_layer", "match", "guide_query", "heads_metric", "METHODS", "METRIC"]

@@ -20,6 +20,17 @@ def attention_bias(key_padding_mask: Tensor | None, size: Tensor | None = None, 
     return attention_mask(key_padding_mask, size=size, **kwargs)
 
 
+def combine_heads(t: Tensor, metric: str = "mean") -> Tensor:
+    """Per-head keys or queries ``[B, H, N, d]`` as one metric per token:
+    ``"mean"`` over heads ``[B, N, d]`` or ``"concat"``, heads side by side
+    ``[B, N, H * d]``."""
+    if metric == "mean":
+        return t.mean(1)
+    if metric == "concat":
+        return rearrange(t, "b h n d -> b n (h d)")
+    raise ValueError(f"metric={metric!r}: expected 'mean' or 'concat'")
+
+
 class Attention(nn.Module):
     """Multi-head scaled dot-product attention via ``F.scaled_dot_product_attention``.
 
@@ -104,7 +115,5 @@ class Attention(nn.Module):
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         if not return_metric:
             return out
-        if metric not in ("mean", "concat"):
-            raise ValueError(f"metric={metric!r}: expected 'mean' or 'concat'")
-        heads = (lambda t: t.mean(1)) if metric == "mean" else (lambda t: rearrange(t, "b h n d -> b n (h d)"))
-        return (out, heads(k), heads(q)) if return_query else (out, heads(k))
+        return (out, combine_heads(k, metric), combine_heads(q, metric)) if return_query else \
+            (out, combine_heads(k, metric))
