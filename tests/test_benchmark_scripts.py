@@ -230,6 +230,22 @@ def test_merging_speed_only(tmp_path):
     assert (tmp_path / "merging_speed.png").exists() and "| ToMe | 8 |" in (tmp_path / "merging_speed.md").read_text()
 
 
+def test_merging_diagnosis(tmp_path):
+    images = make_dataset(tmp_path / "images", kind="image-text", seed=0, n_train=64, n_val=4, n_test=8,
+                          group_size=4, frames=1, size=64, progress=False)
+    out = run("merging_diagnosis", "--out", str(tmp_path), "--image-data", str(images), "--steps", "2",
+              "--tune-steps", "2", "--seed", "0", "--r", "8", "--quiet")
+    res = reports(tmp_path, "merging_diagnosis")
+    rows = {(x["model"], x["method"], x["r"]): x["mean_r1"] for x in res["rows"]}
+    assert len(rows) == 12 and all(0 <= v <= 1 for v in rows.values())
+    # Hidden cross tokens with zero offsets change nothing: the same scores as the base.
+    assert rows[("base + cross tokens (hidden), zero offsets", "none", 0)] == rows[("base", "none", 0)]
+    assert [x["tokens"] for x in res["layers"]] == [65, 57, 49, 41, 33, 25]  # [CLS] and 64 patches, 8 merged a layer
+    assert all(x["importance_std"] >= 0 and -1 <= x["best_similarity_mean"] <= 1 for x in res["layers"])
+    assert (tmp_path / "merging" / "diag_crossget_r8_w0_s0_steps2").is_dir()
+    assert out["command"].startswith("python benchmarks/merging_diagnosis.py")
+
+
 def test_fusion(tmp_path):
     av = make_dataset(tmp_path / "av", kind="audio-video", n_train=12, n_val=4, n_test=16, frames=4, size=32,
                       seconds=2.0, progress=False)
