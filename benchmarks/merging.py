@@ -42,26 +42,17 @@ from slimvl.bench.measure import median_seconds
 from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import markdown_table, write_report
 from slimvl.bench.stats import paired_difference
-from slimvl.checkpoint import latest_checkpoint, load_model, read_meta
+from slimvl.checkpoint import latest_checkpoint
 from slimvl.data import make_dataset
-from slimvl.experiments import experiment_parser, gallery_dataset, parse_options, retrieval_splits, train_or_load
-from slimvl.merge import is_patched, patch, unpatch
-from slimvl.merge.finetune import model_for_merging
+from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, experiment_parser, fine_tune, gallery_dataset,
+                                parse_options, r1_hits, retrieval_splits, set_merging, train_or_load)
+from slimvl.merge import is_patched
 from slimvl.models import create_model
 from slimvl.pipeline import load_split, load_tokenizer
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
 from slimvl.tasks.retrieval import score_matrix, t2v_ranks, v2t_ranks
-from slimvl.train import TrainConfig, train
+from slimvl.train import TrainConfig
 
-# The CLIP-style model: 64x64 images in 8x8 patches (64 tokens and [CLS]),
-# six vision layers of width 128, four text layers.
-CLIP = dict(image_size=64, patch_size=8, tubelet=1, max_frames=1, dim=128, heads=4, depth=6, text_depth=4,
-            embed_dim=128, max_text_len=TEXT_LEN)
-CLIP_TRAIN = TrainConfig(steps=1000, groups_per_step=16, groups_per_unit=16, negatives_per_item=0, lr=1e-3,
-                         warmup_steps=50, itc_weight=1.0, checkpoint_every=250)
-# A twentieth of the base's learning rate, nearer CrossGET's CLIP recipe (a fiftieth); BENCHMARKS.md keeps the
-# figures of the earlier run at 2e-4.
-CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=5e-5, warmup_steps=20, checkpoint_every=100)
 PAIR_TUNE = replace(TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
 LABELS = {"none": "no merging", "free": "ToMe, training-free", "tome": "ToMe, fine-tuned",
           "crossget": "CrossGET, fine-tuned"}
@@ -70,30 +61,6 @@ COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("seeds", "seeds", "d"), (
            ("v2t_r1", "v2t R@1", ".3f"), ("mean_r1", "mean R@1", ".3f"), ("mean_r1_range", "range (seeds)", ""),
            ("vs_none", "mean R@1 vs no merging (95% CI)", ""), ("gflops", "GFLOPs", ".4f"),
            ("latency_ratio", "speed-up b=1 (x)", ".2f"), ("throughput_ratio", "throughput b=64 (x)", ".2f")]
-
-
-def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
-    """Per item (one caption each), mean of its t2v and v2t R@1 hits ``[n_items]``."""
-    if not torch.equal(caption_item.sort().values, torch.arange(scores.shape[1])):
-        raise ValueError("the per-item R@1 pairs one caption with each item: the test split needs exactly one "
-                         "caption per item")
-    t2v = (t2v_ranks(scores, caption_item) <= 1).double()
-    order = torch.empty_like(t2v)
-    order[caption_item] = t2v
-    return (order + (v2t_ranks(scores, caption_item) <= 1).double()) / 2
-
-
-def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, run_dir: Path, progress: bool,
-              **overrides):
-    """``base`` fine-tuned with ``method`` merging (None: without; ``overrides``: config changes that add no
-    weights but the cross tokens'); a finished run is loaded, an interrupted one resumed."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
-        return load_model(ckpt)
-    torch.manual_seed(cfg.seed)
-    model = load_model(base) if method is None else model_for_merging(base, method, r, **overrides)
-    train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
-    return model
 
 
 def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, name: str, progress: bool,
@@ -107,15 +74,6 @@ def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, na
                            folder / name.format(arm + ("-hidden" if arm == "crossget" and hidden else "")), progress,
                            **(hidden if arm == "crossget" else {}))
             for arm in ("none", "tome", "crossget")}
-
-
-def set_merging(model, method: str | None, r: int):
-    """``model`` merging ``r`` tokens per layer with ``method`` (None or r = 0: not patched)."""
-    if is_patched(model):
-        unpatch(model)
-    if method is not None and r > 0:
-        patch(model, method, r=r)
-    return model.eval()
 
 
 def clip_measure(model, test, min_run_time: float) -> dict:

@@ -21,27 +21,23 @@ recipe and data) and measures mean R@1 (t2v, v2t) on its test gallery:
 """
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # merging.py's recipe, when run from anywhere
-
-from merging import CLIP, CLIP_TRAIN, CLIP_TUNE, fine_tune, r1_hits, set_merging  # noqa: E402
-
-from slimvl.bench.plots import figure  # noqa: E402
-from slimvl.bench.report import markdown_table, write_report  # noqa: E402
-from slimvl.checkpoint import latest_checkpoint, load_model  # noqa: E402
-from slimvl.data import make_dataset  # noqa: E402
-from slimvl.experiments import experiment_parser, parse_options, train_or_load  # noqa: E402
-from slimvl.merge import layers, unpatch  # noqa: E402
-from slimvl.merge.finetune import model_for_merging  # noqa: E402
-from slimvl.pipeline import load_split, load_tokenizer  # noqa: E402
-from slimvl.recipes import TEXT_LEN  # noqa: E402
-from slimvl.tasks.retrieval import score_matrix  # noqa: E402
+from slimvl.bench.plots import figure
+from slimvl.bench.report import markdown_table, write_report
+from slimvl.checkpoint import latest_checkpoint, load_model
+from slimvl.data import make_dataset
+from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, experiment_parser, fine_tune, parse_options, r1_hits,
+                                set_merging, train_or_load)
+from slimvl.merge import layers, unpatch
+from slimvl.merge.finetune import model_for_merging
+from slimvl.pipeline import load_split, load_tokenizer
+from slimvl.recipes import TEXT_LEN
+from slimvl.tasks.retrieval import score_matrix
 
 COLUMNS = [("model", "model", ""), ("method", "merging", ""), ("r", "r", "d"), ("mean_r1", "mean R@1", ".3f")]
 

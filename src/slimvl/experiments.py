@@ -2,7 +2,9 @@
 ``benchmarks/``): their common options, the demo's world with a larger test
 gallery and its splits, gallery subsets, training that resumes an
 interrupted run or reuses a finished one, a timed retrieval, counted FLOPs,
-and the image size a preset reads."""
+the image size a preset reads, and the token-merging recipe (the CLIP-style
+model, its fine-tuning, per-item R@1 hits) that ``merging.py`` and
+``merging_diagnosis.py`` share."""
 from __future__ import annotations
 
 import argparse
@@ -16,12 +18,14 @@ import torch
 from .bench import count_flops, dummy_inputs, model_flops_per_pair
 from .checkpoint import latest_checkpoint, load_model, read_meta
 from .data import make_dataset
+from .merge import is_patched, patch, unpatch
+from .merge.finetune import model_for_merging
 from .models import create_model, get_config
 from .models.pretrained import init_from_checkpoint
 from .pipeline import load_split, load_tokenizer
 from .recipes import DATA, FRAMES, TEXT_LEN
 from .tasks import RetrievalData
-from .tasks.retrieval import recall_metrics, score_matrix
+from .tasks.retrieval import recall_metrics, score_matrix, t2v_ranks, v2t_ranks
 from .train import TrainConfig, train
 
 
@@ -150,3 +154,48 @@ def retrieval_gflops(flops: dict[str, float], n_videos: int, n_captions: int) ->
     total = n_videos * flops["video"] + n_captions * flops["text"] + n_videos * n_captions * flops["pair"]
     return {"gflops_per_video": flops["video"] / 1e9, "gflops_per_caption": flops["text"] / 1e9,
             "gflops_per_pair": flops["pair"] / 1e9, "gflops_total": total / 1e9}
+
+
+# -- token merging ------------------------------------------------------------
+# The CLIP-style model: 64x64 images in 8x8 patches (64 tokens and [CLS]),
+# six vision layers of width 128, four text layers.
+CLIP = dict(image_size=64, patch_size=8, tubelet=1, max_frames=1, dim=128, heads=4, depth=6, text_depth=4,
+            embed_dim=128, max_text_len=TEXT_LEN)
+CLIP_TRAIN = TrainConfig(steps=1000, groups_per_step=16, groups_per_unit=16, negatives_per_item=0, lr=1e-3,
+                         warmup_steps=50, itc_weight=1.0, checkpoint_every=250)
+# A twentieth of the base's learning rate, nearer CrossGET's CLIP recipe (a fiftieth); BENCHMARKS.md keeps the
+# figures of the earlier run at 2e-4.
+CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=5e-5, warmup_steps=20, checkpoint_every=100)
+
+
+def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
+    """Per item (one caption each), mean of its t2v and v2t R@1 hits ``[n_items]``."""
+    if not torch.equal(caption_item.sort().values, torch.arange(scores.shape[1])):
+        raise ValueError("the per-item R@1 pairs one caption with each item: the test split needs exactly one "
+                         "caption per item")
+    t2v = (t2v_ranks(scores, caption_item) <= 1).double()
+    order = torch.empty_like(t2v)
+    order[caption_item] = t2v
+    return (order + (v2t_ranks(scores, caption_item) <= 1).double()) / 2
+
+
+def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, run_dir: Path, progress: bool,
+              **overrides):
+    """``base`` fine-tuned with ``method`` merging (None: without; ``overrides``: config changes that add no
+    weights but the cross tokens'); a finished run is loaded, an interrupted one resumed."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
+        return load_model(ckpt)
+    torch.manual_seed(cfg.seed)
+    model = load_model(base) if method is None else model_for_merging(base, method, r, **overrides)
+    train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
+    return model
+
+
+def set_merging(model, method: str | None, r: int):
+    """``model`` merging ``r`` tokens per layer with ``method`` (None or r = 0: not patched)."""
+    if is_patched(model):
+        unpatch(model)
+    if method is not None and r > 0:
+        patch(model, method, r=r)
+    return model.eval()
