@@ -7,7 +7,10 @@ For each part a base model is trained (or reused), then fine-tuned three
 ways from it for the same steps: without merging (the fine-tuned baseline,
 also the model ToMe is applied to training-free), with ToMe at ``r`` and
 with CrossGET at ``r`` (cross tokens and the consistency loss on the CLIP
-model; guided by the text on the cross-encoder). Every model is then
+model; guided by the text on the cross-encoder). ``--importance-weights``
+adds one CLIP CrossGET arm per weight (``importance_weight`` of
+``slimvl.merge.patch``: 1 is CrossGET as published, 0 its matching on
+similarity alone; other values are our extension). Every model is then
 evaluated over an r sweep:
 
 - R@1 both ways on the test gallery (``--gallery`` images with one caption
@@ -63,17 +66,37 @@ COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("seeds", "seeds", "d"), (
            ("latency_ratio", "speed-up b=1 (x)", ".2f"), ("throughput_ratio", "throughput b=64 (x)", ".2f")]
 
 
+def crossget_arm(weight: float) -> str:
+    """The arm of CrossGET with ``importance_weight``: "crossget" as published (1), else "crossget-w<weight>"."""
+    return "crossget" if weight == 1 else f"crossget-w{weight:g}"
+
+
+def arm_settings(weights: list[float]) -> dict[str, tuple[str | None, float]]:
+    """Every fine-tuned arm: its merging method and CrossGET importance weight."""
+    return {"none": (None, 1.0), "tome": ("tome", 1.0), **{crossget_arm(w): ("crossget", w) for w in weights}}
+
+
+def label(arm: str) -> str:
+    if arm in LABELS:
+        return LABELS[arm]
+    return f"CrossGET, importance weight {arm.removeprefix('crossget-w')} (ours), fine-tuned"
+
+
 def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, name: str, progress: bool,
-                    cross_hidden: bool = False) -> dict:
+                    cross_hidden: bool = False, weights: list[float] = (1.0,)) -> dict:
     """``base`` fine-tuned without merging ("none"), with ToMe and with
-    CrossGET at ``r`` (its vision cross token hidden with ``cross_hidden``);
-    each run in ``folder / name.format(arm)`` (arm "crossget-hidden" for a
-    hidden cross token)."""
+    CrossGET at ``r``, once per importance weight in ``weights`` (its vision
+    cross token hidden with ``cross_hidden``); each run in ``folder /
+    name.format(arm)`` (``crossget_arm``; "-hidden" added for a hidden cross
+    token)."""
     hidden = {"cross_hidden": True} if cross_hidden else {}
-    return {arm: fine_tune(base, None if arm == "none" else arm, r, data, cfg,
-                           folder / name.format(arm + ("-hidden" if arm == "crossget" and hidden else "")), progress,
-                           **(hidden if arm == "crossget" else {}))
-            for arm in ("none", "tome", "crossget")}
+    models = {}
+    for arm, (method, weight) in arm_settings(weights).items():
+        crossget = method == "crossget"
+        models[arm] = fine_tune(base, method, r, data, cfg, folder / name.format(arm + ("-hidden" if crossget and
+                                                                                          hidden else "")),
+                                progress, importance_weight=weight, **(hidden if crossget else {}))
+    return models
 
 
 def clip_measure(model, test, min_run_time: float) -> dict:
@@ -105,15 +128,17 @@ def pair_measure(model, test, min_run_time: float) -> dict:
             if is_patched(model) else None}
 
 
-def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed: int) -> list[dict]:
+def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed: int,
+          weights: list[float] = (1.0,)) -> list[dict]:
     """Every arm over ``rs``; ratios and paired differences against the arm ``none`` at r = 0."""
     rows = []
+    settings = arm_settings(weights)
     # The fine-tuned arms at r = 0 too: what their fine-tuning changed, apart from merging.
     plan = [("none", "none", None, 0)] + [("free", "none", "tome", r) for r in rs if r] + \
-        [(arm, arm, arm if r else None, r) for arm in ("tome", "crossget") for r in rs]
-    for label, arm, method, r in plan:
-        m = measure(set_merging(models[arm], method, r), test, min_run_time)
-        rows.append({"arm": label, "method": LABELS[label], "r": r, "seed": seed, **m})
+        [(arm, arm, settings[arm][0] if r else None, r) for arm in list(settings)[1:] for r in rs]
+    for name, arm, method, r in plan:
+        m = measure(set_merging(models[arm], method, r, settings[arm][1]), test, min_run_time)
+        rows.append({"arm": name, "method": label(name), "r": r, "seed": seed, **m})
     base = rows[0]
     for row in rows:
         row["t2v_r1"] = float((t2v_ranks(row["scores"], test.caption_item) <= 1).double().mean())
@@ -174,8 +199,8 @@ def clip_part(a, out: Path, prog: bool) -> dict:
         models = fine_tuned_arms(base, a.r, train_data, replace(CLIP_TUNE, steps=a.tune_steps,
                                                                 lr=a.tune_lr or CLIP_TUNE.lr, seed=seed),
                                  out / "merging", f"clip_{{}}_r{a.r}{tune_tag(a, CLIP_TUNE)}_s{seed}", prog,
-                                 cross_hidden=a.cross_hidden)
-        rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed)
+                                 cross_hidden=a.cross_hidden, weights=a.importance_weights)
+        rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed, a.importance_weights)
     return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
 
 
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tune-lr", type=float, help=f"fine-tuning peak learning rate of every arm (default: CLIP "
                    f"{CLIP_TUNE.lr:g}, cross-encoder {PAIR_TUNE.lr:g})")
     p.add_argument("--r", type=int, default=12, help="CLIP: tokens merged per layer while fine-tuning")
+    p.add_argument("--importance-weights", type=float, nargs="+", default=[1.0], help="CLIP: one CrossGET arm "
+                   "per importance weight (slimvl.merge.patch's importance_weight; 1: as published)")
     p.add_argument("--r-sweep", type=int, nargs="+", default=[0, 4, 8, 12, 16], help="CLIP: r evaluated")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CLIP: seeds (base and fine-tuning)")
     p.add_argument("--pairs-gallery", type=int, default=100, help="cross-encoder: test videos, all pairs scored")

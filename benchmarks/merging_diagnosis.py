@@ -8,7 +8,7 @@ Reuses ``merging.py``'s base for the seed (trained when missing, the same
 recipe and data) and measures mean R@1 (t2v, v2t) on its test gallery:
 
 - training-free at ``--r``: no merging, ToMe, CrossGET guided by [CLS], and
-  CrossGET with its importance set to zero (the complete-graph matching
+  CrossGET with importance weight 0 (``importance_weight=0``: the complete-graph matching
   alone);
 - the cross tokens added with zero offsets, seen by every vision token (as
   CrossGET's code) or hidden (``cross_hidden``), unmerged and at ``--r``;
@@ -21,7 +21,6 @@ recipe and data) and measures mean R@1 (t2v, v2t) on its test gallery:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,21 +41,9 @@ from slimvl.tasks.retrieval import score_matrix
 COLUMNS = [("model", "model", ""), ("method", "merging", ""), ("r", "r", "d"), ("mean_r1", "mean R@1", ".3f")]
 
 
-@contextmanager
-def importance_zero():
-    """CrossGET with every token's importance 0: the score is the best
-    similarity alone, and the merge a plain size-weighted mean."""
-    original = layers.guided_importance
-    layers.guided_importance = lambda keys, query: keys.new_zeros(keys.shape[:2], dtype=torch.float32)
-    try:
-        yield
-    finally:
-        layers.guided_importance = original
-
-
-def mean_r1(model, test, method: str | None, r: int) -> float:
+def mean_r1(model, test, method: str | None, r: int, importance_weight: float = 1.0) -> float:
     with torch.inference_mode():
-        return float(r1_hits(score_matrix(set_merging(model, method, r), test, progress=False),
+        return float(r1_hits(score_matrix(set_merging(model, method, r, importance_weight), test, progress=False),
                              test.caption_item).mean())
 
 
@@ -109,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"model": "base", "method": "none", "r": 0, "mean_r1": mean_r1(plain, test, None, 0)},
             {"model": "base", "method": "ToMe", "r": r, "mean_r1": mean_r1(plain, test, "tome", r)},
             {"model": "base", "method": "CrossGET ([CLS] guides)", "r": r,
-             "mean_r1": mean_r1(plain, test, "crossget", r)}]
-    with importance_zero():
-        rows.append({"model": "base", "method": "CrossGET, importance 0", "r": r,
-                     "mean_r1": mean_r1(plain, test, "crossget", r)})
+             "mean_r1": mean_r1(plain, test, "crossget", r)},
+            # importance_weight 0: the score is the best similarity alone, the merge a size-weighted mean.
+            {"model": "base", "method": "CrossGET, importance 0", "r": r,
+             "mean_r1": mean_r1(plain, test, "crossget", r, importance_weight=0.0)}]
     for hidden in (False, True):
         crossed = unpatch(model_for_merging(base, "crossget", 0, cross_hidden=hidden))
         name = f"base + cross tokens ({'hidden' if hidden else 'seen'}), zero offsets"

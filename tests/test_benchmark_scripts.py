@@ -188,18 +188,21 @@ def test_merging(data, tmp_path):
                           group_size=4, frames=1, size=64, progress=False)
     out = run("merging", "--out", str(tmp_path), "--data", str(data), "--image-data", str(images), "--steps", "2",
               "--tune-steps", "2", "--seeds", "0", "--r", "8", "--r-sweep", "0", "8", "--pairs-gallery", "8",
-              "--pair-steps", "2", "--pair-r", "8", "--pair-r-sweep", "0", "8", "--min-run-time", "0.01", "--quiet")
+              "--pair-steps", "2", "--pair-r", "8", "--pair-r-sweep", "0", "8", "--min-run-time", "0.01", "--quiet",
+              "--importance-weights", "1", "0")
     res = reports(tmp_path, "merging")
     for part in ("clip", "pairs"):
         rows = {(r["arm"], r["r"]): r for r in res[part]["summary"]}
-        assert list(rows) == [("none", 0), ("free", 8), ("tome", 0), ("tome", 8), ("crossget", 0), ("crossget", 8)]
+        # The importance weights are the CLIP part's: one CrossGET arm each.
+        assert list(rows) == [("none", 0), ("free", 8), ("tome", 0), ("tome", 8), ("crossget", 0), ("crossget", 8)] \
+            + ([("crossget-w0", 0), ("crossget-w0", 8)] if part == "clip" else [])
         none = rows[("none", 0)]
         assert none["throughput_ratio"] == 1.0 and none["tokens"] is None
         assert rows[("tome", 0)]["gflops"] == none["gflops"] and rows[("tome", 0)]["tokens"] is None
-        for key in (("free", 8), ("tome", 8), ("crossget", 8)):
+        for key in [k for k in rows if k[1] == 8]:
             row = rows[key]
             unmerged = rows[(key[0] if key[0] != "free" else "none", 0)]["gflops"]
-            if part == "pairs" and key[0] == "crossget":
+            if part == "pairs" and key[0].startswith("crossget"):
                 # Whole keys (width 64) compared over ~150 tokens a layer cost more than 8 merges save: counted.
                 assert row["gflops"] != unmerged
             else:
@@ -208,6 +211,10 @@ def test_merging(data, tmp_path):
             assert -1 <= row["diff"] <= 1 and row["ci"] >= 0 and 0 <= row["mean_r1"] <= 1
     # The CrossGET arm of the CLIP model was fine-tuned with cross tokens.
     assert load_model(latest_checkpoint(tmp_path / "merging" / "clip_crossget_r8_steps2_s0")).config.cross_tokens
+    tuned = load_model(latest_checkpoint(tmp_path / "merging" / "clip_crossget-w0_r8_steps2_s0"))
+    assert tuned.config.cross_tokens and tuned.importance_weight == 0.0
+    clip = {(r["arm"], r["r"]): r for r in res["clip"]["summary"]}
+    assert clip[("crossget-w0", 8)]["method"] == "CrossGET, importance weight 0 (ours), fine-tuned"
     assert out["command"].startswith("python benchmarks/merging.py")
 
 

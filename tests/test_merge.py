@@ -150,6 +150,37 @@ def test_crossget_keeps_important_tokens_and_merges_duplicates():
     torch.testing.assert_close(guided_importance(x, q)[0, 2], torch.tensor(1.0))
 
 
+def test_the_importance_weight_trades_importance_against_duplicates():
+    """Token 0 guides (its query is e1). Tokens 1 and 2 are near-duplicates
+    and important (keys near e1); tokens 3-6 have no near-duplicate and are
+    unimportant. CrossGET as published (weight 1) merges an unimportant
+    token; on similarity alone (weight 0) it merges the duplicates, by a
+    plain mean; the weight scales the importance wherever it acts."""
+    from slimvl.merge.layers import match
+
+    e = torch.eye(8)
+    keys = torch.stack([e[7], e[1] + 0.05 * e[6], e[1] - 0.05 * e[6],
+                        *[-0.5 * e[1] + 0.87 * e[k] for k in (2, 3, 4, 5)]])[None]
+    queries = torch.zeros(1, 7, 8)
+    queries[0, 0] = e[1]
+    state = TokenState(protected=(torch.arange(7) == 0)[None])
+    x = torch.randn(1, 7, 4)
+
+    def merged(weight):
+        m, importance = match("crossget", keys, queries, 1, state, weight)
+        src, dst = _sources(m, 7)
+        return {src.item(), dst.item()}, m.tokens(x, importance=importance)[0]
+
+    published, _ = merged(1.0)
+    assert not published & {1, 2}  # the duplicates are kept for their importance
+    pair, out = merged(0.0)
+    assert pair == {1, 2}
+    torch.testing.assert_close(out[0, 1], x[0, 1:3].mean(0))  # no importance: the plain mean
+    m, importance = match("crossget", keys, queries, 1, state, 0.5)
+    m1, importance1 = match("crossget", keys, queries, 1, state)
+    torch.testing.assert_close(importance, 0.5 * importance1)
+
+
 def test_tome_matches_even_tokens_to_odd_ones():
     x = _tokens(n=12)
     m = bipartite_soft_matching(x, 4)
@@ -308,6 +339,19 @@ def test_bad_patches_are_refused():
     with pytest.raises(ValueError, match="r=-2"):
         patch(model, r=-2)
     assert not is_patched(model)  # a refused patch leaves nothing behind
+    for bad in (-0.5, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="importance_weight=.*single_stream"):
+            patch(model, "crossget", importance_weight=bad)
+    with pytest.raises(ValueError, match="only method='crossget'"):
+        patch(model, "tome", importance_weight=0.5)
+    assert not is_patched(model)
+    patch(model, "crossget", r=2, importance_weight=0.5)
+    assert model.importance_weight == 0.5 and model.merge_config()["importance_weight"] == 0.5
+    model.importance_weight = 0
+    assert model.importance_weight == 0.0
+    with pytest.raises(ValueError, match="importance_weight=-1"):
+        model.importance_weight = -1
+    unpatch(model)
     patch(model, r=2)
     with pytest.raises(ValueError, match="already patched"):
         patch(model, r=2)

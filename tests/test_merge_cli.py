@@ -41,7 +41,7 @@ def test_train_finetune_and_eval_with_merging(images, tmp_path, capsys):
     # CrossGET from the base: cross tokens added (their offsets start at zero), the consistency loss logged.
     main(["-q", "train", "--data", str(images), "--merge", "crossget", "--r", "4", "--init-from", str(base), *TRAIN,
           "--set", "cross_hidden=true", "--out", str(tuned)])
-    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 4, "r_text": 0}
+    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 4, "r_text": 0, "importance_weight": 1.0}
     log = json.loads((tuned / "train_log.json").read_text())
     assert "cross" in log["history"][-1]
     model = load_model(latest_checkpoint(tuned))
@@ -52,11 +52,19 @@ def test_train_finetune_and_eval_with_merging(images, tmp_path, capsys):
     for extra in ([], ["--merge", "none"], ["--merge", "tome", "--r", "8"]):
         main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", *extra])
         evals[" ".join(extra)] = _last_json(capsys)
-    assert evals[""]["merge"] == {"method": "crossget", "r": 4, "r_text": 0}
+    assert evals[""]["merge"] == {"method": "crossget", "r": 4, "r_text": 0, "importance_weight": 1.0}
     assert "merge" not in evals["--merge none"]
-    assert evals["--merge tome --r 8"]["merge"] == {"method": "tome", "r": 8, "r_text": 0}
+    assert evals["--merge tome --r 8"]["merge"] == {"method": "tome", "r": 8, "r_text": 0, "importance_weight": 1.0}
     main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", "--r", "2"])
-    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 2, "r_text": 0}  # its own method, new r
+    # Its own method, new r.
+    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 2, "r_text": 0, "importance_weight": 1.0}
+    main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", "--importance-weight",
+          "0"])
+    assert _last_json(capsys)["merge"] == {"method": "crossget", "r": 4, "r_text": 0, "importance_weight": 0.0}
+    with pytest.raises(SystemExit) as e:  # ToMe weighs no importance
+        main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", "--merge", "tome",
+              "--importance-weight", "0.5"])
+    assert e.value.code == 2 and "importance_weight=0.5" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # --r alone means nothing for a model that merges nothing
         main(["-q", "eval", "--data", str(images), "--checkpoint", str(base), "--frames", "1", "--r", "2"])
     assert e.value.code == 2 and "--merge" in capsys.readouterr().err
@@ -82,8 +90,15 @@ def test_a_checkpoint_keeps_its_merging(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(video, ids, mask).logits, model(video, ids, mask).logits)
     # The same weights fine-tuned with CrossGET instead (a single stream has no cross tokens to add).
-    tuned = model_for_merging(tmp_path / "ckpt", "crossget", r=4)
-    assert tuned.merge_method == "crossget" and tuned.r == 4
+    tuned = model_for_merging(tmp_path / "ckpt", "crossget", r=4, importance_weight=0.25)
+    assert tuned.merge_method == "crossget" and tuned.r == 4 and tuned.importance_weight == 0.25
+    save_checkpoint(tmp_path / "tuned", tuned)
+    assert load_model(tmp_path / "tuned").importance_weight == 0.25
+    # A checkpoint saved before the weight existed merges as CrossGET was published.
+    meta = json.loads((tmp_path / "tuned" / "meta.json").read_text())
+    del meta["merge"]["importance_weight"]
+    (tmp_path / "tuned" / "meta.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "tuned").importance_weight == 1.0
     meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
     meta["merge"]["method"] = "fast"
     (tmp_path / "ckpt" / "meta.json").write_text(json.dumps(meta))

@@ -275,3 +275,15 @@ def test_bf16_autocast(method):
         out = model(pixel_values=_pixels())
     assert out.last_hidden_state.shape[1] == _expected_tokens([8] * LAYERS)[-1]
     assert torch.isfinite(out.last_hidden_state.float()).all() and torch.isfinite(out.pooler_output.float()).all()
+
+
+def test_the_importance_weight_reaches_every_layer():
+    model = patch(_build("vision"), "crossget", r=8)
+    with torch.no_grad():
+        published = model(pixel_values=_pixels()).pooler_output
+        model.importance_weight = 0.0
+        similarity_only = model(pixel_values=_pixels()).pooler_output
+    assert model.merge_config()["importance_weight"] == 0.0
+    assert not torch.allclose(published, similarity_only)
+    with pytest.raises(ValueError, match="only method='crossget'"):
+        patch(_build("vision"), "tome", importance_weight=0.0)

@@ -145,24 +145,33 @@ def _task(a: argparse.Namespace, tok, answers: list[str] | None = None):
 
 
 def merge_args(p: argparse.ArgumentParser, help: str, none: bool = False) -> None:
-    """``--merge METHOD --r R --r-text R``: token merging (slimvl.merge)."""
+    """``--merge METHOD --r R --r-text R --importance-weight W``: token merging (slimvl.merge)."""
     p.add_argument("--merge", choices=(["none"] if none else []) + ["tome", "crossget"], help=help)
     p.add_argument("--r", type=int, help="tokens merged per layer of the vision tower, clamped to half a layer's "
                    "mergeable tokens (without it: 16 with --merge; eval: the checkpoint's own r)")
     p.add_argument("--r-text", type=int, help="tokens merged per layer of a clip model's text tower (without it: 0; "
                    "eval: the checkpoint's own)")
+    p.add_argument("--importance-weight", type=float, help="CrossGET: how much a token's importance counts against "
+                   "its best similarity (without it: 1, as published; 0: similarity alone; eval: the checkpoint's "
+                   "own)")
 
 
-def _merge_choice(a: argparse.Namespace, model=None) -> tuple[str | None, int, int]:
-    """``(method, r, r_text)`` the command line asks for: ``--merge`` with
-    ``--r``/``--r-text`` (defaults 16 and 0), or, in eval, new r for a
-    checkpoint that merges already; ``--r`` alone otherwise is an error."""
+_MERGE_OPTIONS = {"r": 16, "r_text": 0, "importance_weight": 1.0}  # patch's keyword arguments and their defaults
+
+
+def _merge_choice(a: argparse.Namespace, model=None) -> tuple[str | None, dict]:
+    """``(method, patch's keyword arguments)`` the command line asks for:
+    ``--merge`` with ``--r``/``--r-text``/``--importance-weight`` (defaults
+    16, 0 and 1), or, in eval, new values for a checkpoint that merges
+    already; those options alone otherwise are an error."""
     own = model.merge_config() if model is not None and hasattr(model, "merge_config") else None
-    if a.merge is None and (a.r is not None or a.r_text is not None):
+    given = {k: getattr(a, k) for k in _MERGE_OPTIONS if getattr(a, k) is not None}
+    if a.merge is None and given:
         if own is None:
-            raise ValueError("--r/--r-text: give --merge tome or --merge crossget too (this model merges nothing)")
-        return own["method"], own["r"] if a.r is None else a.r, own["r_text"] if a.r_text is None else a.r_text
-    return a.merge, 16 if a.r is None else a.r, 0 if a.r_text is None else a.r_text
+            raise ValueError("--r/--r-text/--importance-weight: give --merge tome or --merge crossget too (this model "
+                             "merges nothing)")
+        return own["method"], {k: own.get(k, d) for k, d in _MERGE_OPTIONS.items()} | given
+    return a.merge, _MERGE_OPTIONS | given
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -187,7 +196,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.merge and a.init_from and (a.model or a.init_vit or a.init_bert):
         raise ValueError("--merge with --init-from fine-tunes that checkpoint's model: drop --model, --init-vit "
                          "and --init-bert")
-    method, r, r_text = _merge_choice(a)
+    method, merge_kw = _merge_choice(a)
     init = resolve_checkpoint(a.init_from or a.decompose) if a.init_from or a.decompose else None
     qa = TASKS[a.task].qa_tokenizer
     if not TASKS[a.task].text:
@@ -221,7 +230,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.merge and init is not None:
         from .merge.finetune import model_for_merging
 
-        model = model_for_merging(init, method, r, r_text, **overrides)
+        model = model_for_merging(init, method, **merge_kw, **overrides)
     else:
         if a.merge == "crossget" and "cross_tokens" in fields:
             overrides.setdefault("cross_tokens", True)  # CrossGET's guides, trained with its consistency loss
@@ -230,7 +239,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         if a.merge:
             from .merge import patch
 
-            patch(model, method, r=r, r_text=r_text)
+            patch(model, method, **merge_kw)
     _fit(a, model, cfg, entry, source, **({"merge": model.merge_config()} if a.merge else {}))
 
 
@@ -281,14 +290,14 @@ def cmd_eval(a: argparse.Namespace) -> None:
         if "cross_attn_keep" not in model.capabilities:
             raise ValueError(f"--cross-attn-keep: {model.config.model_type} has no cross-attentions to choose")
         model.cross_attn_keep = parse_keep(a.cross_attn_keep)
-    method, r, r_text = _merge_choice(a, model)
-    if a.merge is not None or a.r is not None or a.r_text is not None:  # instead of the checkpoint's own merging
+    method, merge_kw = _merge_choice(a, model)
+    if a.merge is not None or any(getattr(a, k) is not None for k in _MERGE_OPTIONS):  # not the checkpoint's own
         from .merge import is_patched, patch, unpatch
 
         if is_patched(model):
             unpatch(model)
         if method != "none":
-            patch(model, method, r=r, r_text=r_text)
+            patch(model, method, **merge_kw)
     # A classifier's answers are the ones it was trained with (kept in the
     # checkpoint); the data's answers outside them count as wrong.
     if a.compile:
@@ -382,12 +391,12 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
     device, dtype = resolve_device(a.device), parse_dtype(a.dtype)
     models = [create_model(name, **parse_overrides(a.set)) for name in a.model]
-    method, r, r_text = _merge_choice(a)
+    method, merge_kw = _merge_choice(a)
     if method is not None:  # every model merged alike (the ratios then compare merged models)
         from .merge import patch
 
         for m in models:
-            patch(m, method, r=r, r_text=r_text)
+            patch(m, method, **merge_kw)
     # One text length for all, so that the ratios compare like with like.
     text_len = a.text_len or min(m.config.max_text_len for m in models)
     ref = matmul_gflops(device, dtype, min_run_time=a.min_run_time)

@@ -180,22 +180,25 @@ def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
 
 
 def fine_tune(base: Path, method: str | None, r: int, data, cfg: TrainConfig, run_dir: Path, progress: bool,
-              **overrides):
-    """``base`` fine-tuned with ``method`` merging (None: without; ``overrides``: config changes that add no
-    weights but the cross tokens'); a finished run is loaded, an interrupted one resumed."""
+              importance_weight: float = 1.0, **overrides):
+    """``base`` fine-tuned with ``method`` merging (None: without; ``importance_weight``: CrossGET's, as
+    ``slimvl.merge.patch``; ``overrides``: config changes that add no weights but the cross tokens'); a finished
+    run is loaded, an interrupted one resumed."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and read_meta(ckpt)["step"] == cfg.steps:
         return load_model(ckpt)
     torch.manual_seed(cfg.seed)
-    model = load_model(base) if method is None else model_for_merging(base, method, r, **overrides)
+    model = load_model(base) if method is None else model_for_merging(base, method, r,
+                                                                      importance_weight=importance_weight, **overrides)
     train(model, data, cfg, run_dir=run_dir, resume=ckpt is not None, progress=progress)
     return model
 
 
-def set_merging(model, method: str | None, r: int):
-    """``model`` merging ``r`` tokens per layer with ``method`` (None or r = 0: not patched)."""
+def set_merging(model, method: str | None, r: int, importance_weight: float = 1.0):
+    """``model`` merging ``r`` tokens per layer with ``method`` (None or r = 0: not patched; ``importance_weight``:
+    CrossGET's, as ``slimvl.merge.patch``)."""
     if is_patched(model):
         unpatch(model)
     if method is not None and r > 0:
-        patch(model, method, r=r)
+        patch(model, method, r=r, importance_weight=importance_weight)
     return model.eval()

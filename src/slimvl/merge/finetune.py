@@ -14,12 +14,13 @@ from .patch import patch
 NEW_WEIGHTS = ("vision_cross", "text_cross")
 
 
-def model_for_merging(checkpoint: str | Path, method: str, r: Any = 16, r_text: Any = 0, **overrides: Any):
+def model_for_merging(checkpoint: str | Path, method: str, r: Any = 16, r_text: Any = 0,
+                      importance_weight: float = 1.0, **overrides: Any):
     """The model of ``checkpoint`` with its weights, patched to merge tokens.
 
     Args:
         checkpoint: a slimvl checkpoint folder.
-        method, r, r_text: as ``slimvl.merge.patch``.
+        method, r, r_text, importance_weight: as ``slimvl.merge.patch``.
         overrides: config fields to change; only changes that add no
             weights (or only ``NEW_WEIGHTS``) are accepted.
 
@@ -46,7 +47,7 @@ def model_for_merging(checkpoint: str | Path, method: str, r: Any = 16, r_text: 
                          f"{unexpected}, of another shape {reshaped}); a config change may only add "
                          f"{list(NEW_WEIGHTS)}")
     model.load_state_dict(weights, strict=False)
-    return patch(model, method, r=r, r_text=r_text)
+    return patch(model, method, r=r, r_text=r_text, importance_weight=importance_weight)
 
 
 __all__ = ["model_for_merging", "NEW_WEIGHTS"]

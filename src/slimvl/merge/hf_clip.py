@@ -66,7 +66,8 @@ class _MergingEncoder:
         done, tokens = [], []
         for layer, r in zip(self.layers, asked):
             # x positional: the hidden-state hook reads args[0], and reentrant checkpointing needs it there.
-            x, state, d = layer(x, None, merge_state=state, merge_r=r, merge_method=settings.method, **kwargs)
+            x, state, d = layer(x, None, merge_state=state, merge_r=r, merge_method=settings.method,
+                                merge_importance_weight=settings.importance_weight, **kwargs)
             done.append(d)
             tokens.append(x.shape[1])
         settings.record(name, "video", asked, done, tokens)
@@ -81,7 +82,7 @@ class _MergingLayer:
     Returns ``(tokens, state, merges done)``: the hidden-state hook keeps the first."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *, merge_state: TokenState,
-                merge_r: int, merge_method: str, **kwargs: Any):
+                merge_r: int, merge_method: str, merge_importance_weight: float = 1.0, **kwargs: Any):
         attn, x, state = self.self_attn, hidden_states, merge_state
         h = self.layer_norm1(x)
         b, n, _ = h.shape
@@ -93,7 +94,7 @@ class _MergingLayer:
                                              dropout_p=attn.dropout if self.training else 0.0)
         x = x + attn.out_proj(out.transpose(1, 2).reshape(b, n, -1))
         merge, importance = (match(merge_method, heads_metric(merge_method, k), heads_metric(merge_method, q), merge_r,
-                                   state) if merge_r > 0 else (None, None))
+                                   state, merge_importance_weight) if merge_r > 0 else (None, None))
         if merge is not None:
             x, size = merge.tokens(x, state.size, importance)
             state = state.after(merge, size)
@@ -144,7 +145,7 @@ def _restore(module) -> None:
     module.__class__ = _ORIGINAL.get(type(module), type(module))
 
 
-def patch_hf(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
+def patch_hf(model, method: str = "tome", r: Any = 16, r_text: Any = 0, importance_weight: float = 1.0):
     """Make a Hugging Face CLIP model merge its vision tokens (see the module
     docstring); returns it, patched in place. ``slimvl.merge.patch`` calls it."""
     if method not in METHODS:
@@ -154,7 +155,7 @@ def patch_hf(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
     encoder = _vision_encoder(model)
     if "_merge_settings" in vars(encoder):
         raise ValueError(f"the vision model inside this {type(model).__name__} is already patched; unpatch it first")
-    settings = MergeSettings(method, 0, 0)
+    settings = MergeSettings(method, 0, 0, importance_weight)
     model.__dict__["_merge"] = settings
     encoder.__dict__["_merge_settings"] = settings
     encoder.__dict__["_merge_name"] = model.config.model_type

@@ -11,6 +11,7 @@ loops through ``merge_layer``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +26,18 @@ METHODS = ("tome", "crossget")
 # How each method's metric combines the attention heads (``Attention``'s ``metric``): ToMe averages the keys
 # over heads; CrossGET's code compares whole keys and queries, heads side by side.
 METRIC = {"tome": "mean", "crossget": "concat"}
+
+
+def check_importance_weight(value, method: str) -> float:
+    """``value`` as CrossGET's importance weight (``match``), or a
+    ``ValueError`` naming what is wrong: a finite number >= 0, and 1 for
+    ToMe, which weighs no importance."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"importance_weight={value!r}: expected a finite number >= 0 (1: CrossGET as published)")
+    if method != "crossget" and value != 1:
+        raise ValueError(f"importance_weight={value!r}: only method='crossget' weighs token importance "
+                         f"(method={method!r})")
+    return float(value)
 
 
 @dataclass
@@ -63,31 +76,43 @@ def guide_query(queries: Tensor, guide: Tensor | None) -> Tensor:
     return (queries * w).sum(1) / w.sum(1).clamp_min(1)
 
 
-def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState) -> tuple[Merge | None, Tensor | None]:
+def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState,
+          importance_weight: float = 1.0) -> tuple[Merge | None, Tensor | None]:
     """The merge ``method`` picks for this layer and the importance that
     weights its ensemble (None for ToMe's plain size-weighted mean).
     ``keys``/``queries`` ``[B, N, C]``: the heads combined as ``METRIC[method]``
-    says (``heads_metric``)."""
+    says (``heads_metric``).
+
+    ``importance_weight`` (CrossGET only) scales the importance wherever it
+    acts: a token's score is ``w * importance - best similarity`` and a
+    merged group's weights are ``size * exp(w * importance)``. ``w = 1`` is
+    CrossGET as published; ``w = 0`` is its complete-graph matching on
+    similarity alone with a size-weighted mean. Other values are our
+    extension, not the paper's: where the importance varies across an image
+    more than the best similarities do, ``w = 1`` merges tokens for being
+    unimportant rather than for having a near-duplicate (BENCHMARKS.md,
+    "Token merging")."""
     if method == "tome":
         return bipartite_soft_matching(keys, r, state.protected, state.mask), None
     if method == "crossget":
         with torch.no_grad():  # the matching and its weights are decisions, not functions to differentiate
-            importance = guided_importance(keys, guide_query(queries, state.guide))
+            importance = guided_importance(keys, guide_query(queries, state.guide)).mul_(importance_weight)
         return complete_graph_matching(keys, r, importance, state.protected, state.mask), importance
     raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
 
 
 def merge_layer(block: nn.Module, x: Tensor, state: TokenState, r: int, method: str,
-                causal: bool = False) -> tuple[Tensor, TokenState, int]:
+                causal: bool = False, importance_weight: float = 1.0) -> tuple[Tensor, TokenState, int]:
     """Run ``block`` on ``x [B, N, D]``, merging up to ``r`` tokens between
-    its attention and its MLP. Returns the new tokens ``[B, N - r', D]``,
-    their state and ``r'`` (the merges done: ``r`` clamped to what the layer
-    allows). With ``r = 0`` this is exactly ``block``'s own forward."""
+    its attention and its MLP (``importance_weight``: as ``match``).
+    Returns the new tokens ``[B, N - r', D]``, their state and ``r'`` (the
+    merges done: ``r`` clamped to what the layer allows). With ``r = 0``
+    this is exactly ``block``'s own forward."""
     mask = causal_mask(x.shape[1], x.device) if causal else None
     h, keys, queries = block.attn(block.norm1(x), key_padding_mask=state.mask, size=state.size, mask=mask,
                                   return_metric=True, return_query=True, metric=METRIC.get(method, "mean"))
     x = x + h
-    merge, importance = match(method, keys, queries, r, state) if r > 0 else (None, None)
+    merge, importance = match(method, keys, queries, r, state, importance_weight) if r > 0 else (None, None)
     if merge is not None:
         x, size = merge.tokens(x, state.size, importance)
         state = state.after(merge, size)
@@ -100,4 +125,5 @@ def heads_metric(method: str, t: Tensor) -> Tensor:
     return combine_heads(t, METRIC.get(method, "mean"))
 
 
-__all__ = ["TokenState", "merge_layer", "match", "guide_query", "heads_metric", "METHODS", "METRIC"]
+__all__ = ["TokenState", "merge_layer", "match", "check_importance_weight", "guide_query", "heads_metric", "METHODS",
+           "METRIC"]

@@ -32,18 +32,20 @@ import torch
 from torch import Tensor
 
 from ..models import DualEncoder, SingleStream
-from .layers import METHODS, TokenState, merge_layer
+from .layers import METHODS, TokenState, check_importance_weight, merge_layer
 from .schedule import Schedule, layer_r
 
 
 class MergeSettings:
     """What a patched model merges: ``method``, ``r`` (vision) and ``r_text``
-    as given (an int, a list or a ``Schedule``), and ``report``: per tower,
-    from the last forward through it, the merges each layer did (``r``,
-    after clamping) and the tokens it left (``tokens``)."""
+    as given (an int, a list or a ``Schedule``), CrossGET's
+    ``importance_weight``, and ``report``: per tower, from the last forward
+    through it, the merges each layer did (``r``, after clamping) and the
+    tokens it left (``tokens``)."""
 
-    def __init__(self, method: str, r: Any, r_text: Any):
+    def __init__(self, method: str, r: Any, r_text: Any, importance_weight: float = 1.0):
         self.method, self.r, self.r_text = method, r, r_text
+        self.importance_weight = check_importance_weight(importance_weight, method)
         self.report: dict[str, dict[str, list[int]]] = {}
         self.n_video: int | None = None
         self.last_size: Tensor | None = None
@@ -61,8 +63,8 @@ class MergeSettings:
 
 
 class _Merging:
-    """What every patched model has: ``r``, ``r_text``, ``merge_method``,
-    ``merge_report``. Subclasses say which towers they merge."""
+    """What every patched model has: ``r``, ``r_text``, ``importance_weight``,
+    ``merge_method``, ``merge_report``. Subclasses say which towers they merge."""
 
     _merge: MergeSettings
 
@@ -102,12 +104,24 @@ class _Merging:
             layer_r(value, towers["text"], "r_text")
         self._settings().r_text = value
 
+    @property
+    def importance_weight(self) -> float:
+        """CrossGET's importance weight (``slimvl.merge.layers.match``): 1 as
+        published, 0 for similarity alone."""
+        return self._settings().importance_weight
+
+    @importance_weight.setter
+    def importance_weight(self, value: float) -> None:
+        s = self._settings()
+        s.importance_weight = check_importance_weight(value, s.method)
+
     def merge_config(self) -> dict[str, Any]:
         """``patch``'s arguments as JSON data (a checkpoint keeps them, so
         that a model fine-tuned with merging is evaluated with it)."""
         s = self._settings()
         as_data = lambda v: {"r": v.r, "inflection": v.inflection} if isinstance(v, Schedule) else v  # noqa: E731
-        return {"method": s.method, "r": as_data(s.r), "r_text": as_data(s.r_text)}
+        return {"method": s.method, "r": as_data(s.r), "r_text": as_data(s.r_text),
+                "importance_weight": s.importance_weight}
 
     def analytic_flops(self, frames: int, text_len: int) -> int:
         """Not given for a patched model: its cost follows the merges each
@@ -138,7 +152,7 @@ class _Merging:
         for i, blk in enumerate(blocks):
             if before is not None:
                 x = before(i, x, state)
-            x, state, d = merge_layer(blk, x, state, asked[i], s.method, causal)
+            x, state, d = merge_layer(blk, x, state, asked[i], s.method, causal, s.importance_weight)
             done.append(d)
             tokens.append(x.shape[1])
         s.record(self.config.model_type, tower, asked, done, tokens)
@@ -251,7 +265,7 @@ def is_patched(model) -> bool:
     return "_merge" in vars(model)
 
 
-def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
+def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0, importance_weight: float = 1.0):
     """Make ``model`` merge tokens; returns it (patched in place).
 
     Args:
@@ -265,6 +279,11 @@ def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
             layer) or a ``Schedule`` (or its fields as a dict); change it
             later with ``model.r = 8``.
         r_text: the same for the text tower (``clip`` models only).
+        importance_weight: CrossGET only: how much a token's importance
+            counts against its best similarity when choosing what merges,
+            and in the merged mean (``slimvl.merge.layers.match``). 1 is the
+            paper's; 0 matches on similarity alone (our extension). Change
+            it later with ``model.importance_weight = 0.5``.
 
     Each layer merges at most half its mergeable tokens; what every layer
     did is in ``model.merge_report`` after a forward. With ``r = 0`` the
@@ -274,13 +293,17 @@ def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
     r, r_text = (Schedule(**v) if isinstance(v, dict) else v for v in (r, r_text))
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {list(METHODS)} (patching {name})")
+    try:
+        importance_weight = check_importance_weight(importance_weight, method)
+    except ValueError as e:
+        raise ValueError(f"{e} (patching {name})") from None
     if is_patched(model):
         raise ValueError(f"this {name} is already patched (method={model.merge_method!r}); call "
                          "slimvl.merge.unpatch(model) first, or change model.r")
     if _is_hf(model):
         from .hf_clip import patch_hf
 
-        return patch_hf(model, method, r, r_text)
+        return patch_hf(model, method, r, r_text, importance_weight)
     if name == "dual_encoder" and isinstance(model, DualEncoder):
         if is_patched(model.backbone):
             raise ValueError("this dual_encoder's backbone is patched on its own; slimvl.merge.unpatch("
@@ -288,11 +311,11 @@ def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0):
         if not isinstance(model.backbone, SingleStream):
             raise ValueError(f"a dual_encoder of a {model.config.backbone['model_type']} has no layers token "
                              "merging supports (its encoder runs latents); decompose a single_stream model")
-        patch(model.backbone, method, r, r_text)
+        patch(model.backbone, method, r, r_text, importance_weight)
     elif name not in _MIXINS:
         raise ValueError(f"a {name} has no layers token merging supports; supported: {sorted(_MIXINS)} and "
                          "Hugging Face CLIPModel / CLIPVisionModel")
-    settings = model.backbone._merge if name == "dual_encoder" else MergeSettings(method, 0, 0)
+    settings = model.backbone._merge if name == "dual_encoder" else MergeSettings(method, 0, 0, importance_weight)
     model.__dict__["_merge"] = settings
     model.__class__ = _merging_class(type(model), _MIXINS[name])
     try:
