@@ -50,6 +50,7 @@ from slimvl.data import make_dataset
 from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, experiment_parser, fine_tune, gallery_dataset,
                                 parse_options, r1_hits, retrieval_splits, set_merging, train_or_load)
 from slimvl.merge import is_patched
+from slimvl.merge.layers import check_importance_weight
 from slimvl.models import create_model
 from slimvl.pipeline import load_split, load_tokenizer
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
@@ -83,7 +84,7 @@ def label(arm: str) -> str:
 
 
 def fine_tuned_arms(base: Path, r: int, data, cfg: TrainConfig, folder: Path, name: str, progress: bool,
-                    cross_hidden: bool = False, weights: list[float] = (1.0,)) -> dict:
+                    cross_hidden: bool = False, weights: tuple[float, ...] = (1.0,)) -> dict:
     """``base`` fine-tuned without merging ("none"), with ToMe and with
     CrossGET at ``r``, once per importance weight in ``weights`` (its vision
     cross token hidden with ``cross_hidden``); each run in ``folder /
@@ -129,7 +130,7 @@ def pair_measure(model, test, min_run_time: float) -> dict:
 
 
 def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed: int,
-          weights: list[float] = (1.0,)) -> list[dict]:
+          weights: tuple[float, ...] = (1.0,)) -> list[dict]:
     """Every arm over ``rs``; ratios and paired differences against the arm ``none`` at r = 0."""
     rows = []
     settings = arm_settings(weights)
@@ -340,6 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", help="file name of the reports (OUT/NAME.json/.md/.png; default merging, or "
                    "merging_speed with --speed-only)")
     a, command = parse_options(p, "merging.py", argv)
+    for w in a.importance_weights:  # before hours of training, not after
+        try:
+            check_importance_weight(w, "crossget")
+        except ValueError as e:
+            p.error(f"--importance-weights: {e}")
+    if len({crossget_arm(w) for w in a.importance_weights}) < len(a.importance_weights):
+        p.error(f"--importance-weights {a.importance_weights}: give distinct weights (to 6 significant digits)")
     out, prog = Path(a.out), not a.quiet
     payload: dict = {"command": command}
     if a.speed_only:

@@ -2,6 +2,7 @@
 merge) and the patch on slimvl's single-stream and decomposed models."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,6 +288,33 @@ def test_patched_single_stream_merges_video_tokens_only(method):
     assert model.merge_report["video"]["tokens"][-1] >= 1 + 12
 
 
+@pytest.mark.parametrize("kind", ["clip", "single_stream", "dual_encoder"])
+def test_the_importance_weight_reaches_every_merging_layer(kind, monkeypatch):
+    """With weight 0 a patched model computes exactly what CrossGET with a
+    zero importance computes; with weight 1 it does not."""
+    from slimvl.merge import layers
+
+    if kind == "clip":
+        model = tiny_model("clip_tiny", device=DEVICE, patch_size=4, cross_tokens=True).eval()
+    else:
+        model = tiny_model("single_stream_tiny", device=DEVICE, patch_size=4).eval()
+        model = decompose(model) if kind == "dual_encoder" else model
+    video, ids, mask = _pair(frames=1 if kind == "clip" else 2)
+    run = (lambda: model(video, ids, mask).logits) if kind == "single_stream" else (lambda: model.encode_video(video))
+    patch(model, "crossget", r=6)
+    with torch.no_grad():
+        published = run()
+        model.importance_weight = 0.0
+        similarity_only = run()
+        if kind == "dual_encoder":
+            assert model.backbone.importance_weight == 0.0  # one setting, shared with the backbone
+        model.importance_weight = 1.0
+        monkeypatch.setattr(layers, "guided_importance", lambda keys, query: keys.new_zeros(keys.shape[:2]))
+        zero_importance = run()
+    torch.testing.assert_close(similarity_only, zero_importance, rtol=0, atol=0)
+    assert not torch.allclose(published, similarity_only)
+
+
 def test_unpatch_restores_the_model_exactly():
     model = tiny_model("single_stream_tiny", device=DEVICE)
     cls, keys, state = type(model), set(vars(model)), {k: v.clone() for k, v in model.state_dict().items()}
@@ -339,17 +367,17 @@ def test_bad_patches_are_refused():
     with pytest.raises(ValueError, match="r=-2"):
         patch(model, r=-2)
     assert not is_patched(model)  # a refused patch leaves nothing behind
-    for bad in (-0.5, float("nan"), "1", True):
+    for bad in (-0.5, float("nan"), float("inf"), 51, 10**400, "1", True):
         with pytest.raises(ValueError, match="importance_weight=.*single_stream"):
             patch(model, "crossget", importance_weight=bad)
     with pytest.raises(ValueError, match="only method='crossget'"):
         patch(model, "tome", importance_weight=0.5)
     assert not is_patched(model)
-    patch(model, "crossget", r=2, importance_weight=0.5)
+    patch(model, "crossget", r=2, importance_weight=np.float32(0.5))  # any real number
     assert model.importance_weight == 0.5 and model.merge_config()["importance_weight"] == 0.5
     model.importance_weight = 0
     assert model.importance_weight == 0.0
-    with pytest.raises(ValueError, match="importance_weight=-1"):
+    with pytest.raises(ValueError, match="importance_weight=-1.*single_stream"):
         model.importance_weight = -1
     unpatch(model)
     patch(model, r=2)

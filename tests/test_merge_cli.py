@@ -65,6 +65,10 @@ def test_train_finetune_and_eval_with_merging(images, tmp_path, capsys):
         main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", "--merge", "tome",
               "--importance-weight", "0.5"])
     assert e.value.code == 2 and "importance_weight=0.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # nothing merges, so no merging option means anything
+        main(["-q", "eval", "--data", str(images), "--checkpoint", str(tuned), "--frames", "1", "--merge", "none",
+              "--importance-weight", "0"])
+    assert e.value.code == 2 and "drop --importance-weight" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # --r alone means nothing for a model that merges nothing
         main(["-q", "eval", "--data", str(images), "--checkpoint", str(base), "--frames", "1", "--r", "2"])
     assert e.value.code == 2 and "--merge" in capsys.readouterr().err
@@ -124,3 +128,6 @@ def test_bench_measures_merged_models_by_counting(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--model", "clip_tiny", "--r", "8", "--min-run-time", "0.01"])
     assert e.value.code == 2 and "--merge" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "clip_tiny", "--importance-weight", "0", "--min-run-time", "0.01"])
+    assert e.value.code == 2 and "--importance-weight: give --merge" in capsys.readouterr().err

@@ -166,10 +166,12 @@ def _merge_choice(a: argparse.Namespace, model=None) -> tuple[str | None, dict]:
     already; those options alone otherwise are an error."""
     own = model.merge_config() if model is not None and hasattr(model, "merge_config") else None
     given = {k: getattr(a, k) for k in _MERGE_OPTIONS if getattr(a, k) is not None}
+    if a.merge == "none" and given:
+        raise ValueError(f"--merge none merges nothing: drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     if a.merge is None and given:
         if own is None:
-            raise ValueError("--r/--r-text/--importance-weight: give --merge tome or --merge crossget too (this model "
-                             "merges nothing)")
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags}: give --merge tome or --merge crossget too (this model merges nothing)")
         return own["method"], {k: own.get(k, d) for k, d in _MERGE_OPTIONS.items()} | given
     return a.merge, _MERGE_OPTIONS | given
 

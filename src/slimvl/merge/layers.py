@@ -11,8 +11,10 @@ loops through ``merge_layer``.
 """
 from __future__ import annotations
 
-import math
+import numbers
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +30,19 @@ METHODS = ("tome", "crossget")
 METRIC = {"tome": "mean", "crossget": "concat"}
 
 
+# The largest importance weight: exp(w * importance) of a cosine must stay finite in float32 (exp(88) is near
+# its limit), and the merged mean's weights must not underflow.
+MAX_IMPORTANCE_WEIGHT = 50.0
+
+
 def check_importance_weight(value, method: str) -> float:
     """``value`` as CrossGET's importance weight (``match``), or a
-    ``ValueError`` naming what is wrong: a finite number >= 0, and 1 for
-    ToMe, which weighs no importance."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"importance_weight={value!r}: expected a finite number >= 0 (1: CrossGET as published)")
+    ``ValueError`` naming what is wrong: a real number in [0,
+    ``MAX_IMPORTANCE_WEIGHT``], and 1 for ToMe, which weighs no importance."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not ok or not 0 <= value <= MAX_IMPORTANCE_WEIGHT:  # NaN fails both comparisons
+        raise ValueError(f"importance_weight={value!r}: expected a number in [0, {MAX_IMPORTANCE_WEIGHT:g}] (1: "
+                         "CrossGET as published)")
     if method != "crossget" and value != 1:
         raise ValueError(f"importance_weight={value!r}: only method='crossget' weighs token importance "
                          f"(method={method!r})")
@@ -86,9 +95,9 @@ def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState,
     ``importance_weight`` (CrossGET only) scales the importance wherever it
     acts: a token's score is ``w * importance - best similarity`` and a
     merged group's weights are ``size * exp(w * importance)``. ``w = 1`` is
-    CrossGET as published; ``w = 0`` is its complete-graph matching on
-    similarity alone with a size-weighted mean. Other values are our
-    extension, not the paper's: where the importance varies across an image
+    CrossGET as published; any other value is our extension, not the
+    paper's (``w = 0``: its complete-graph matching on similarity alone,
+    with a size-weighted mean). Where the importance varies across an image
     more than the best similarities do, ``w = 1`` merges tokens for being
     unimportant rather than for having a near-duplicate (BENCHMARKS.md,
     "Token merging")."""

@@ -113,7 +113,10 @@ class _Merging:
     @importance_weight.setter
     def importance_weight(self, value: float) -> None:
         s = self._settings()
-        s.importance_weight = check_importance_weight(value, s.method)
+        try:
+            s.importance_weight = check_importance_weight(value, s.method)
+        except ValueError as e:
+            raise ValueError(f"{e} (a patched {self.config.model_type})") from None
 
     def merge_config(self) -> dict[str, Any]:
         """``patch``'s arguments as JSON data (a checkpoint keeps them, so
@@ -281,9 +284,10 @@ def patch(model, method: str = "tome", r: Any = 16, r_text: Any = 0, importance_
         r_text: the same for the text tower (``clip`` models only).
         importance_weight: CrossGET only: how much a token's importance
             counts against its best similarity when choosing what merges,
-            and in the merged mean (``slimvl.merge.layers.match``). 1 is the
-            paper's; 0 matches on similarity alone (our extension). Change
-            it later with ``model.importance_weight = 0.5``.
+            and in the merged mean (``slimvl.merge.layers.match``), in [0,
+            50]. 1 is the paper's; any other value is our extension (0:
+            similarity alone). Change it later with
+            ``model.importance_weight = 0.5``.
 
     Each layer merges at most half its mergeable tokens; what every layer
     did is in ``model.merge_report`` after a forward. With ``r = 0`` the
