@@ -131,3 +131,17 @@ def test_bench_measures_merged_models_by_counting(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--model", "clip_tiny", "--importance-weight", "0", "--min-run-time", "0.01"])
     assert e.value.code == 2 and "--importance-weight: give --merge" in capsys.readouterr().err
+
+
+def test_a_run_resumes_only_with_its_own_merging(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    start = ["-q", "train", "--data", str(images), "--model", "clip_tiny", *MODEL, *TRAIN, "--out", str(run)]
+    main([*start, "--merge", "crossget", "--r", "4", "--importance-weight", "0"])
+    capsys.readouterr()
+    longer = [*start, "--resume", "--steps", "3"]
+    for other in (["--merge", "crossget", "--r", "4"], ["--merge", "tome", "--r", "4"], []):
+        with pytest.raises(SystemExit) as e:
+            main([*longer, *other])
+        assert e.value.code == 2 and "resume with the same --merge" in capsys.readouterr().err
+    main([*longer, "--merge", "crossget", "--r", "4", "--importance-weight", "0"])
+    assert _last_json(capsys)["steps"] == 3

@@ -10,6 +10,7 @@ batch.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -260,7 +261,7 @@ def train(model: torch.nn.Module, data: "RetrievalData | Task", cfg: TrainConfig
                                   fused=device.type == "cuda")
     start, history, evals, before = 0, [], [], 0.0
     if ckpt is not None:
-        _check_same_run(ckpt, task, cfg)
+        _check_same_run(ckpt, task, cfg, model)
         meta = load_training_state(ckpt, model, optimizer)
         start, history, evals = meta["step"], meta.get("history", []), meta.get("evals", [])
         before = meta.get("seconds", 0.0)  # training time before the interruption
@@ -495,10 +496,22 @@ _RESUME_FREE = {"steps", "device", "amp", "log_every", "eval_every", "checkpoint
                 "compile", "compile_mode", "compile_backend", "media_on_device"}
 
 
-def _check_same_run(ckpt: Path, task: Task, cfg: TrainConfig) -> None:
+def _merging(config: dict | None) -> dict | None:
+    """A token-merging config (``merge_config``) as JSON data, with the
+    fields older checkpoints lack at their defaults."""
+    return None if config is None else {"importance_weight": 1.0, **json.loads(json.dumps(config))}
+
+
+def _check_same_run(ckpt: Path, task: Task, cfg: TrainConfig, model: torch.nn.Module | None = None) -> None:
     """A resumed run must see the settings, data and tokenizer it started
-    with, or its batches (and token ids) would silently change under it."""
+    with, or its batches (and token ids) would silently change under it; a
+    model must merge tokens as it did (``slimvl.merge``)."""
     meta = read_meta(ckpt)
+    if model is not None:
+        now = _merging(model.merge_config() if callable(getattr(model, "merge_config", None)) else None)
+        if _merging(meta.get("merge")) != now:
+            raise ValueError(f"{ckpt}: the run was trained with token merging {meta.get('merge')}, and is resumed "
+                             f"with {now}; resume with the same --merge, --r, --r-text and --importance-weight")
     saved_cfg, now_cfg = meta.get("train_config") or {}, asdict(cfg)
     diff = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in sorted(set(saved_cfg) & set(now_cfg) - _RESUME_FREE)
             if saved_cfg[k] != now_cfg[k]]
