@@ -46,13 +46,12 @@ from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import markdown_table, write_report
 from slimvl.bench.stats import paired_difference
 from slimvl.checkpoint import latest_checkpoint
-from slimvl.data import make_dataset
-from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, experiment_parser, fine_tune, gallery_dataset,
-                                parse_options, r1_hits, retrieval_splits, set_merging, train_or_load)
+from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, clip_base, clip_data, experiment_parser, fine_tune,
+                                gallery_dataset, parse_options, r1_hits, retrieval_splits, set_merging,
+                                train_or_load)
 from slimvl.merge import is_patched
 from slimvl.merge.layers import check_importance_weight
 from slimvl.models import create_model
-from slimvl.pipeline import load_split, load_tokenizer
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
 from slimvl.tasks.retrieval import score_matrix, t2v_ranks, v2t_ranks
 from slimvl.train import TrainConfig
@@ -185,18 +184,10 @@ def tune_tag(a, default: TrainConfig) -> str:
 
 
 def clip_part(a, out: Path, prog: bool) -> dict:
-    root = Path(a.image_data) if a.image_data else make_dataset(
-        out / f"data_images{a.gallery}", kind="image-text", seed=0, n_train=6000, n_val=200, n_test=a.gallery,
-        group_size=4, frames=1, size=64, progress=prog)
-    tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, 1, CLIP["image_size"], TEXT_LEN, progress=prog)
-    test = load_split(root, "test", tok, 1, CLIP["image_size"], TEXT_LEN, progress=prog)
+    root, tok, train_data, test = clip_data(out, a.gallery, a.image_data, prog)
     rows = []
     for seed in a.seeds:
-        base_dir = out / "merging" / f"clip_base_s{seed}"
-        train_or_load("clip_tiny", {**CLIP, "vocab_size": tok.vocab_size}, train_data,
-                      replace(CLIP_TRAIN, steps=a.steps, seed=seed), base_dir, prog)
-        base = latest_checkpoint(base_dir)
+        base = clip_base(out, seed, a.steps, tok, train_data, prog)
         models = fine_tuned_arms(base, a.r, train_data, replace(CLIP_TUNE, steps=a.tune_steps,
                                                                 lr=a.tune_lr or CLIP_TUNE.lr, seed=seed),
                                  out / "merging", f"clip_{{}}_r{a.r}{tune_tag(a, CLIP_TUNE)}_s{seed}", prog,

@@ -28,14 +28,11 @@ import torch
 
 from slimvl.bench.plots import figure
 from slimvl.bench.report import markdown_table, write_report
-from slimvl.checkpoint import latest_checkpoint, load_model
-from slimvl.data import make_dataset
-from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, experiment_parser, fine_tune, parse_options, r1_hits,
-                                set_merging, train_or_load)
+from slimvl.checkpoint import load_model
+from slimvl.experiments import (CLIP_TRAIN, CLIP_TUNE, clip_base, clip_data, experiment_parser, fine_tune,
+                                parse_options, r1_hits, set_merging)
 from slimvl.merge import layers, unpatch
 from slimvl.merge.finetune import model_for_merging
-from slimvl.pipeline import load_split, load_tokenizer
-from slimvl.recipes import TEXT_LEN
 from slimvl.tasks.retrieval import score_matrix
 
 COLUMNS = [("model", "model", ""), ("method", "merging", ""), ("r", "r", "d"), ("mean_r1", "mean R@1", ".3f")]
@@ -82,16 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", default="merging_diagnosis", help="file name of the reports")
     a, command = parse_options(p, "merging_diagnosis.py", argv)
     out, prog, r = Path(a.out), not a.quiet, a.r
-    root = Path(a.image_data) if a.image_data else make_dataset(
-        out / f"data_images{a.gallery}", kind="image-text", seed=0, n_train=6000, n_val=200, n_test=a.gallery,
-        group_size=4, frames=1, size=64, progress=prog)
-    tok = load_tokenizer(root)
-    train_data = load_split(root, "train", tok, 1, CLIP["image_size"], TEXT_LEN, progress=prog)
-    test = load_split(root, "test", tok, 1, CLIP["image_size"], TEXT_LEN, progress=prog)
-    base_dir = out / "merging" / f"clip_base_s{a.seed}"
-    train_or_load("clip_tiny", {**CLIP, "vocab_size": tok.vocab_size}, train_data,
-                  replace(CLIP_TRAIN, steps=a.steps, seed=a.seed), base_dir, prog)
-    base = latest_checkpoint(base_dir)
+    _, tok, train_data, test = clip_data(out, a.gallery, a.image_data, prog)
+    base = clip_base(out, a.seed, a.steps, tok, train_data, prog)
     plain = load_model(base)
     rows = [{"model": "base", "method": "none", "r": 0, "mean_r1": mean_r1(plain, test, None, 0)},
             {"model": "base", "method": "ToMe", "r": r, "mean_r1": mean_r1(plain, test, "tome", r)},

@@ -168,6 +168,29 @@ CLIP_TRAIN = TrainConfig(steps=1000, groups_per_step=16, groups_per_unit=16, neg
 CLIP_TUNE = replace(CLIP_TRAIN, steps=200, lr=5e-5, warmup_steps=20, checkpoint_every=100)
 
 
+def clip_data(out: Path, gallery: int, image_data: str | Path | None = None, progress: bool = True):
+    """The token-merging experiments' image-text data: ``image_data`` or the
+    synthetic set made under ``out`` (6,000 training images, ``gallery``
+    test images); returns its tokenizer and its train and test splits, read
+    at the CLIP-style model's image size."""
+    root = Path(image_data) if image_data else make_dataset(
+        Path(out) / f"data_images{gallery}", kind="image-text", seed=0, n_train=6000, n_val=200, n_test=gallery,
+        group_size=4, frames=1, size=64, progress=progress)
+    tok = load_tokenizer(root)
+    splits = (load_split(root, split, tok, 1, CLIP["image_size"], TEXT_LEN, progress=progress)
+              for split in ("train", "test"))
+    return root, tok, *splits
+
+
+def clip_base(out: Path, seed: int, steps: int, tok, train_data, progress: bool = True) -> Path:
+    """The checkpoint of the CLIP-style base of ``seed`` (``out/merging/clip_base_s<seed>``), trained with
+    ``CLIP_TRAIN`` for ``steps`` when missing, resumed when interrupted."""
+    run = Path(out) / "merging" / f"clip_base_s{seed}"
+    train_or_load("clip_tiny", {**CLIP, "vocab_size": tok.vocab_size}, train_data,
+                  replace(CLIP_TRAIN, steps=steps, seed=seed), run, progress)
+    return latest_checkpoint(run)
+
+
 def r1_hits(scores: torch.Tensor, caption_item: torch.Tensor) -> torch.Tensor:
     """Per item (one caption each), mean of its t2v and v2t R@1 hits ``[n_items]``."""
     if not torch.equal(caption_item.sort().values, torch.arange(scores.shape[1])):
