@@ -50,7 +50,7 @@ def spreads(model, images: torch.Tensor, r: int) -> list[dict]:
     similarity ([CLS] and the cross token left out)."""
     seen, original = [], layers.complete_graph_matching
 
-    def record(metric, r_layer, importance, protected=None, valid=None):
+    def record(metric, r_layer, importance, protected=None, valid=None, normalized=False):
         k = torch.nn.functional.normalize(metric.float(), dim=-1)
         sim = (k @ k.transpose(1, 2)).diagonal_scatter(torch.full(k.shape[:2], -2.0, device=k.device), 0, 1, 2)
         free = ~protected if protected is not None else torch.ones_like(importance, dtype=torch.bool)
@@ -58,7 +58,7 @@ def spreads(model, images: torch.Tensor, r: int) -> list[dict]:
         std = lambda t: torch.stack([t[i][free[i]].std() for i in range(t.shape[0])]).mean()  # noqa: E731
         seen.append({"tokens": metric.shape[1], "importance_std": float(std(importance.float())),
                      "best_similarity_std": float(std(best)), "best_similarity_mean": float(best[free].mean())})
-        return original(metric, r_layer, importance, protected, valid)
+        return original(metric, r_layer, importance, protected, valid, normalized=normalized)
 
     layers.complete_graph_matching = record
     try:

@@ -136,6 +136,39 @@ def test_complete_graph_holds_its_rules_whatever_the_importance_scale():
         assert torch.equal(src, score.topk(11, largest=False).indices.sort(1).values)
 
 
+def test_each_source_joins_its_most_similar_allowed_destination():
+    """CrossGET: the most similar lower-ranked token that is not itself a
+    source; ToMe: the r even tokens with the most similar odd partner join
+    that partner."""
+    x = _tokens(b=4, n=24, seed=5)
+    protected = torch.zeros(24, dtype=torch.bool)
+    protected[[0, 23]] = True
+    k = F.normalize(x, dim=-1)
+    sim = (k @ k.transpose(1, 2)).masked_fill(torch.eye(24, dtype=torch.bool) | protected[:, None]
+                                              | protected[None, :], float("-inf"))
+    m, _ = _merges("crossget", x, 9, protected, seed=5)
+    src, dst = _sources(m, 24)
+    rank = sim.max(-1).values.sort(dim=-1, descending=True, stable=True).indices.argsort(-1)
+    is_source = torch.zeros(4, 24, dtype=torch.bool).scatter(1, src, True)
+    allowed = sim.masked_fill((rank[:, None, :] <= rank[:, :, None]) | is_source[:, None, :], float("-inf"))
+    assert torch.equal(dst, allowed.gather(1, src[..., None].expand(-1, -1, 24)).argmax(-1))
+
+    m = bipartite_soft_matching(x, 9, protected)
+    src, dst = _sources(m, 24)
+    a_to_b = sim[:, ::2, 1::2]
+    best, partner = a_to_b.max(-1)
+    assert torch.equal(src, (2 * best.topk(9).indices).sort(1).values)
+    assert torch.equal(dst, (2 * partner + 1).gather(1, src // 2))
+
+
+def test_importance_of_unit_keys_is_the_importance_of_the_keys():
+    x, q = _tokens(b=2, n=9, seed=6), torch.randn(2, 8)
+    expected = (F.normalize(x, dim=-1) @ F.normalize(q, dim=-1)[..., None])[..., 0]
+    torch.testing.assert_close(guided_importance(x, q), expected)
+    torch.testing.assert_close(guided_importance(F.normalize(x, dim=-1), q, normalized=True), expected)
+    assert torch.equal(guided_importance(torch.zeros(2, 9, 8), q), torch.zeros(2, 9))  # no NaN from a zero key
+
+
 def test_crossget_keeps_important_tokens_and_merges_duplicates():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 8, 16, generator=g)
@@ -309,7 +342,7 @@ def test_the_importance_weight_reaches_every_merging_layer(kind, monkeypatch):
         if kind == "dual_encoder":
             assert model.backbone.importance_weight == 0.0  # one setting, shared with the backbone
         model.importance_weight = 1.0
-        monkeypatch.setattr(layers, "guided_importance", lambda keys, query: keys.new_zeros(keys.shape[:2]))
+        monkeypatch.setattr(layers, "guided_importance", lambda keys, query, **kw: keys.new_zeros(keys.shape[:2]))
         zero_importance = run()
     torch.testing.assert_close(similarity_only, zero_importance, rtol=0, atol=0)
     assert not torch.allclose(published, similarity_only)

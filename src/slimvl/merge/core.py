@@ -64,9 +64,12 @@ class Merge:
         m = n - self.r
         total = w.new_zeros(b, m).scatter_add_(1, self.slot, w)
         share = w / total.gather(1, self.slot)  # exactly 1 for a token alone in its slot: it passes unchanged
-        # float32 sums: a slot of many bf16 tokens would otherwise round away the small ones.
-        out = x.new_zeros(b, m, d, dtype=torch.float32).scatter_add_(
-            1, self.slot[..., None].expand(b, n, d), x.float() * share[..., None])
+        # One index_add_ over the flattened batch: on a CPU it adds whole rows, where a scatter_add_ with an index
+        # expanded over D goes element by element (twice as slow at CLIP's sizes). float32 sums: a slot of many
+        # bf16 tokens would otherwise round away the small ones.
+        rows = (self.slot + torch.arange(b, device=x.device)[:, None] * m).view(-1)
+        weighted = (x.float() * share[..., None]).view(b * n, d)
+        out = x.new_zeros(b * m, d, dtype=torch.float32).index_add_(0, rows, weighted).view(b, m, d)
         return out.to(x.dtype), size.new_zeros(b, m).scatter_add_(1, self.slot, size)
 
     def gather(self, t: Tensor) -> Tensor:
@@ -87,13 +90,21 @@ def blocked_tokens(n: int, protected: Tensor | None, valid: Tensor | None, batch
     return out
 
 
+def _positions(flags: Tensor, count: int) -> Tensor:
+    """``[B, count]`` the positions of the True entries of ``flags [B, N]``,
+    ascending, for rows with exactly ``count`` of them. A cumulative count and
+    one scatter: no sort, which on a CPU costs more than the rest of a merge."""
+    b, n = flags.shape
+    slot = torch.where(flags, flags.long().cumsum(1) - 1, count)  # the False entries all land in a spare column
+    out = torch.empty(b, count + 1, dtype=torch.long, device=flags.device)
+    return out.scatter_(1, slot, torch.arange(n, device=flags.device).expand(b, n))[:, :count]
+
+
 def _from_destinations(dest: Tensor, is_source: Tensor, r: int) -> Merge:
     """A ``Merge`` from each token's destination (itself when kept)."""
     kept = ~is_source
     position = kept.long().cumsum(1) - 1  # output slot of every kept token, in order
-    slot = position.gather(1, dest)
-    keep = torch.sort(is_source.to(torch.uint8), dim=1, stable=True).indices[:, : dest.shape[1] - r]
-    return Merge(slot=slot, keep=keep, r=r)
+    return Merge(slot=position.gather(1, dest), keep=_positions(kept, dest.shape[1] - r), r=r)
 
 
 def _plan(can: Tensor, valid: Tensor | None, r: int) -> tuple[Tensor, int, Tensor | None]:
@@ -120,17 +131,17 @@ def _choose(priority: Tensor, real: Tensor, total: int, pad: Tensor | None) -> t
     N]`` and which sources are padding fillers ``[B, total]``: per row, the
     ``real[b]`` tokens of lowest ``priority`` (+inf: never), then fillers,
     the first padding tokens (never the last, their destination)."""
-    b, n = priority.shape
-    rank = torch.empty_like(priority, dtype=torch.long).scatter_(
-        1, priority.argsort(1), torch.arange(n, device=priority.device).expand(b, n))
-    is_source = rank < real[:, None]
+    # The `total` lowest by a partial sort (topk), far cheaper than a full one on a CPU; a row takes its first
+    # real[b] of them (real <= total, and every row has at least real[b] finite priorities).
+    lowest = priority.topk(total, dim=1, largest=False).indices
+    take = torch.arange(total, device=priority.device) < real[:, None]
+    is_source = torch.zeros_like(priority, dtype=torch.bool).scatter_(1, lowest, take)
     filler = torch.zeros_like(is_source)
     if pad is not None:
         pad_rank = pad.long().cumsum(1) - 1
         filler = pad & (pad_rank < (total - real)[:, None])
         is_source = is_source | filler
-    sources = torch.sort(is_source.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :total]
-    sources = sources.sort(1).values
+    sources = _positions(is_source, total)
     return sources, is_source, filler.gather(1, sources)
 
 
@@ -179,11 +190,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, protected: Tensor | None = N
     return _from_destinations(_destinations(sources, to, filler, pad, n), is_source, total)
 
 
-def guided_importance(metric: Tensor, query: Tensor) -> Tensor:
+def guided_importance(metric: Tensor, query: Tensor, normalized: bool = False) -> Tensor:
     """CrossGET's importance of each token: the cosine of its key
-    (``metric [B, N, C]``) with the guiding query ``[B, C]`` (a cross
-    token's, or the EOT's): ``[B, N]``."""
-    return (F.normalize(metric.float(), dim=-1) @ F.normalize(query.float(), dim=-1).unsqueeze(-1)).squeeze(-1)
+    (``metric [B, N, C]``; ``normalized``: already of unit norm) with the
+    guiding query ``[B, C]`` (a cross token's, or the EOT's): ``[B, N]``."""
+    metric = metric.float()
+    dots = (metric @ F.normalize(query.float(), dim=-1).unsqueeze(-1)).squeeze(-1)
+    # Without unit keys, the dot products over each key's norm (clamped as F.normalize clamps): the same cosines
+    # without writing out a normalised copy of every key.
+    return dots if normalized else dots / torch.linalg.vector_norm(metric, dim=-1).clamp_min(1e-12)
 
 
 # What a masked pair's similarity loses: far below any cosine, and exact to add as 0 where nothing is masked.
@@ -192,7 +207,7 @@ _FAR = 1e4
 
 @torch.no_grad()
 def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protected: Tensor | None = None,
-                            valid: Tensor | None = None) -> Merge | None:
+                            valid: Tensor | None = None, normalized: bool = False) -> Merge | None:
     """CrossGET's matching over all token pairs.
 
     Args:
@@ -202,6 +217,8 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
         importance: ``[B, N]`` (``guided_importance``): important tokens
             are kept as destinations rather than merged away.
         protected, valid: as ``bipartite_soft_matching``.
+        normalized: ``metric`` already has unit rows (as ``match`` passes
+            it, shared with ``guided_importance``): not normalised again.
 
     Every token is ranked by its best similarity to any other, highest
     first (on a tie, as for a mutually most similar pair, the earlier
@@ -219,7 +236,7 @@ def complete_graph_matching(metric: Tensor, r: int, importance: Tensor, protecte
     real, total, pad = _plan((~blocked).sum(1) // 2, valid, r)
     if total == 0:
         return None
-    k = F.normalize(metric.float(), dim=-1)
+    k = metric.float() if normalized else F.normalize(metric.float(), dim=-1)
     sim = k @ k.transpose(1, 2)  # cosines, in [-1, 1]
     # Masks as additive offsets of -_FAR, in place: the matching runs in every layer, and on a CPU boolean
     # [B, N, N] masks and masked_fill cost more than the merge saves. Only the blocked *columns* are masked: a

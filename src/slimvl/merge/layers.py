@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import combine_heads
@@ -81,8 +82,9 @@ def guide_query(queries: Tensor, guide: Tensor | None) -> Tensor:
     """The mean query ``[B, d]`` of the guiding tokens (``queries [B, N, d]``)."""
     if guide is None:
         return queries[:, 0]
-    w = guide.to(queries.dtype).unsqueeze(-1)
-    return (queries * w).sum(1) / w.sum(1).clamp_min(1)
+    w = guide.to(queries.dtype)
+    # A weighted sum as one batched product: on a CPU, multiplying [B, N, d] by a [B, N, 1] broadcast costs more.
+    return torch.bmm(w.unsqueeze(1), queries).squeeze(1) / w.sum(1, keepdim=True).clamp_min(1)
 
 
 def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState,
@@ -105,8 +107,10 @@ def match(method: str, keys: Tensor, queries: Tensor, r: int, state: TokenState,
         return bipartite_soft_matching(keys, r, state.protected, state.mask), None
     if method == "crossget":
         with torch.no_grad():  # the matching and its weights are decisions, not functions to differentiate
-            importance = guided_importance(keys, guide_query(queries, state.guide)).mul_(importance_weight)
-        return complete_graph_matching(keys, r, importance, state.protected, state.mask), importance
+            keys = F.normalize(keys.float(), dim=-1)  # once, for both the importance and the similarities
+            importance = guided_importance(keys, guide_query(queries, state.guide), normalized=True)
+            importance.mul_(importance_weight)
+        return complete_graph_matching(keys, r, importance, state.protected, state.mask, normalized=True), importance
     raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
 
 
