@@ -26,6 +26,10 @@ evaluated over an r sweep:
 ``--speed-only`` measures the CLIP model's image encoding alone (GFLOPs,
 batch 1, batch 64) on untrained weights, in interleaved rounds: what
 merging costs depends on the token counts, not on what the weights learned.
+On a CPU it also reports the time spent matching and merging at batch 64.
+Timings run with freed memory kept by the process (``--allocator keep``,
+``slimvl.bench.measure.keep_freed_memory``): otherwise glibc's page faults,
+which vary with tensor sizes, land on some arms and not others.
 
 ``--seeds`` repeats the fine-tuning (CLIP: the base too) with each seed;
 tables give the mean and the spread (min..max) over seeds. The 95%
@@ -34,6 +38,7 @@ it shows how sure one gallery makes the difference, not the seeds' spread.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 
 from slimvl.bench import count_flops, model_flops_per_pair
-from slimvl.bench.measure import median_seconds
+from slimvl.bench.measure import keep_freed_memory, median_seconds
 from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import markdown_table, write_report
 from slimvl.bench.stats import paired_difference
@@ -49,7 +54,7 @@ from slimvl.checkpoint import latest_checkpoint
 from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, clip_base, clip_data, experiment_parser, fine_tune,
                                 gallery_dataset, parse_options, r1_hits, retrieval_splits, set_merging,
                                 train_or_load)
-from slimvl.merge import is_patched
+from slimvl.merge import Merge, is_patched, layers
 from slimvl.merge.layers import check_importance_weight
 from slimvl.models import create_model
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
@@ -215,7 +220,39 @@ def pair_part(a, out: Path, prog: bool) -> dict:
 SPEED_COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("tokens_left", "tokens after each layer", ""),
                  ("gflops", "image GFLOPs", ".4f"), ("latency_ratio", "speed-up b=1 (x)", ".2f"),
                  ("latency_spread", "range (rounds)", ""), ("throughput_ratio", "throughput b=64 (x)", ".2f"),
-                 ("throughput_spread", "range (rounds)", "")]
+                 ("throughput_spread", "range (rounds)", ""),
+                 ("merging_ms", "matching + merge, ms per batch of 64", ".1f"),
+                 ("merging_share", "share of the batch's time", ".0%")]
+
+
+def merging_seconds(model, images, forwards: int = 7) -> tuple[float, float]:
+    """Median seconds of ``model.encode_video(images)`` and of the merging
+    inside it: every call of the matching (``slimvl.merge.layers.match``)
+    and of the merge (``Merge.tokens``), timed by wrapping both for these
+    forwards only. CPU: a CUDA call returns before its work is done."""
+    spent = [0.0]
+    match, tokens = layers.match, Merge.tokens
+
+    def timed(f):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    layers.match, Merge.tokens = timed(match), timed(tokens)
+    try:
+        totals, merging = [], []
+        for _ in range(forwards):
+            spent[0], start = 0.0, time.perf_counter()
+            model.encode_video(images)
+            totals.append(time.perf_counter() - start)
+            merging.append(spent[0])
+    finally:
+        layers.match, Merge.tokens = match, tokens
+    return float(np.median(totals)), float(np.median(merging))
 
 
 def speed_part(a) -> list[dict]:
@@ -223,7 +260,9 @@ def speed_part(a) -> list[dict]:
     CrossGET (with its cross token) over ``--r-sweep``. In each of
     ``--rounds`` rounds every arm is timed right after no merging, and its
     ratios are against that measurement (this machine's speed drifts); the
-    table gives the median ratio and its range over rounds."""
+    table gives the median ratio and its range over rounds. On a CPU, the
+    time each merging arm spends matching and merging at batch 64 is
+    measured after the rounds (``merging_seconds``)."""
     device = torch.device(a.device)
     torch.manual_seed(0)
     plain, cross = (create_model("clip_tiny", **CLIP, vocab_size=64, cross_tokens=c,
@@ -253,6 +292,12 @@ def speed_part(a) -> list[dict]:
                 row["throughput"].append(many / rows[0]["throughput"][-1])
             print(f"round {i + 1}/{a.rounds}: " + ", ".join(
                 f"{row['arm']} r={row['r']} x{row['throughput'][-1]:.2f}" for row in rows[1:]), flush=True)
+        if device.type == "cpu":  # where time spent inside a call is the call's
+            for (_, model, method, r), row in zip(arms, rows):
+                if method is not None and r > 0:
+                    set_merging(model, method, r)
+                    total, merging = merging_seconds(model, images)
+                    row.update(merging_ms=merging * 1e3, merging_share=merging / total)
     for model in (plain, cross):
         set_merging(model, None, 0)
     none = rows[0]
@@ -285,7 +330,8 @@ def speed_report(a, out: Path, payload: dict) -> dict:
     rows = speed_part(a)
     payload["speed"] = rows
     md = (f"CLIP-style model, image encoding on {a.device}, untrained weights, {a.rounds} rounds "
-          f"(median ratio against no merging in the same round):\n\n{markdown_table(rows, SPEED_COLUMNS)}\n")
+          f"(median ratio against no merging in the same round; allocator: {payload['allocator']}):\n\n"
+          f"{markdown_table(rows, SPEED_COLUMNS)}\n")
     fig, axes = figure(2, width=5.0)
     for ax, y, ylabel in ((axes[0], "throughput_ratio", "throughput at batch 64 (x no merging)"),
                           (axes[1], "latency_ratio", "speed-up at batch 1 (x no merging)")):
@@ -323,6 +369,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "(the demo's recipe; benchmarks/decomposition.py's run is reused)")
     p.add_argument("--pair-seeds", type=int, nargs="+", default=[0], help="cross-encoder: fine-tuning seeds")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    p.add_argument("--allocator", choices=["keep", "default"], default="keep", help="keep: the process keeps the "
+                   "CPU memory it frees (slimvl.bench.measure.keep_freed_memory), so that timings do not include "
+                   "page faults that vary with tensor sizes; default: the C library's own behaviour")
     p.add_argument("--parts", nargs="+", default=["clip", "pairs"], choices=["clip", "pairs"],
                    help="the CLIP-style model (image-text), the cross-encoder (video-text), or both")
     p.add_argument("--speed-only", action="store_true", help="only the CLIP model's image-encoding speed, on "
@@ -340,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len({crossget_arm(w) for w in a.importance_weights}) < len(a.importance_weights):
         p.error(f"--importance-weights {a.importance_weights}: give distinct weights (to 6 significant digits)")
     out, prog = Path(a.out), not a.quiet
-    payload: dict = {"command": command}
+    kept = a.allocator == "keep" and keep_freed_memory()
+    payload: dict = {"command": command, "allocator": "freed memory kept" if kept else "default"}
     if a.speed_only:
         return speed_report(a, out, payload)
     md = ""

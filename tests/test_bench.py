@@ -1,6 +1,9 @@
 """Tests for slimvl.bench: counted vs analytic FLOPs, attention counting, memory, profiling."""
 
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,3 +225,30 @@ def test_ratios_and_differences_against_the_matching_baseline():
     assert [r.get("acc_gain") for r in rows] == [0.0, pytest.approx(0.1), 0.0, None, None]  # no value, no gain
     add_ratios(rows, rows[1], {"s": "vs_first_new"})
     assert [r["vs_first_new"] for r in rows] == [2.0, 1.0, 8.0, 2.0, 3.0]
+
+
+_FAULTS = """
+import resource, torch
+from slimvl.bench.measure import keep_freed_memory
+def faults(steps):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        torch.ones(16 << 20)  # 64 MiB: allocated, touched, freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+default = faults(20)
+kept = keep_freed_memory()
+faults(20)  # the heap settles (it may place the first few blocks on fresh pages)
+print(default, kept, faults(20), (64 << 20) // resource.getpagesize())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_stops_page_faults_on_reallocation():
+    """By default glibc returns a freed 64 MiB block to the system and
+    faults it in again page by page on the next allocation; once freed
+    memory is kept, allocating it again costs no faults."""
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout.split()
+    default, kept, after, pages = int(out[0]), out[1] == "True", int(out[2]), int(out[3])
+    assert kept
+    assert default > 20 * pages // 2, default  # every allocation faults in most of its pages
+    assert after < 20 * pages // 100, after

@@ -189,7 +189,7 @@ def test_merging(data, tmp_path):
     out = run("merging", "--out", str(tmp_path), "--data", str(data), "--image-data", str(images), "--steps", "2",
               "--tune-steps", "2", "--seeds", "0", "--r", "8", "--r-sweep", "0", "8", "--pairs-gallery", "8",
               "--pair-steps", "2", "--pair-r", "8", "--pair-r-sweep", "0", "8", "--min-run-time", "0.01", "--quiet",
-              "--importance-weights", "1", "0")
+              "--importance-weights", "1", "0", "--allocator", "default")  # the suite's process keeps glibc's own
     res = reports(tmp_path, "merging")
     for part in ("clip", "pairs"):
         rows = {(r["arm"], r["r"]): r for r in res[part]["summary"]}
@@ -220,7 +220,7 @@ def test_merging(data, tmp_path):
 
 def test_merging_speed_only(tmp_path):
     out = run("merging", "--out", str(tmp_path), "--speed-only", "--r-sweep", "0", "8", "--rounds", "2",
-              "--min-run-time", "0.01", "--quiet")
+              "--min-run-time", "0.01", "--quiet", "--allocator", "default")
     res = reports(tmp_path, "merging_speed")
     rows = {(r["arm"], r["r"]): r for r in res["speed"]}
     assert list(rows) == [("none", 0), ("tome", 8), ("crossget", 0), ("crossget", 8)]
@@ -233,7 +233,9 @@ def test_merging_speed_only(tmp_path):
     for key in (("tome", 8), ("crossget", 8)):
         assert rows[key]["gflops"] < 0.7 * rows[(key[0] if key[0] == "crossget" else "none", 0)]["gflops"]
         assert len(rows[key]["throughput_ratios"]) == 2 and all(x > 0 for x in rows[key]["throughput_ratios"])
-    assert out["command"].startswith("python benchmarks/merging.py --out")
+        assert 0 < rows[key]["merging_share"] < 1 and rows[key]["merging_ms"] > 0  # timed inside the forward
+    assert "merging_ms" not in none and "merging_share" not in rows[("crossget", 0)]  # nothing merged, nothing timed
+    assert out["command"].startswith("python benchmarks/merging.py --out") and out["allocator"] == "default"
     assert (tmp_path / "merging_speed.png").exists() and "| ToMe | 8 |" in (tmp_path / "merging_speed.md").read_text()
 
 
