@@ -265,7 +265,8 @@ def speed_part(a) -> list[dict]:
     measured after the rounds (``merging_seconds``)."""
     device = torch.device(a.device)
     torch.manual_seed(0)
-    plain, cross = (create_model("clip_tiny", **CLIP, vocab_size=64, cross_tokens=c,
+    arch = {**CLIP, "patch_size": a.patch_size}
+    plain, cross = (create_model("clip_tiny", **arch, vocab_size=64, cross_tokens=c,
                                  cross_hidden=c and a.cross_hidden).to(device).eval() for c in (False, True))
     images = torch.rand(64, 1, 3, CLIP["image_size"], CLIP["image_size"], device=device) * 2 - 1
     arms = [("none", plain, None, 0)] + [("tome", plain, "tome", r) for r in a.r_sweep if r] + \
@@ -327,11 +328,14 @@ def speed_report(a, out: Path, payload: dict) -> dict:
     """``--speed-only``: the table, the JSON (every round's times) and a plot of throughput against GFLOPs."""
     if a.rounds < 1:
         raise SystemExit(f"--rounds {a.rounds}: at least one round is needed")
+    if a.patch_size < 1 or CLIP["image_size"] % a.patch_size:
+        raise SystemExit(f"--patch-size {a.patch_size}: expected a divisor of the image size, {CLIP['image_size']}")
     rows = speed_part(a)
     payload["speed"] = rows
-    md = (f"CLIP-style model, image encoding on {a.device}, untrained weights, {a.rounds} rounds "
-          f"(median ratio against no merging in the same round; allocator: {payload['allocator']}):\n\n"
-          f"{markdown_table(rows, SPEED_COLUMNS)}\n")
+    tokens = (CLIP["image_size"] // a.patch_size) ** 2
+    md = (f"CLIP-style model, image encoding on {a.device} ({tokens} patch tokens), untrained weights, "
+          f"{a.rounds} rounds (median ratio against no merging in the same round; allocator: "
+          f"{payload['allocator']}):\n\n{markdown_table(rows, SPEED_COLUMNS)}\n")
     fig, axes = figure(2, width=5.0)
     for ax, y, ylabel in ((axes[0], "throughput_ratio", "throughput at batch 64 (x no merging)"),
                           (axes[1], "latency_ratio", "speed-up at batch 1 (x no merging)")):
@@ -378,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "untrained weights (no data, no training): report OUT/merging_speed.*")
     p.add_argument("--rounds", type=int, default=5, help="--speed-only: interleaved timing rounds")
     p.add_argument("--device", default="cpu", help="--speed-only: device of the timed models")
+    p.add_argument("--patch-size", type=int, default=CLIP["patch_size"], help="--speed-only: patch size of the "
+                   f"timed models, on {CLIP['image_size']}-pixel images (4: 256 patch tokens, as clip_small)")
     p.add_argument("--name", help="file name of the reports (OUT/NAME.json/.md/.png; default merging, or "
                    "merging_speed with --speed-only)")
     a, command = parse_options(p, "merging.py", argv)

@@ -239,6 +239,18 @@ def test_merging_speed_only(tmp_path):
     assert (tmp_path / "merging_speed.png").exists() and "| ToMe | 8 |" in (tmp_path / "merging_speed.md").read_text()
 
 
+def test_merging_speed_only_at_another_patch_size(tmp_path):
+    out = run("merging", "--out", str(tmp_path), "--speed-only", "--r-sweep", "4", "--rounds", "1", "--patch-size",
+              "16", "--min-run-time", "0.01", "--quiet", "--allocator", "default", "--name", "p16")
+    rows = {(r["arm"], r["r"]): r for r in out["speed"]}
+    # 16 patch tokens and [CLS]: 4 merged a layer while half the mergeable tokens allow it.
+    assert rows[("tome", 4)]["tokens"] == [13, 9, 5, 3, 2, 2]
+    assert rows[("crossget", 4)]["tokens"] == [14, 10, 6, 4, 3, 3]  # and its cross token
+    assert "(16 patch tokens)" in (tmp_path / "p16.md").read_text()
+    with pytest.raises(SystemExit, match="--patch-size 5"):
+        run("merging", "--out", str(tmp_path), "--speed-only", "--patch-size", "5", "--allocator", "default")
+
+
 def test_merging_diagnosis(tmp_path):
     images = make_dataset(tmp_path / "images", kind="image-text", seed=0, n_train=64, n_val=4, n_test=8,
                           group_size=4, frames=1, size=64, progress=False)
