@@ -90,12 +90,15 @@ def blocked_tokens(n: int, protected: Tensor | None, valid: Tensor | None, batch
     return out
 
 
-def _positions(flags: Tensor, count: int) -> Tensor:
+def _positions(flags: Tensor, count: int, order: Tensor | None = None) -> Tensor:
     """``[B, count]`` the positions of the True entries of ``flags [B, N]``,
-    ascending, for rows with exactly ``count`` of them. A cumulative count and
-    one scatter: no sort, which on a CPU costs more than the rest of a merge."""
+    ascending, for rows with exactly ``count`` of them (``order``: each
+    entry's ``flags.cumsum(1) - 1``, when the caller has it already). A
+    cumulative count and one scatter: no sort, which on a CPU costs more than
+    the rest of a merge."""
     b, n = flags.shape
-    slot = torch.where(flags, flags.long().cumsum(1) - 1, count)  # the False entries all land in a spare column
+    order = flags.long().cumsum(1) - 1 if order is None else order
+    slot = torch.where(flags, order, count)  # the False entries all land in a spare column
     out = torch.empty(b, count + 1, dtype=torch.long, device=flags.device)
     return out.scatter_(1, slot, torch.arange(n, device=flags.device).expand(b, n))[:, :count]
 
@@ -104,7 +107,7 @@ def _from_destinations(dest: Tensor, is_source: Tensor, r: int) -> Merge:
     """A ``Merge`` from each token's destination (itself when kept)."""
     kept = ~is_source
     position = kept.long().cumsum(1) - 1  # output slot of every kept token, in order
-    return Merge(slot=position.gather(1, dest), keep=_positions(kept, dest.shape[1] - r), r=r)
+    return Merge(slot=position.gather(1, dest), keep=_positions(kept, dest.shape[1] - r, position), r=r)
 
 
 def _plan(can: Tensor, valid: Tensor | None, r: int) -> tuple[Tensor, int, Tensor | None]:
