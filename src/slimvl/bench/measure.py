@@ -47,12 +47,11 @@ def keep_freed_memory() -> bool:
     Why: by default glibc hands large freed blocks back to the system and
     page-faults them in again on the next allocation. A CPU forward pass
     allocates and frees tensors of many sizes, so whether it pays those
-    faults depends on the sizes and the order of the calls: on our 2-core
-    machines one CLIP forward at batch 64 took 25,000 page faults in one
-    round and none in the next (175 against 124 ms). Keeping freed memory
-    (what the jemalloc/tcmalloc setups of PyTorch's CPU tuning guides
-    achieve) times the computation instead. The process's memory then stays
-    near its peak."""
+    faults depends on the sizes and the order of the calls, and a timing
+    moves with them from one round, or one arm, to the next. Keeping freed
+    memory (what the jemalloc/tcmalloc setups of PyTorch's CPU tuning
+    guides achieve) times the computation instead. The process's memory
+    then stays near its peak."""
     if not sys.platform.startswith("linux"):
         return False
     try:
