@@ -23,6 +23,12 @@ evaluated over an r sweep:
   cross-encoder: pairs scored), as speed-ups over no merging measured in
   the same run (> 1: faster).
 
+CLIP: each merging arm's r is also chosen on a validation split
+(``--val-gallery`` images, not the test gallery's), as the largest r of
+the sweep whose mean R@1 there stays within ``--val-drop`` points of no
+merging's, and reported with its test figures: a figure at a chosen r is
+not one picked for looking good on the gallery that scores it.
+
 ``--speed-only`` measures the CLIP model's image encoding alone (GFLOPs,
 batch 1, batch 64) on untrained weights, in interleaved rounds: what
 merging costs depends on the token counts, not on what the weights learned.
@@ -51,9 +57,9 @@ from slimvl.bench.plots import figure, plot_lines
 from slimvl.bench.report import markdown_table, write_report
 from slimvl.bench.stats import paired_difference
 from slimvl.checkpoint import latest_checkpoint
-from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, clip_base, clip_data, experiment_parser, fine_tune,
-                                gallery_dataset, parse_options, r1_hits, retrieval_splits, set_merging,
-                                train_or_load)
+from slimvl.experiments import (CLIP, CLIP_TRAIN, CLIP_TUNE, clip_base, clip_data, clip_validation,
+                                experiment_parser, fine_tune, gallery_dataset, parse_options, r1_hits,
+                                retrieval_splits, set_merging, train_or_load)
 from slimvl.merge import Merge, is_patched, layers
 from slimvl.merge.layers import check_importance_weight
 from slimvl.models import create_model
@@ -133,9 +139,20 @@ def pair_measure(model, test, min_run_time: float) -> dict:
             if is_patched(model) else None}
 
 
+def val_r1(model, val) -> float:
+    """Mean R@1 (text-to-image and image-to-text) of ``model`` on the validation split ``val`` (any number of
+    captions per image)."""
+    with torch.inference_mode():
+        scores = score_matrix(model, val, progress=False)
+    t2v = (t2v_ranks(scores, val.caption_item) <= 1).double().mean()
+    v2t = (v2t_ranks(scores, val.caption_item) <= 1).double().mean()
+    return float((t2v + v2t) / 2)
+
+
 def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed: int,
-          weights: tuple[float, ...] = (1.0,)) -> list[dict]:
-    """Every arm over ``rs``; ratios and paired differences against the arm ``none`` at r = 0."""
+          weights: tuple[float, ...] = (1.0,), val=None) -> list[dict]:
+    """Every arm over ``rs``; ratios and paired differences against the arm ``none`` at r = 0. With a validation
+    split ``val``, each row also has its mean R@1 there (``val_mean_r1``), for ``choose_on_validation``."""
     rows = []
     settings = arm_settings(weights)
     # The fine-tuned arms at r = 0 too: what their fine-tuning changed, apart from merging.
@@ -143,6 +160,8 @@ def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed:
         [(arm, arm, settings[arm][0] if r else None, r) for arm in list(settings)[1:] for r in rs]
     for name, arm, method, r in plan:
         m = measure(set_merging(models[arm], method, r, settings[arm][1]), test, min_run_time)
+        if val is not None:
+            m["val_mean_r1"] = val_r1(models[arm], val)
         rows.append({"arm": name, "method": label(name), "r": r, "seed": seed, **m})
     base = rows[0]
     for row in rows:
@@ -170,14 +189,48 @@ def summarise(rows: list[dict]) -> list[dict]:
         row = {"arm": arm, "method": rs[0]["method"], "r": rr, "seeds": len(rs),
                "mean_r1_range": f"{min(means):.3f}..{max(means):.3f}", "tokens": rs[0]["tokens"]}
         for k in ("t2v_r1", "v2t_r1", "mean_r1", "gflops", "latency_ratio", "throughput_ratio", "throughput",
-                  "latency_s"):
-            row[k] = float(np.mean([r[k] for r in rs]))
+                  "latency_s", "val_mean_r1"):
+            if k in rs[0]:
+                row[k] = float(np.mean([r[k] for r in rs]))
         if arm != "none":
             d, ci = paired_difference(base_hits, hits)
             row.update(diff=d, ci=ci, vs_none=f"{100 * d:+.1f} +- {100 * ci:.1f} pt")
         else:
             row["vs_none"] = ""
         out.append(row)
+    return out
+
+
+CHOSEN_COLUMNS = [("method", "method", ""), ("r", "r chosen", ""), ("val_vs_none", "val mean R@1 vs no merging", ""),
+                  ("vs_none", "test mean R@1 vs no merging (95% CI)", ""), ("gflops", "GFLOPs", ".4f"),
+                  ("throughput_ratio", "throughput b=64 (x)", ".2f")]
+
+
+def choose_on_validation(summary: list[dict], max_drop: float) -> list[dict]:
+    """Per merging arm of ``summary`` (``summarise``'s rows, with
+    ``val_mean_r1``), the largest r whose validation mean R@1 (averaged over
+    seeds) is at most ``max_drop`` (a fraction: 0.005 is half a point) below
+    no merging's, and that r's test figures: the test gallery never picks
+    the r it is then scored at. An arm with no such r gets a row with r
+    "none" and no test figures."""
+    base = next((row for row in summary if row["arm"] == "none"), None)
+    if base is None or "val_mean_r1" not in base:
+        raise ValueError("choose_on_validation: the summary needs the no-merging row, with val_mean_r1 (run the "
+                         "sweep with a validation split)")
+    out = []
+    for arm in dict.fromkeys(row["arm"] for row in summary if row["arm"] != "none"):
+        rows = [row for row in summary if row["arm"] == arm]
+        ok = [row for row in rows if base["val_mean_r1"] - row["val_mean_r1"] <= max_drop + 1e-12]
+        if not ok:
+            best = max(rows, key=lambda row: row["val_mean_r1"])
+            out.append({"arm": arm, "method": best["method"], "r": "none",
+                        "val_vs_none": f"{100 * (best['val_mean_r1'] - base['val_mean_r1']):+.1f} pt at best "
+                                       f"(r = {best['r']})", "vs_none": "", "gflops": None, "throughput_ratio": None})
+            continue
+        row = max(ok, key=lambda row: row["r"])
+        out.append({**{k: row.get(k) for k in ("arm", "method", "r", "vs_none", "diff", "ci", "gflops",
+                                               "throughput_ratio", "val_mean_r1")},
+                    "val_vs_none": f"{100 * (row['val_mean_r1'] - base['val_mean_r1']):+.1f} pt"})
     return out
 
 
@@ -190,6 +243,8 @@ def tune_tag(a, default: TrainConfig) -> str:
 
 def clip_part(a, out: Path, prog: bool) -> dict:
     root, tok, train_data, test = clip_data(out, a.gallery, a.image_data, prog)
+    val_root, val = clip_validation(out, a.gallery, a.val_gallery, tok, a.image_data, prog) if a.val_gallery else \
+        (None, None)
     rows = []
     for seed in a.seeds:
         base = clip_base(out, seed, a.steps, tok, train_data, prog)
@@ -197,8 +252,9 @@ def clip_part(a, out: Path, prog: bool) -> dict:
                                                                 lr=a.tune_lr or CLIP_TUNE.lr, seed=seed),
                                  out / "merging", f"clip_{{}}_r{a.r}{tune_tag(a, CLIP_TUNE)}_s{seed}", prog,
                                  cross_hidden=a.cross_hidden, weights=a.importance_weights)
-        rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed, a.importance_weights)
-    return {"rows": rows, "n_test": len(test.caption_item), "data": str(root)}
+        rows += sweep(models, a.r_sweep, clip_measure, test, a.min_run_time, seed, a.importance_weights, val)
+    return {"rows": rows, "n_test": len(test.caption_item), "data": str(root),
+            "n_val": None if val is None else len(val.caption_item), "val_data": val_root and str(val_root)}
 
 
 def pair_part(a, out: Path, prog: bool) -> dict:
@@ -356,6 +412,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = experiment_parser(__doc__, steps=CLIP_TRAIN.steps)
     p.add_argument("--image-data", help="image-text dataset folder (default: made under OUT when missing)")
     p.add_argument("--gallery", type=int, default=1000, help="test images of the CLIP part (one caption each)")
+    p.add_argument("--val-gallery", type=int, default=1000, help="CLIP: validation images (one caption each) "
+                   "on which each arm's r is chosen (--val-drop), so that the test gallery does not choose it; "
+                   "with --image-data, its own validation split is used; 0: no choice")
+    p.add_argument("--val-drop", type=float, default=0.5, help="CLIP: the largest drop in mean R@1, in points, "
+                   "from no merging on the validation split at which an arm's r is chosen")
     p.add_argument("--tune-steps", type=int, default=CLIP_TUNE.steps, help="fine-tuning steps of every arm")
     p.add_argument("--cross-hidden", action="store_true", help="CLIP: CrossGET's vision cross token read by no "
                    "other token (ClipConfig.cross_hidden), so that adding it changes nothing before fine-tuning")
@@ -394,6 +455,10 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--importance-weights: {e}")
     if len({crossget_arm(w) for w in a.importance_weights}) < len(a.importance_weights):
         p.error(f"--importance-weights {a.importance_weights}: give distinct weights (to 6 significant digits)")
+    if a.val_gallery < 0:
+        p.error(f"--val-gallery {a.val_gallery}: expected a number of images >= 0 (0: no validation split)")
+    if not 0 <= a.val_drop <= 100:
+        p.error(f"--val-drop {a.val_drop}: expected points of mean R@1 in [0, 100]")
     out, prog = Path(a.out), not a.quiet
     kept = a.allocator == "keep" and keep_freed_memory()
     payload: dict = {"command": command, "allocator": "freed memory kept" if kept else "default"}
@@ -410,6 +475,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"Single-stream cross-encoder, video-text, {res['n_test']} videos x {res['n_test']} captions, "
                 f"all pairs (fine-tuned at r = {a.pair_r})")
         md += f"{what}:\n\n{markdown_table(table, COLUMNS)}\n"
+        if res.get("n_val"):
+            chosen = choose_on_validation(table, a.val_drop / 100)
+            payload[part].update(chosen=chosen, n_val=res["n_val"], val_data=res["val_data"],
+                                 val_drop_points=a.val_drop)
+            md += (f"\nr chosen on {res['n_val']} validation images (the largest r of the sweep within "
+                   f"{a.val_drop:g} pt of no merging's mean R@1 there, averaged over seeds), scored on the test "
+                   f"gallery:\n\n{markdown_table(chosen, CHOSEN_COLUMNS)}\n")
         plot(axes[2 * i: 2 * i + 2], table, "CLIP-style, image-text" if part == "clip" else "cross-encoder, video-text")
     write_report(out, a.name or "merging", payload, md, fig)
     print(md)

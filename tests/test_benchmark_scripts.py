@@ -215,7 +215,52 @@ def test_merging(data, tmp_path):
     assert tuned.config.cross_tokens and tuned.importance_weight == 0.0
     clip = {(r["arm"], r["r"]): r for r in res["clip"]["summary"]}
     assert clip[("crossget-w0", 8)]["method"] == "CrossGET, importance weight 0 (ours), fine-tuned"
+    # r is chosen on the dataset's own validation split (4 images), one row per merging arm, scored on the test.
+    assert res["clip"]["n_val"] == 4 and "val_mean_r1" not in res["pairs"]["summary"][0]
+    assert all(0 <= r["val_mean_r1"] <= 1 for r in clip.values())
+    chosen = {r["arm"]: r for r in res["clip"]["chosen"]}
+    assert list(chosen) == ["free", "tome", "crossget", "crossget-w0"]
+    for arm, row in chosen.items():
+        if row["r"] != "none":
+            assert row["vs_none"] == clip[(arm, row["r"])]["vs_none"]
+            assert clip[("none", 0)]["val_mean_r1"] - clip[(arm, row["r"])]["val_mean_r1"] <= 0.005 + 1e-12
+    assert "r chosen on 4 validation images" in (tmp_path / "merging.md").read_text()
     assert out["command"].startswith("python benchmarks/merging.py")
+
+
+def merging_module():
+    spec = importlib.util.spec_from_file_location("benchmark_merging_choice", BENCHMARKS / "merging.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_r_is_chosen_on_validation_as_the_largest_within_the_drop():
+    choose = merging_module().choose_on_validation
+
+    def row(arm, r, val, test_diff=0.0):
+        return {"arm": arm, "method": arm, "r": r, "val_mean_r1": val, "diff": test_diff, "ci": 0.01,
+                "vs_none": f"{100 * test_diff:+.1f}", "gflops": 1.0 - r / 100, "throughput_ratio": 1 + r / 10}
+
+    summary = [row("none", 0, 0.500),
+               # Within half a point at r = 8 and again at r = 16, not at 12: the largest within wins.
+               row("tome", 0, 0.501), row("tome", 8, 0.497), row("tome", 12, 0.490), row("tome", 16, 0.4952, -0.02),
+               # Never within: no r, and where it came closest.
+               row("crossget", 8, 0.480), row("crossget", 16, 0.470)]
+    chosen = {r["arm"]: r for r in choose(summary, 0.005)}
+    assert chosen["tome"]["r"] == 16 and chosen["tome"]["vs_none"] == "-2.0"  # the test's drop is reported as is
+    assert chosen["tome"]["val_vs_none"] == "-0.5 pt"
+    assert chosen["crossget"]["r"] == "none" and "at best (r = 8)" in chosen["crossget"]["val_vs_none"]
+    assert {r["arm"]: r["r"] for r in choose(summary, 0.0)} == {"tome": 0, "crossget": "none"}
+    with pytest.raises(ValueError, match="val_mean_r1"):
+        choose([{k: v for k, v in r.items() if k != "val_mean_r1"} for r in summary], 0.005)
+
+
+def test_merging_refuses_a_negative_validation_gallery(tmp_path):
+    for flag, value in (("--val-gallery", "-1"), ("--val-drop", "-0.5")):
+        with pytest.raises(SystemExit):
+            run("merging", "--out", str(tmp_path), "--parts", "clip", flag, value)
+    assert not list(tmp_path.iterdir())  # refused before anything is made
 
 
 def test_merging_speed_only(tmp_path):

@@ -170,8 +170,9 @@ def test_cross_step_stops_the_gradient_of_the_cross_token_only():
     model = clip(True)
     x = torch.randn(2, 5, 32, requires_grad=True)
     offset = torch.randn(32, requires_grad=True)
-    y = model.cross_step(x, offset)
+    y, token = model.cross_step(x, offset)
     torch.testing.assert_close(y[:, -1], x[:, -1] + offset)
+    torch.testing.assert_close(token, y[:, -1])
     torch.testing.assert_close(y[:, :-1], x[:, :-1])
     w = torch.randn_like(y)
     (y * w).sum().backward()
@@ -370,7 +371,7 @@ def test_the_text_cross_token_is_seeded_from_the_eot_before_every_layer():
         out = model.run_tower("text", x, m)[0]
         eot = mask.sum(1) - 1
         rows = torch.arange(len(ids))
-        first = model.text_blocks[0](model.cross_step(x, model.text_cross[0], eot), key_padding_mask=m,
+        first = model.text_blocks[0](model.cross_step(x, model.text_cross[0], eot)[0], key_padding_mask=m,
                                      mask=model.causal_mask(x.shape[1]))
     record, model.cross_record = model.cross_record["text"], None
     torch.testing.assert_close(record[:, 0], x[rows, eot] + model.text_cross[0])

@@ -173,13 +173,36 @@ def clip_data(out: Path, gallery: int, image_data: str | Path | None = None, pro
     synthetic set made under ``out`` (6,000 training images, ``gallery``
     test images); returns its tokenizer and its train and test splits, read
     at the CLIP-style model's image size."""
-    root = Path(image_data) if image_data else make_dataset(
-        Path(out) / f"data_images{gallery}", kind="image-text", seed=0, n_train=6000, n_val=200, n_test=gallery,
-        group_size=4, frames=1, size=64, progress=progress)
+    root = _clip_dataset(out, gallery, 200, image_data, progress)
     tok = load_tokenizer(root)
-    splits = (load_split(root, split, tok, 1, CLIP["image_size"], TEXT_LEN, progress=progress)
-              for split in ("train", "test"))
-    return root, tok, *splits
+    return root, tok, _clip_split(root, "train", tok, progress), _clip_split(root, "test", tok, progress)
+
+
+def clip_validation(out: Path, gallery: int, n_val: int, tok, image_data: str | Path | None = None,
+                    progress: bool = True):
+    """The validation split that goes with ``clip_data``: ``image_data``'s
+    own, or ``n_val`` synthetic images with one caption each, read with
+    ``tok``. Returns ``(root, split)``.
+
+    Its dataset is ``clip_data``'s with ``n_val`` validation images, in its
+    own folder, so that the runs trained on ``clip_data``'s folder keep its
+    fingerprint: each split of the synthetic set is drawn from its own random
+    stream, so the two sets hold the same training and test images and
+    captions, and only their validation splits differ."""
+    root = _clip_dataset(out, gallery, n_val, image_data, progress)
+    return root, _clip_split(root, "val", tok, progress)
+
+
+def _clip_dataset(out: Path, gallery: int, n_val: int, image_data: str | Path | None, progress: bool) -> Path:
+    if image_data:
+        return Path(image_data)
+    name = f"data_images{gallery}" + ("" if n_val == 200 else f"_val{n_val}")
+    return make_dataset(Path(out) / name, kind="image-text", seed=0, n_train=6000, n_val=n_val, n_test=gallery,
+                        group_size=4, frames=1, size=64, progress=progress)
+
+
+def _clip_split(root: Path, split: str, tok, progress: bool):
+    return load_split(root, split, tok, 1, CLIP["image_size"], TEXT_LEN, progress=progress)
 
 
 def clip_base(out: Path, seed: int, steps: int, tok, train_data, progress: bool = True) -> Path:

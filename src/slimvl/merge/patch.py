@@ -236,10 +236,10 @@ class _ClipMerging(_Merging):
             if not cross:
                 return x
             # The text's cross token is seeded from the EOT, which merging may have moved.
-            token = self.cross_value(x, offsets[i], self.cross_source(tower, mask if now.mask is None else now.mask))
+            x, token = self.cross_step(x, offsets[i], self.cross_source(tower, mask if now.mask is None else now.mask))
             if record:
                 states.append(token)
-            return torch.cat([x[:, :-1], token[:, None]], 1)
+            return x
 
         x, state = self._run_merging(tower, blocks, x, state, causal=tower == "text", before=before)
         if record:

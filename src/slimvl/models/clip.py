@@ -181,10 +181,14 @@ class ClipModel(DualEncoding, VLModel):
         seed = x[:, -1] if source is None else x[torch.arange(x.shape[0], device=x.device), source]
         return seed.detach() + offset_i.to(x.dtype)
 
-    def cross_step(self, x: Tensor, offset_i: Tensor, source: Tensor | None = None) -> Tensor:
-        """``x`` with its last token replaced by ``cross_value``. Built by
-        concatenation: the tokens before may be needed by autograd."""
-        return torch.cat([x[:, :-1], self.cross_value(x, offset_i, source)[:, None]], 1)
+    def cross_step(self, x: Tensor, offset_i: Tensor, source: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x`` with its last token replaced by ``cross_value``, and that
+        token ``[B, D]``. Built by concatenation: the tokens before may be
+        needed by autograd. The token is returned apart for the consistency
+        loss: read back out of the new ``x``, its gradient would reach every
+        earlier layer (as zeros) through the concatenation."""
+        token = self.cross_value(x, offset_i, source)
+        return torch.cat([x[:, :-1], token[:, None]], 1), token
 
     def key_mask(self, tower: str, mask: Tensor) -> Tensor | None:
         """The key-padding mask ``[B, N]`` of a tower's attention (True = a
@@ -212,7 +216,7 @@ class ClipModel(DualEncoding, VLModel):
         The text tower is causal. Video rows have no padding, so the video
         tower passes no key-padding mask to attention (without one SDPA may
         pick its fused kernels). While ``cross_record`` is a dict, the cross
-        token *entering* every block (``cross_step``'s output, a stopped
+        token *entering* every block (``cross_step``'s token, a stopped
         value plus the layer's offset) is kept there as ``[B, layers, D]``
         under the tower's name, the first encoding of a step only: as in
         CrossGET's code, the consistency term then trains the offsets alone,
@@ -225,10 +229,9 @@ class ClipModel(DualEncoding, VLModel):
         source = self.cross_source(tower, mask) if offsets is not None else None
         for i, block in enumerate(blocks):
             if offsets is not None:
-                token = self.cross_value(x, offsets[i], source)
-                x = torch.cat([x[:, :-1], token[:, None]], 1)
+                x, token = self.cross_step(x, offsets[i], source)
                 if record is not None:
-                    record.append(token)  # the token itself: no path back into the layers
+                    record.append(token)  # a stopped value plus the offset: no path back into the layers
             x = block(x, key_padding_mask=padding, mask=causal)
         if record is not None:
             self.cross_record.setdefault(tower, torch.stack(record, 1))
