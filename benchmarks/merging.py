@@ -32,6 +32,7 @@ not one picked for looking good on the gallery that scores it.
 ``--speed-only`` measures the CLIP model's image encoding alone (GFLOPs,
 batch 1, batch 64) on untrained weights, in interleaved rounds: what
 merging costs depends on the token counts, not on what the weights learned.
+``--speed-model cross`` times the cross-encoder's pair scoring instead.
 On a CPU it also reports the time spent matching and merging at batch 64.
 Timings run with freed memory kept by the process (``--allocator keep``,
 ``slimvl.bench.measure.keep_freed_memory``): otherwise glibc's page faults,
@@ -281,11 +282,17 @@ SPEED_COLUMNS = [("method", "method", ""), ("r", "r", "d"), ("tokens_left", "tok
                  ("merging_share", "share of the batch's time", ".0%")]
 
 
-def merging_seconds(model, images, forwards: int = 7) -> tuple[float, float]:
-    """Median seconds of ``model.encode_video(images)`` and of the merging
-    inside it: every call of the matching (``slimvl.merge.layers.match``)
-    and of the merge (``Merge.tokens``), timed by wrapping both for these
-    forwards only. CPU: a CUDA call returns before its work is done."""
+def speed_columns(speed_model: str) -> list[tuple[str, str, str]]:
+    """``SPEED_COLUMNS``, its GFLOPs named per image (CLIP) or per pair (cross-encoder)."""
+    per = "image GFLOPs" if speed_model == "clip" else "GFLOPs per pair"
+    return [(k, per if k == "gflops" else name, f) for k, name, f in SPEED_COLUMNS]
+
+
+def merging_seconds(forward, forwards: int = 7) -> tuple[float, float]:
+    """Median seconds of ``forward()`` and of the merging inside it: every
+    call of the matching (``slimvl.merge.layers.match``) and of the merge
+    (``Merge.tokens``), timed by wrapping both for these forwards only. CPU:
+    a CUDA call returns before its work is done."""
     spent = [0.0]
     match, tokens = layers.match, Merge.tokens
 
@@ -303,7 +310,7 @@ def merging_seconds(model, images, forwards: int = 7) -> tuple[float, float]:
         totals, merging = [], []
         for _ in range(forwards):
             spent[0], start = 0.0, time.perf_counter()
-            model.encode_video(images)
+            forward()
             totals.append(time.perf_counter() - start)
             merging.append(spent[0])
     finally:
@@ -311,33 +318,57 @@ def merging_seconds(model, images, forwards: int = 7) -> tuple[float, float]:
     return float(np.median(totals)), float(np.median(merging))
 
 
-def speed_part(a) -> list[dict]:
-    """Image encoding of the CLIP-style model, untrained: no merging, ToMe and
-    CrossGET (with its cross token) over ``--r-sweep``. In each of
-    ``--rounds`` rounds every arm is timed right after no merging, and its
-    ratios are against that measurement (this machine's speed drifts); the
-    table gives the median ratio and its range over rounds. On a CPU, the
-    time each merging arm spends matching and merging at batch 64 is
-    measured after the rounds (``merging_seconds``)."""
-    device = torch.device(a.device)
+def speed_models(a, device: torch.device):
+    """The untrained models ``--speed-only`` times: ``(plain, crossget,
+    forward, what, rs)``, where ``forward(model, n)`` runs ``model`` on the
+    first ``n`` of 64 random inputs and ``crossget`` is the model CrossGET's
+    arms merge (CLIP: with its cross tokens; the cross-encoder has none, so
+    it is ``plain``)."""
     torch.manual_seed(0)
-    arch = {**CLIP, "patch_size": a.patch_size}
-    plain, cross = (create_model("clip_tiny", **arch, vocab_size=64, cross_tokens=c,
-                                 cross_hidden=c and a.cross_hidden).to(device).eval() for c in (False, True))
-    images = torch.rand(64, 1, 3, CLIP["image_size"], CLIP["image_size"], device=device) * 2 - 1
-    arms = [("none", plain, None, 0)] + [("tome", plain, "tome", r) for r in a.r_sweep if r] + \
-        [("crossget", cross, "crossget", r) for r in a.r_sweep]
-    rows = [{"arm": arm, "method": SPEED_LABELS[arm], "r": r, "latency": [], "throughput": []} for arm, _, _, r in arms]
+    if a.speed_model == "clip":
+        arch = {**CLIP, "patch_size": a.patch_size}
+        plain, cross = (create_model("clip_tiny", **arch, vocab_size=64, cross_tokens=c,
+                                     cross_hidden=c and a.cross_hidden).to(device).eval() for c in (False, True))
+        images = torch.rand(64, 1, 3, CLIP["image_size"], CLIP["image_size"], device=device) * 2 - 1
+        tokens = (CLIP["image_size"] // a.patch_size) ** 2
+        return (plain, cross, lambda m, n: m.encode_video(images[:n]),
+                f"CLIP-style model, image encoding ({tokens} patch tokens)", a.r_sweep)
+    # The cross-encoder of the pairs part: the demo's single_stream_tiny scoring video-caption pairs, whose
+    # captions (8 to 16 of the 36 positions real, as the synthetic world's) are protected and guide CrossGET.
+    model = create_model("single_stream_tiny", vocab_size=64, max_text_len=TEXT_LEN).to(device).eval()
+    size = model.config.image_size
+    videos = torch.rand(64, FRAMES, 3, size, size, device=device) * 2 - 1
+    ids = torch.randint(1, 64, (64, TEXT_LEN), device=device)
+    mask = torch.arange(TEXT_LEN, device=device) < torch.randint(8, 17, (64, 1), device=device)
+    return (model, model, lambda m, n: m(videos[:n], ids[:n].masked_fill(~mask[:n], 0), mask[:n]),
+            f"single-stream cross-encoder, pair scoring ({model.patch_embed.num_tokens(FRAMES)} video tokens and "
+            "a caption)", a.pair_r_sweep)
+
+
+def speed_part(a) -> tuple[list[dict], str]:
+    """``--speed-model``'s forward, untrained (``speed_models``): no
+    merging, ToMe and CrossGET over its r sweep. In each of ``--rounds``
+    rounds every arm is timed right after no merging, and its ratios are
+    against that measurement (this machine's speed drifts); the table gives
+    the median ratio and its range over rounds. On a CPU, the time each
+    merging arm spends matching and merging at batch 64 is measured after
+    the rounds (``merging_seconds``). Returns the rows and what was timed."""
+    device = torch.device(a.device)
+    plain, cross, forward, what, rs = speed_models(a, device)
+    labels = {**SPEED_LABELS, **({} if cross is not plain else {"crossget": "CrossGET (guided by the caption)"})}
+    arms = [("none", plain, None, 0)] + [("tome", plain, "tome", r) for r in rs if r] + \
+        [("crossget", cross, "crossget", r) for r in rs if r or cross is not plain]
+    rows = [{"arm": arm, "method": labels[arm], "r": r, "latency": [], "throughput": []} for arm, _, _, r in arms]
 
     def times(model, method, r) -> tuple[float, float]:
         set_merging(model, method, r)
-        return (median_seconds(lambda: model.encode_video(images[:1]), a.min_run_time),
-                64 / median_seconds(lambda: model.encode_video(images), a.min_run_time))
+        return (median_seconds(lambda: forward(model, 1), a.min_run_time),
+                64 / median_seconds(lambda: forward(model, 64), a.min_run_time))
 
     with torch.inference_mode():
         for (_, model, method, r), row in zip(arms, rows):
             set_merging(model, method, r)
-            row["gflops"] = count_flops(lambda: model.encode_video(images[:8]), model) / 8 / 1e9
+            row["gflops"] = count_flops(lambda: forward(model, 8), model) / 8 / 1e9
             row["tokens"] = model.merge_report.get("video", {}).get("tokens") if is_patched(model) else None
         for i in range(a.rounds):
             for (_, model, method, r), row in zip(arms[1:], rows[1:]):
@@ -353,12 +384,12 @@ def speed_part(a) -> list[dict]:
             for (_, model, method, r), row in zip(arms, rows):
                 if method is not None and r > 0:
                     set_merging(model, method, r)
-                    total, merging = merging_seconds(model, images)
+                    total, merging = merging_seconds(lambda: forward(model, 64))
                     row.update(merging_ms=merging * 1e3, merging_share=merging / total)
     for model in (plain, cross):
         set_merging(model, None, 0)
     none = rows[0]
-    none.update(latency_s=float(np.median(none.pop("latency"))), images_per_s=float(np.median(none.pop("throughput"))),
+    none.update(latency_s=float(np.median(none.pop("latency"))), items_per_s=float(np.median(none.pop("throughput"))),
                 latency=[1.0], throughput=[1.0])
     for row in rows:
         lat, thr = row.pop("latency"), row.pop("throughput")
@@ -366,7 +397,7 @@ def speed_part(a) -> list[dict]:
                    throughput_ratio=float(np.median(thr)), throughput_spread=f"{min(thr):.2f}..{max(thr):.2f}",
                    latency_ratios=lat, throughput_ratios=thr,
                    tokens_left=", ".join(map(str, row["tokens"])) if row["tokens"] else "all (no merging)")
-    return rows
+    return rows, what
 
 
 def plot(axes, rows: list[dict], title: str) -> None:
@@ -386,16 +417,17 @@ def speed_report(a, out: Path, payload: dict) -> dict:
         raise SystemExit(f"--rounds {a.rounds}: at least one round is needed")
     if a.patch_size < 1 or CLIP["image_size"] % a.patch_size:
         raise SystemExit(f"--patch-size {a.patch_size}: expected a divisor of the image size, {CLIP['image_size']}")
-    rows = speed_part(a)
-    payload["speed"] = rows
-    tokens = (CLIP["image_size"] // a.patch_size) ** 2
-    md = (f"CLIP-style model, image encoding on {a.device} ({tokens} patch tokens), untrained weights, "
-          f"{a.rounds} rounds (median ratio against no merging in the same round; allocator: "
-          f"{payload['allocator']}):\n\n{markdown_table(rows, SPEED_COLUMNS)}\n")
+    if a.speed_model != "clip" and a.patch_size != CLIP["patch_size"]:
+        raise SystemExit(f"--patch-size {a.patch_size}: only the CLIP model's patches can be changed "
+                         f"(--speed-model {a.speed_model})")
+    rows, what = speed_part(a)
+    payload.update(speed=rows, speed_model=a.speed_model)
+    md = (f"{what} on {a.device}, untrained weights, {a.rounds} rounds (median ratio against no merging in the "
+          f"same round; allocator: {payload['allocator']}):\n\n{markdown_table(rows, speed_columns(a.speed_model))}\n")
     fig, axes = figure(2, width=5.0)
     for ax, y, ylabel in ((axes[0], "throughput_ratio", "throughput at batch 64 (x no merging)"),
                           (axes[1], "latency_ratio", "speed-up at batch 1 (x no merging)")):
-        plot_lines(ax, rows[1:], "gflops", y, by="method", xlabel="image GFLOPs", ylabel=ylabel,
+        plot_lines(ax, rows[1:], "gflops", y, by="method", xlabel=speed_columns(a.speed_model)[3][1], ylabel=ylabel,
                    title=f"merging speed ({a.device})")
         ax.plot([rows[0]["gflops"]], [1.0], "k*", markersize=10, label="no merging")
         ax.legend(fontsize=7)
@@ -441,6 +473,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the CLIP-style model (image-text), the cross-encoder (video-text), or both")
     p.add_argument("--speed-only", action="store_true", help="only the CLIP model's image-encoding speed, on "
                    "untrained weights (no data, no training): report OUT/merging_speed.*")
+    p.add_argument("--speed-model", choices=["clip", "cross"], default="clip", help="--speed-only: the CLIP-style "
+                   "model's image encoding (over --r-sweep) or the single-stream cross-encoder's pair scoring (over "
+                   "--pair-r-sweep)")
     p.add_argument("--rounds", type=int, default=5, help="--speed-only: interleaved timing rounds")
     p.add_argument("--device", default="cpu", help="--speed-only: device of the timed models")
     p.add_argument("--patch-size", type=int, default=CLIP["patch_size"], help="--speed-only: patch size of the "

@@ -270,7 +270,7 @@ def test_merging_speed_only(tmp_path):
     rows = {(r["arm"], r["r"]): r for r in res["speed"]}
     assert list(rows) == [("none", 0), ("tome", 8), ("crossget", 0), ("crossget", 8)]
     none = rows[("none", 0)]
-    assert none["throughput_ratio"] == 1.0 and none["images_per_s"] > 0 and none["tokens"] is None
+    assert none["throughput_ratio"] == 1.0 and none["items_per_s"] > 0 and none["tokens"] is None
     # The cross token costs a little; merging removes 8 tokens a layer (7 in the last: half of the 15 left).
     assert none["gflops"] < rows[("crossget", 0)]["gflops"]
     assert rows[("tome", 8)]["tokens"] == [57, 49, 41, 33, 25, 17]
@@ -294,6 +294,22 @@ def test_merging_speed_only_at_another_patch_size(tmp_path):
     assert "(16 patch tokens)" in (tmp_path / "p16.md").read_text()
     with pytest.raises(SystemExit, match="--patch-size 5"):
         run("merging", "--out", str(tmp_path), "--speed-only", "--patch-size", "5", "--allocator", "default")
+
+
+def test_merging_speed_only_of_the_cross_encoder(tmp_path):
+    out = run("merging", "--out", str(tmp_path), "--speed-only", "--speed-model", "cross", "--pair-r-sweep", "0", "8",
+              "--rounds", "1", "--min-run-time", "0.01", "--allocator", "default", "--name", "pairs_speed")
+    rows = {(r["arm"], r["r"]): r for r in reports(tmp_path, "pairs_speed")["speed"]}
+    # No cross token on this model: CrossGET at r = 0 would be the baseline again, so it is not timed.
+    assert list(rows) == [("none", 0), ("tome", 8), ("crossget", 8)] and out["speed_model"] == "cross"
+    # [CLS], 128 video tokens (4 frames in tubelets of 2, 64 patches each), 36 caption positions; only video merges.
+    assert rows[("tome", 8)]["tokens"] == [157, 149, 141, 133] == rows[("crossget", 8)]["tokens"]
+    assert rows[("tome", 8)]["gflops"] < rows[("none", 0)]["gflops"] and rows[("crossget", 8)]["merging_ms"] > 0
+    md = (tmp_path / "pairs_speed.md").read_text()
+    assert "single-stream cross-encoder, pair scoring (128 video tokens" in md and "GFLOPs per pair" in md
+    with pytest.raises(SystemExit, match="only the CLIP model's patches"):
+        run("merging", "--out", str(tmp_path), "--speed-only", "--speed-model", "cross", "--patch-size", "4",
+            "--allocator", "default")
 
 
 def test_merging_diagnosis(tmp_path):
