@@ -6,7 +6,8 @@ encoder layers the tokens are merged between the attention and the MLP:
 
     x = x + Attn(LN1(x))   (our SDPA on the layer's own q/k/v/out weights,
                             log(size) added to every key's logits)
-    match on the keys averaged over heads; merge x (order kept)
+    match on the keys (ToMe: averaged over heads; CrossGET: whole, as
+                       layers.METRIC says); merge x (order kept)
     x = x + MLP(LN2(x))    (on fewer tokens)
 
 [CLS] (token 0) is protected: it never merges, and since the merge keeps the
