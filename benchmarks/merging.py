@@ -65,7 +65,7 @@ from slimvl.merge import Merge, is_patched, layers
 from slimvl.merge.layers import check_importance_weight
 from slimvl.models import create_model
 from slimvl.recipes import FRAMES, TEXT_LEN, TRAIN
-from slimvl.tasks.retrieval import score_matrix, t2v_ranks, v2t_ranks
+from slimvl.tasks.retrieval import recall_metrics, score_matrix
 from slimvl.train import TrainConfig
 
 PAIR_TUNE = replace(TRAIN, steps=200, lr=2e-4, warmup_steps=20, checkpoint_every=100)
@@ -144,10 +144,8 @@ def val_r1(model, val) -> float:
     """Mean R@1 (text-to-image and image-to-text) of ``model`` on the validation split ``val`` (any number of
     captions per image)."""
     with torch.inference_mode():
-        scores = score_matrix(model, val, progress=False)
-    t2v = (t2v_ranks(scores, val.caption_item) <= 1).double().mean()
-    v2t = (v2t_ranks(scores, val.caption_item) <= 1).double().mean()
-    return float((t2v + v2t) / 2)
+        m = recall_metrics(score_matrix(model, val, progress=False), val.caption_item, ks=(1,))
+    return (m["t2v_r1"] + m["v2t_r1"]) / 2
 
 
 def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed: int,
@@ -166,8 +164,7 @@ def sweep(models: dict, rs: list[int], measure, test, min_run_time: float, seed:
         rows.append({"arm": name, "method": label(name), "r": r, "seed": seed, **m})
     base = rows[0]
     for row in rows:
-        row["t2v_r1"] = float((t2v_ranks(row["scores"], test.caption_item) <= 1).double().mean())
-        row["v2t_r1"] = float((v2t_ranks(row["scores"], test.caption_item) <= 1).double().mean())
+        row.update(recall_metrics(row["scores"], test.caption_item, ks=(1,)))
         row["mean_r1"] = float(row["hits"].mean())
         row["latency_ratio"] = base["latency_s"] / row["latency_s"]
         row["throughput_ratio"] = row["throughput"] / base["throughput"]

@@ -17,11 +17,16 @@ from slimvl.data import make_dataset
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
-def run(script: str, *argv: str) -> dict:
+def load(script: str):
+    """``benchmarks/<script>.py`` as a module (benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{script}", BENCHMARKS / f"{script}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(list(argv))
+    return module
+
+
+def run(script: str, *argv: str) -> dict:
+    return load(script).main(list(argv))
 
 
 def reports(out: Path, name: str) -> dict:
@@ -228,15 +233,8 @@ def test_merging(data, tmp_path):
     assert out["command"].startswith("python benchmarks/merging.py")
 
 
-def merging_module():
-    spec = importlib.util.spec_from_file_location("benchmark_merging_choice", BENCHMARKS / "merging.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_r_is_chosen_on_validation_as_the_largest_within_the_drop():
-    choose = merging_module().choose_on_validation
+    choose = load("merging").choose_on_validation
 
     def row(arm, r, val, test_diff=0.0):
         return {"arm": arm, "method": arm, "r": r, "val_mean_r1": val, "diff": test_diff, "ci": 0.01,
@@ -364,9 +362,7 @@ def test_fusion_bootstrap_measures_the_headline_map():
 
     from slimvl.tasks.audio_video import mean_average_precision
 
-    spec = importlib.util.spec_from_file_location("benchmark_fusion_ap", BENCHMARKS / "fusion.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load("fusion")
     g = torch.Generator().manual_seed(0)
     labels = (torch.rand(200, 5, generator=g) > 0.6).float()
     good = labels * 2 + torch.rand(200, 5, generator=g) * 1.5  # tie-free, informative
